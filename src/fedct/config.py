@@ -1,0 +1,202 @@
+"""Typed, frozen configuration loaded once from ``params.yaml``.
+
+One top-level key of ``params.yaml`` per pipeline stage; each maps onto one frozen
+dataclass below. Unknown keys are an error (a typo must not silently fall back to a
+default), missing keys take the documented defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+Profile = Literal["tiny", "demo", "study"]
+SiteRule = Literal["folder", "institution", "mapping"]
+
+
+@dataclass(frozen=True)
+class SynthParams:
+    """``fedct synth``: the synthetic multi-site archive."""
+
+    profile: Profile = "demo"
+    seed: int = 2026
+
+
+@dataclass(frozen=True)
+class CatalogueParams:
+    """``fedct catalogue``: header scan of a DICOM archive."""
+
+    workers: int = 2
+    # Where the site of a file comes from: the first folder level under the archive
+    # root ("folder", level ``site_level``), the InstitutionName tag ("institution"),
+    # or a CSV mapping InstitutionName or folder -> site ("mapping").
+    site_rule: SiteRule = "folder"
+    site_level: int = 0
+    site_mapping: str | None = None
+    min_slices: int = 32
+    # HMAC key for pseudonymising patients. A path to a file that the site keeps
+    # secret; ``FEDCT_PSEUDONYM_KEY`` overrides it. ``demo_key: true`` allows the
+    # public demo key (synthetic data only).
+    key_file: str | None = None
+    demo_key: bool = True
+    # Rows per Parquet row group while streaming; bounds memory on huge archives.
+    chunk_size: int = 2000
+    # Address of an existing Dask scheduler ("tcp://host:8786"); empty = local processes.
+    scheduler: str | None = None
+
+
+@dataclass(frozen=True)
+class CohortParams:
+    """``fedct cohort``: series selection and patient-level splits."""
+
+    seed: int = 7
+    val_fraction: float = 0.2
+    test_fraction: float = 0.3
+    # Sites whose data never trains a model; they are only evaluated on.
+    holdout_sites: tuple[str, ...] = ("C", "G")
+    # Sites without labels: they only take part in label-free methods.
+    unlabelled_sites: tuple[str, ...] = ()
+    # Among several usable series of one study keep the one with the most slices,
+    # then the thinnest slices, then the lowest SeriesNumber (documented rule).
+    max_series_per_site: int | None = None
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    """Shared series -> tensor preprocessing (used by train and uncertainty)."""
+
+    spacing_mm: tuple[float, float, float] = (6.0, 6.0, 6.0)
+    roi_size: tuple[int, int, int] = (64, 64, 64)
+    hu_min: float = -200.0
+    hu_max: float = 1200.0
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """``fedct train``: one Bayesian U-Net per site, plus the pooled model."""
+
+    seed: int = 0
+    epochs: int = 40
+    batch_size: int = 2
+    learning_rate: float = 2e-3
+    dropout: float = 0.5
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = 1
+    val_every: int = 5
+    amp: bool = True
+    device: str = "auto"
+    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+
+
+@dataclass(frozen=True)
+class UncertaintyParams:
+    """``fedct uncertainty``: every model on every site's test set with MC dropout."""
+
+    mc_samples: int = 10
+    mc_batch: int = 10
+    failure_dice: float = 0.7
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class Params:
+    synth: SynthParams = field(default_factory=SynthParams)
+    catalogue: CatalogueParams = field(default_factory=CatalogueParams)
+    cohort: CohortParams = field(default_factory=CohortParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    uncertainty: UncertaintyParams = field(default_factory=UncertaintyParams)
+
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """params.yaml is malformed; the message names the file and the key."""
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = args[0]
+        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "params") -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load ``params.yaml``; a missing file gives the defaults."""
+    path = Path(path)
+    if not path.exists():
+        return Params()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of stage -> params")
+    return from_dict(Params, raw, where=str(path))
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Flatten a params dataclass to ``{"a.b": value}`` for MLflow's log_params."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(f"{prefix}.{f.name}" if prefix else f.name, getattr(value, f.name))
+        else:
+            out[prefix] = list(value) if isinstance(value, tuple) else value
+
+    walk("", obj)
+    return out

@@ -1,0 +1,496 @@
+"""Write the synthetic multi-site archive: real DICOM files, NIfTI labels, ground truth.
+
+Deterministic by construction: every random draw comes from a generator seeded by
+(seed, site, patient, purpose); UIDs are derived from the seed with pydicom's
+``generate_uid(entropy_srcs=...)``; dates come from the generator, never the clock.
+The same seed and package versions give byte-identical files, so ``data.dvc`` holds.
+
+Layout::
+
+    ARCHIVE/<site>/<study folder>/<series folder>/IM00001.dcm   DICOM, as a PACS export
+    LABELS/<SeriesInstanceUID>.nii.gz                            ground-truth masks
+    LABELS/labels.json                                          label value -> structure
+    TRUTH/series.csv, files.csv, conditions.csv, patients.csv, phi.csv, montage.png
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import SimpleITK as sitk
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    RLELossless,
+    XRayRadiationDoseSRStorage,
+    generate_uid,
+)
+from scipy import ndimage
+from tqdm import tqdm
+
+from fedct.synth.anatomy import N_CLASSES, STRUCTURES, Anatomy, hu_of, labels_of, render_slice
+from fedct.synth.anatomy import sample_anatomy as _sample_anatomy
+from fedct.synth.scanners import BY_KEY, CONDITIONS, SHIFT_SITES, SITES, Condition
+from fedct.synth.scanners import acquire, allocate, site_mix
+
+UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root: valid, and ours to derive from
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Archive size. Slice thickness stays physical; the z extent sets slice counts."""
+
+    patients_per_site: int
+    matrix: int
+    length_mm: float
+    supersample: int
+    fine_dz_mm: float
+    thick_recon_mm: float = 10.0  # the "thick" distractor series (< 32 slices)
+    reformat_slices: int = 36
+
+
+PROFILES: dict[str, Profile] = {
+    "tiny": Profile(patients_per_site=3, matrix=24, length_mm=164.0, supersample=1,
+                    fine_dz_mm=1.0, reformat_slices=8),
+    "demo": Profile(patients_per_site=8, matrix=96, length_mm=200.0, supersample=2,
+                    fine_dz_mm=1.0),
+    "study": Profile(patients_per_site=40, matrix=512, length_mm=400.0, supersample=1,
+                     fine_dz_mm=0.5, reformat_slices=64),
+}
+
+# How each vendor stores pixels (as their scanners commonly do): signedness and intercept.
+STORAGE = {
+    "CANON": (1, 0.0),
+    "GE": (1, -1024.0),
+    "PHILIPS": (0, -1024.0),
+    "SIEMENS": (0, -1024.0),
+}
+BODY_PART = ("PELVIS", "HIP", "LEG", "LOWER_LIMB")
+_GIVEN = ("TARO", "HANAKO", "KENJI", "YUKI", "AKIRA", "EMI", "HIROSHI", "MEI", "SORA", "REN")
+_FAMILY = ("SYNTHYAMADA", "SYNTHSATO", "SYNTHSUZUKI", "SYNTHTANAKA", "SYNTHITO")
+FIRST_DATE = dt.date(2018, 3, 1)
+LAST_DATE = dt.date(2025, 12, 31)
+
+
+@dataclass(frozen=True)
+class PatientPlan:
+    site: str
+    index: int  # within the site
+    condition: str
+    seed: int
+    distractors: tuple[str, ...]
+    compress: bool
+
+
+def _uid(seed: int, *parts: object) -> str:
+    return generate_uid(prefix=UID_ROOT, entropy_srcs=[str(seed), *map(str, parts)])
+
+
+def _hex(seed: int, *parts: object) -> str:
+    return hashlib.sha256("/".join(map(str, (seed, *parts))).encode()).hexdigest()[:10]
+
+
+def plan(profile: Profile, seed: int) -> list[PatientPlan]:
+    """Who is scanned where, under which condition, with which extra series."""
+    plans: list[PatientPlan] = []
+    kinds = ("coronal", "thick", "sagittal", "localizer2")
+    n_global = 0
+    for s, site in enumerate(SITES):
+        conds = allocate(site_mix(site), profile.patients_per_site)
+        order = np.random.default_rng([seed, s, 99]).permutation(len(conds))
+        for i, j in enumerate(order):
+            # Round-robin distractors so that even the tiny profile has every kind.
+            extra = tuple(k for m, k in enumerate(kinds) if (n_global + m) % 2 == 0)
+            plans.append(
+                PatientPlan(site, i, conds[j], int(np.random.default_rng([seed, s, i]).integers(2**31)),
+                            extra, compress=(n_global % 7 == 3))
+            )
+            n_global += 1
+    return plans
+
+
+def _base_dataset(p: PatientPlan, a: Anatomy, cond: Condition, seed: int, rng_meta: dict) -> Dataset:
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = rng_meta["name"]
+    ds.PatientID = rng_meta["patient_id"]
+    ds.PatientBirthDate = rng_meta["birth_date"]
+    ds.PatientSex = rng_meta["sex"]
+    ds.AccessionNumber = rng_meta["accession"]
+    ds.StudyInstanceUID = _uid(seed, p.site, p.index, "study")
+    ds.FrameOfReferenceUID = _uid(seed, p.site, p.index, "for")
+    ds.StudyDate = rng_meta["study_date"]
+    ds.StudyTime = rng_meta["study_time"]
+    ds.StudyID = "1"
+    ds.ReferringPhysicianName = ""
+    ds.InstitutionName = f"Hospital {p.site}"
+    ds.StationName = f"CT{p.site}{rng_meta['station']}"
+    ds.Manufacturer = cond.manufacturer
+    ds.ManufacturerModelName = cond.model
+    ds.BodyPartExamined = rng_meta["body_part"]
+    ds.PatientPosition = "FFS"
+    ds.KVP = f"{cond.kvp:g}"
+    return ds
+
+
+def _meta(p: PatientPlan) -> dict:
+    rng = np.random.default_rng([p.seed, 7])
+    days = (LAST_DATE - FIRST_DATE).days
+    study_date = FIRST_DATE + dt.timedelta(days=int(rng.integers(0, days + 1)))
+    age = int(rng.integers(45, 90))
+    birth = study_date - dt.timedelta(days=365 * age + int(rng.integers(0, 365)))
+    return {
+        "name": f"{_FAMILY[int(rng.integers(len(_FAMILY)))]}^{_GIVEN[int(rng.integers(len(_GIVEN)))]}"
+                f"^{p.site}{p.index:04d}",
+        "patient_id": f"SYN{p.site}{int(rng.integers(10**6, 10**7))}",
+        "birth_date": birth.strftime("%Y%m%d"),
+        "sex": "F" if rng.random() < 0.5 else "M",
+        "accession": f"ACC{p.site}{int(rng.integers(10**7, 10**8))}",
+        "study_date": study_date.strftime("%Y%m%d"),
+        "study_time": f"{int(rng.integers(7, 20)):02d}{int(rng.integers(0, 60)):02d}00",
+        "station": int(rng.integers(1, 4)),
+        "body_part": BODY_PART[int(rng.integers(len(BODY_PART)))],
+        "mas": float(rng.uniform(80, 250)),
+    }
+
+
+def _image_dataset(base: Dataset, sop_uid: str, series_uid: str, image: np.ndarray,
+                   vendor: str) -> Dataset:
+    """A CT image: copies ``base`` and stores ``image`` (HU) with the vendor's encoding."""
+    ds = Dataset()
+    ds.update(base)
+    signed, intercept = STORAGE[vendor]
+    # Scanners clip at -1024 HU (the bottom of the 12-bit CT range).
+    stored = np.rint(np.maximum(image, -1024.0) - intercept)
+    if signed:
+        arr = stored.clip(-32768, 32767).astype(np.int16)
+    else:
+        arr = stored.clip(0, 65535).astype(np.uint16)
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = "CT"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = arr.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = signed
+    ds.RescaleIntercept = f"{intercept:g}"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    ds.WindowCenter = "40"
+    ds.WindowWidth = "400"
+    ds.PixelData = arr.tobytes()
+    return ds
+
+
+def _write(ds: Dataset, path: Path, compress: bool = False) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    if compress:
+        ds.compress(RLELossless, encoding_plugin="pydicom", generate_instance_uid=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def render_volume(a: Anatomy, coords: np.ndarray, fine_z: np.ndarray, supersample: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """True HU on the fine z grid at the series' in-plane pixel centres ``coords``.
+
+    Each pixel is the mean of ``supersample``^2 sub-samples (in-plane partial volume).
+    A smooth patient-specific texture (~6 HU) makes tissue non-uniform.
+    """
+    step = coords[1] - coords[0]
+    offs = (np.arange(supersample) - (supersample - 1) / 2) * step / supersample
+    fine = (coords[:, None] + offs[None, :]).ravel()
+    xx, yy = np.meshgrid(fine, fine)  # rows = y, cols = x
+    n = len(coords)
+    vol = np.empty((len(fine_z), n, n), dtype=np.float32)
+    for k, z in enumerate(fine_z):
+        hu = hu_of(a, render_slice(a, float(z), xx, yy))
+        vol[k] = hu.reshape(n, supersample, n, supersample).mean(axis=(1, 3))
+    tex = ndimage.gaussian_filter(rng.standard_normal(vol.shape).astype(np.float32), 2.0)
+    tex *= 6.0 / max(float(tex.std()), 1e-6)
+    body = vol > -900
+    vol[body] += tex[body]
+    return vol
+
+
+def label_volume(a: Anatomy, coords: np.ndarray, slice_z: np.ndarray) -> np.ndarray:
+    """Ground-truth labels at each slice centre on the pixel grid, (n_slices, rows, cols)."""
+    xx, yy = np.meshgrid(coords, coords)
+    return np.stack([labels_of(render_slice(a, float(z), xx, yy)) for z in slice_z])
+
+
+def _patient(args: tuple) -> dict:
+    """Generate one patient's study; returns truth rows. Runs in a worker process."""
+    p, profile, seed, archive, labels_dir = args
+    cond = BY_KEY[p.condition]
+    rng = np.random.default_rng([p.seed, 1])
+    a = _sample_anatomy(rng, profile.length_mm)
+    meta = _meta(p)
+    pixel = cond.fov_mm / profile.matrix
+    coords = (np.arange(profile.matrix) - (profile.matrix - 1) / 2.0) * pixel
+    z0, z1 = a.z0, a.z0 + a.length_mm
+    fine_z = np.arange(z0 + profile.fine_dz_mm / 2, z1, profile.fine_dz_mm)
+    n_sl = int(a.length_mm // cond.slice_thickness_mm)
+    # Feet-first scan from the knee upwards; slices contiguous.
+    slice_z = z0 + cond.slice_thickness_mm * (np.arange(n_sl) + 0.5)
+    truth_vol = render_volume(a, coords, fine_z, profile.supersample, np.random.default_rng([p.seed, 2]))
+    img = acquire(truth_vol, fine_z, slice_z, cond, pixel, np.random.default_rng([p.seed, 3]))
+    study_dir = Path(archive) / p.site / f"ST{_hex(seed, p.site, p.index, 'study')}"
+    base = _base_dataset(p, a, cond, seed, meta)
+    rows: list[dict] = []
+    files: list[dict] = []
+
+    def series(number: int, desc: str) -> tuple[str, Path]:
+        uid = _uid(seed, p.site, p.index, "series", number)
+        return uid, study_dir / f"SE{number:03d}"
+
+    def row(uid: str, folder: Path, kind: str, n: int, usable: bool, thick: float,
+            orient: str, **kw) -> dict:
+        return dict(series_uid=uid, site=p.site, patient=f"{p.site}{p.index:04d}",
+                    study_uid=base.StudyInstanceUID, kind=kind, orientation=orient,
+                    vendor=cond.vendor, manufacturer=cond.manufacturer, model=cond.model,
+                    kernel="\\".join(cond.kernel), condition=cond.key, n_slices=n,
+                    slice_thickness_mm=thick, pixel_spacing_mm=pixel, usable=usable,
+                    shift=SHIFT_SITES.get(p.site, "") if usable else "",
+                    path=str(folder.relative_to(archive)), **kw)
+
+    # 1. Localizer (projection radiograph of the whole range).
+    uid, folder = series(1, "Topogram")
+    proj = truth_vol.mean(axis=1)[::-1]  # (z descending, x): coronal projection
+    for j in range(2 if "localizer2" in p.distractors else 1):
+        ds = _image_dataset(base, _uid(seed, uid, j), uid, proj * 0.25, cond.vendor)
+        ds.SeriesNumber, ds.InstanceNumber = 1, j + 1
+        ds.SeriesDescription = "Topogram 0.6 T20f" if cond.vendor == "SIEMENS" else "Scout"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+        ds.ImagePositionPatient = [float(coords[0]), 0.0, float(z1)]
+        ds.PixelSpacing = [profile.fine_dz_mm, float(pixel)]
+        _write(ds, folder / f"IM{j + 1:05d}.dcm")
+    rows.append(row(uid, folder, "localizer", 1, False, 0.0, "coronal"))
+
+    # 2. The axial 3D stack: the series AI can use.
+    uid, folder = series(2, "axial")
+    thick = cond.slice_thickness_mm
+    for k, z in enumerate(slice_z):
+        ds = _image_dataset(base, _uid(seed, uid, k), uid, img[k], cond.vendor)
+        ds.SeriesNumber, ds.InstanceNumber = 2, k + 1
+        ds.SeriesDescription = f"LEG {thick:g}mm {cond.kernel[0]}"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ConvolutionKernel = list(cond.kernel) if len(cond.kernel) > 1 else cond.kernel[0]
+        ds.SliceThickness = f"{thick:g}"
+        ds.SpacingBetweenSlices = f"{thick:g}"
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [float(coords[0]), float(coords[0]), round(float(z), 4)]
+        ds.SliceLocation = round(float(z), 4)
+        ds.PixelSpacing = [round(float(pixel), 6), round(float(pixel), 6)]
+        ds.XRayTubeCurrent = int(meta["mas"] * 2)
+        ds.Exposure = int(meta["mas"])
+        ds.AcquisitionNumber = 1
+        _write(ds, folder / f"IM{k + 1:05d}.dcm", compress=p.compress)
+    lab = label_volume(a, coords, slice_z)
+    label_path = Path(labels_dir) / f"{uid}.nii.gz"
+    limg = sitk.GetImageFromArray(lab.astype(np.uint8))
+    limg.SetSpacing((float(pixel), float(pixel), float(thick)))
+    limg.SetOrigin((float(coords[0]), float(coords[0]), float(slice_z[0])))
+    sitk.WriteImage(limg, str(label_path), useCompression=True)
+    volumes = {STRUCTURES[k]: float((lab == k).sum() * pixel * pixel * thick / 1000.0)
+               for k in STRUCTURES}
+    rows.append(row(uid, folder, "axial", n_sl, True, thick, "axial",
+                    label=label_path.name, compressed=p.compress,
+                    noise_hu=cond.noise_hu, mtf_sigma_mm=cond.mtf_sigma_mm,
+                    sharpen=cond.sharpen, hu_offset=cond.hu_offset,
+                    **{f"volume_ml_{k}": v for k, v in volumes.items()}))
+
+    # 3. A thick axial recon (< 32 slices): archived, not usable for 3D AI.
+    if "thick" in p.distractors:
+        uid, folder = series(3, "thick")
+        tz = z0 + profile.thick_recon_mm * (np.arange(int(a.length_mm // profile.thick_recon_mm)) + 0.5)
+        for k, z in enumerate(tz):
+            sel = np.abs(slice_z - z) <= profile.thick_recon_mm / 2
+            ds = _image_dataset(base, _uid(seed, uid, k), uid, img[sel].mean(axis=0), cond.vendor)
+            ds.SeriesNumber, ds.InstanceNumber = 3, k + 1
+            ds.SeriesDescription = f"LEG {profile.thick_recon_mm:g}mm"
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+            ds.ConvolutionKernel = list(cond.kernel) if len(cond.kernel) > 1 else cond.kernel[0]
+            ds.SliceThickness = f"{profile.thick_recon_mm:g}"
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            ds.ImagePositionPatient = [float(coords[0]), float(coords[0]), round(float(z), 4)]
+            ds.PixelSpacing = [round(float(pixel), 6), round(float(pixel), 6)]
+            _write(ds, folder / f"IM{k + 1:05d}.dcm")
+        rows.append(row(uid, folder, "thick", len(tz), False, profile.thick_recon_mm, "axial"))
+
+    # 4. Coronal / sagittal multiplanar reformats: 3D stacks, but not axial.
+    n_ref = profile.reformat_slices
+    picks = np.linspace(0, profile.matrix - 1, n_ref).round().astype(int)
+    for kind, number, iop in (("coronal", 4, [1, 0, 0, 0, 0, -1]), ("sagittal", 5, [0, 1, 0, 0, 0, -1])):
+        if kind not in p.distractors:
+            continue
+        uid, folder = series(number, kind)
+        for k, c in enumerate(picks):
+            plane = img[::-1, c, :] if kind == "coronal" else img[::-1, :, c]
+            ds = _image_dataset(base, _uid(seed, uid, k), uid, plane, cond.vendor)
+            ds.SeriesNumber, ds.InstanceNumber = number, k + 1
+            ds.SeriesDescription = f"{kind.upper()} MPR"
+            ds.ImageType = ["DERIVED", "SECONDARY", "REFORMATTED"]
+            ds.ImageOrientationPatient = iop
+            pos = [float(coords[0]), float(coords[c]), float(slice_z[-1])]
+            if kind == "sagittal":
+                pos = [float(coords[c]), float(coords[0]), float(slice_z[-1])]
+            ds.ImagePositionPatient = pos
+            ds.PixelSpacing = [float(thick), round(float(pixel), 6)]
+            ds.SliceThickness = f"{pixel:.3f}"
+            _write(ds, folder / f"IM{k + 1:05d}.dcm")
+        rows.append(row(uid, folder, kind, n_ref, False, float(pixel), kind))
+
+    # 5. The dose report every modern scanner sends along (not an image).
+    uid, folder = series(99, "dose")
+    sr = Dataset()
+    sr.update(base)
+    sr.SOPClassUID = XRayRadiationDoseSRStorage
+    sr.SOPInstanceUID = _uid(seed, uid, 0)
+    sr.SeriesInstanceUID = uid
+    sr.Modality = "SR"
+    sr.SeriesNumber, sr.InstanceNumber = 99, 1
+    sr.SeriesDescription = "Dose Report"
+    sr.ValueType = "CONTAINER"
+    sr.ContinuityOfContent = "SEPARATE"
+    concept = Dataset()
+    concept.CodeValue, concept.CodingSchemeDesignator = "113701", "DCM"
+    concept.CodeMeaning = "X-Ray Radiation Dose Report"
+    sr.ConceptNameCodeSequence = Sequence([concept])
+    _write(sr, folder / "IM00001.dcm")
+    rows.append(row(uid, folder, "dose_sr", 1, False, 0.0, ""))
+
+    patient = dict(patient=f"{p.site}{p.index:04d}", site=p.site, condition=cond.key,
+                   **asdict(a))
+    phi = dict(patient=f"{p.site}{p.index:04d}", name=meta["name"], patient_id=meta["patient_id"],
+               birth_date=meta["birth_date"], accession=meta["accession"])
+    return dict(series=rows, files=files, patient=patient, phi=phi)
+
+
+def _archive_distractors(archive: Path, series_rows: list[dict], seed: int) -> list[dict]:
+    """Corrupt, truncated and duplicated files, as real archives hold them."""
+    rng = np.random.default_rng([seed, 4242])
+    out: list[dict] = []
+    junk = archive / "A" / "INCOMING"
+    junk.mkdir(parents=True, exist_ok=True)
+    for j in range(2):
+        path = junk / f"corrupt{j}.dcm"
+        path.write_bytes(rng.integers(0, 256, 2048, dtype=np.uint8).tobytes())
+        out.append(dict(path=str(path.relative_to(archive)), kind="corrupt"))
+    (junk / "notes.txt").write_text("transfer log: 3 studies received\n")
+    out.append(dict(path=str((junk / "notes.txt").relative_to(archive)), kind="not_dicom"))
+    axial = [r for r in series_rows if r["kind"] == "axial"]
+    src = sorted((archive / axial[0]["path"]).iterdir())[0]
+    data = src.read_bytes()
+    for name, cut, kind in (("trunc_pixels.dcm", len(data) - 300, "truncated_pixels"),
+                            ("trunc_header.dcm", 200, "truncated_header")):
+        (junk / name).write_bytes(data[:cut])
+        out.append(dict(path=str((junk / name).relative_to(archive)), kind=kind))
+    # A series re-sent by the modality: the same SOP instances under another folder.
+    dup_src = archive / axial[-1]["path"]
+    dup_dst = dup_src.parent / (dup_src.name + "_RESENT")
+    shutil.copytree(dup_src, dup_dst, dirs_exist_ok=True)
+    for f in sorted(dup_dst.iterdir()):
+        out.append(dict(path=str(f.relative_to(archive)), kind="duplicate"))
+    return out
+
+
+def generate(archive: Path, labels_dir: Path, truth: Path, profile_name: str = "demo",
+             seed: int = 2026, workers: int | None = None) -> dict:
+    """Write the archive, labels and ground truth; returns summary counts.
+
+    Existing ARCHIVE/LABELS/TRUTH folders are replaced: the archive is a pure function
+    of (profile, seed).
+    """
+    if profile_name not in PROFILES:
+        raise ValueError(f"unknown profile {profile_name!r}; choose from {sorted(PROFILES)}")
+    profile = PROFILES[profile_name]
+    archive, labels_dir, truth = Path(archive), Path(labels_dir), Path(truth)
+    for d in (archive, labels_dir, truth):
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+    plans = plan(profile, seed)
+    jobs = [(p, profile, seed, str(archive), str(labels_dir)) for p in plans]
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    results: list[dict] = []
+    desc = f"synth {profile_name}: patients"
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            results = list(tqdm(pool.map(_patient, jobs), total=len(jobs), desc=desc))
+    else:
+        results = [_patient(j) for j in tqdm(jobs, desc=desc)]
+    series_rows = [r for res in results for r in res["series"]]
+    files = _archive_distractors(archive, series_rows, seed)
+    (labels_dir / "labels.json").write_text(
+        json.dumps({"0": "background", **{str(k): v for k, v in STRUCTURES.items()}}, indent=1)
+    )
+    series_df = pd.DataFrame(series_rows)
+    series_df.to_csv(truth / "series.csv", index=False)
+    pd.DataFrame(files).to_csv(truth / "files.csv", index=False)
+    pd.DataFrame([r["patient"] for r in results]).to_csv(truth / "patients.csv", index=False)
+    pd.DataFrame([r["phi"] for r in results]).to_csv(truth / "phi.csv", index=False)
+    pd.DataFrame([asdict(c) for c in CONDITIONS]).to_csv(truth / "conditions.csv", index=False)
+    summary = {
+        "profile": profile_name,
+        "seed": seed,
+        "n_patients": len(plans),
+        "n_series": len(series_df),
+        "n_usable": int(series_df["usable"].sum()),
+        "n_files": sum(1 for _ in archive.rglob("*") if _.is_file()),
+        "n_classes": N_CLASSES,
+        "shift_sites": SHIFT_SITES,
+    }
+    (truth / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+    return summary
+
+
+def montage(archive: Path, truth: Path, out_png: Path, level: float = 40, width: float = 400
+            ) -> Path:
+    """One axial slice per site (mid-thigh of the first patient), one window: the shift."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = pd.read_csv(truth / "series.csv")
+    axial = series[series["kind"] == "axial"].groupby("site").head(1).set_index("site")
+    fig, axes = plt.subplots(2, 5, figsize=(15, 6.6))
+    for ax, site in zip(axes.ravel(), SITES, strict=True):
+        ax.axis("off")
+        if site not in axial.index:
+            continue
+        folder = archive / axial.loc[site, "path"]
+        files = sorted(folder.iterdir())
+        ds = pydicom.dcmread(files[int(len(files) * 0.35)])
+        hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        ax.imshow(hu, cmap="gray", vmin=level - width / 2, vmax=level + width / 2)
+        r = axial.loc[site]
+        ax.set_title(f"{site}: {r['vendor']} {r['kernel']} {r['slice_thickness_mm']:g}mm",
+                     fontsize=9)
+    fig.suptitle(f"Mid-thigh, one patient per site, W{width:g}/L{level:g}")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,122 @@
+"""The synthetic archive: real, readable DICOM with labels, distractors and known shift."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from fedct.synth.anatomy import STRUCTURES
+from fedct.synth.archive import generate
+
+
+def _read_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    ids = reader.GetGDCMSeriesIDs(str(folder))
+    assert len(ids) == 1, f"{folder}: expected one series, got {ids}"
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), ids[0]))
+    return reader.Execute()
+
+
+def test_generation_is_byte_identical(tiny_archive: dict[str, Path], tmp_path: Path) -> None:
+    again = {k: tmp_path / k for k in ("archive", "labels", "truth")}
+    generate(again["archive"], again["labels"], again["truth"], "tiny", seed=11, workers=1)
+    for key in ("archive", "labels"):
+        a = sorted(p.relative_to(tiny_archive[key]) for p in tiny_archive[key].rglob("*")
+                   if p.is_file())
+        b = sorted(p.relative_to(again[key]) for p in again[key].rglob("*") if p.is_file())
+        assert a == b
+        _, mismatch, errors = filecmp.cmpfiles(tiny_archive[key], again[key],
+                                               [str(p) for p in a], shallow=False)
+        assert not mismatch and not errors
+    series = pd.read_csv(tiny_archive["truth"] / "series.csv")
+    assert series.equals(pd.read_csv(again["truth"] / "series.csv"))
+
+
+def test_other_seed_gives_other_archive(tiny_archive: dict[str, Path], tmp_path: Path) -> None:
+    generate(tmp_path / "a", tmp_path / "l", tmp_path / "t", "tiny", seed=12, workers=1)
+    ours = pd.read_csv(tiny_archive["truth"] / "series.csv")["series_uid"]
+    theirs = pd.read_csv(tmp_path / "t" / "series.csv")["series_uid"]
+    assert not set(ours) & set(theirs)
+
+
+def test_usable_series_read_as_3d_volumes_with_labels(tiny_archive: dict[str, Path]) -> None:
+    truth = pd.read_csv(tiny_archive["truth"] / "series.csv")
+    usable = truth[truth["usable"]]
+    assert len(usable) == 30 and set(usable["site"]) == set("ABCDEFGHIJ")
+    femur_minus_muscle = []
+    for _, row in usable.iterrows():
+        img = _read_series(tiny_archive["archive"] / row["path"])
+        assert img.GetSize()[2] == row["n_slices"] >= 32
+        assert img.GetSpacing()[2] == pytest.approx(row["slice_thickness_mm"], abs=1e-3)
+        assert img.GetSpacing()[0] == pytest.approx(row["pixel_spacing_mm"], abs=1e-4)
+        lab_img = sitk.ReadImage(str(tiny_archive["labels"] / row["label"]))
+        assert lab_img.GetSize() == img.GetSize()
+        assert np.allclose(lab_img.GetOrigin(), img.GetOrigin(), atol=1e-3)
+        hu = sitk.GetArrayFromImage(img).astype(float)
+        lab = sitk.GetArrayFromImage(lab_img)
+        assert set(np.unique(lab)) <= set(range(len(STRUCTURES) + 1))
+        assert (lab == 2).any() and (lab == 6).any()
+        assert hu.min() >= -1024 and hu.max() < 4000  # HU after rescale
+        muscle = hu[np.isin(lab, [6, 7, 8])].mean()
+        femur_minus_muscle.append(hu[lab == 2].mean() - muscle)
+        assert hu[:, :2, :2].mean() < -800  # corners are air
+    # Labels overlay the anatomy: bone is far denser than muscle on every series.
+    assert min(femur_minus_muscle) > 150
+
+
+def test_distractors_are_present(tiny_archive: dict[str, Path]) -> None:
+    truth = pd.read_csv(tiny_archive["truth"] / "series.csv")
+    kinds = set(truth["kind"])
+    assert {"localizer", "coronal", "sagittal", "thick", "dose_sr", "axial"} <= kinds
+    assert not truth.loc[truth["kind"] != "axial", "usable"].any()
+    assert (truth.loc[truth["kind"] == "thick", "n_slices"] < 32).all()
+    assert (truth.loc[truth["kind"] == "coronal", "n_slices"] >= 8).all()
+    files = pd.read_csv(tiny_archive["truth"] / "files.csv")
+    assert {"corrupt", "truncated_pixels", "truncated_header", "duplicate", "not_dicom"} <= set(
+        files["kind"])
+    for rel in files.loc[files["kind"] == "corrupt", "path"]:
+        with pytest.raises(pydicom.errors.InvalidDicomError):
+            pydicom.dcmread(tiny_archive["archive"] / rel)
+    compressed = truth[truth.get("compressed", False) == True]  # noqa: E712
+    assert len(compressed) >= 1
+    first = next((tiny_archive["archive"] / compressed.iloc[0]["path"]).iterdir())
+    assert pydicom.dcmread(first).file_meta.TransferSyntaxUID.is_compressed
+
+
+def test_headers_carry_fake_phi_and_vendor_spellings(tiny_archive: dict[str, Path]) -> None:
+    phi = pd.read_csv(tiny_archive["truth"] / "phi.csv", dtype=str)
+    truth = pd.read_csv(tiny_archive["truth"] / "series.csv")
+    row = truth[truth["usable"]].iloc[0]
+    ds = pydicom.dcmread(next((tiny_archive["archive"] / row["path"]).iterdir()))
+    assert ds.PatientID in set(phi["patient_id"])
+    assert ds.AccessionNumber in set(phi["accession"])
+    manufacturers = set(truth["manufacturer"])
+    assert {"TOSHIBA", "GE MEDICAL SYSTEMS", "Philips", "SIEMENS"} <= manufacturers
+    # The ground truth itself holds no identifier.
+    text = (tiny_archive["truth"] / "series.csv").read_text()
+    for col in ("name", "patient_id", "accession"):
+        assert not any(v in text for v in phi[col])
+
+
+def test_injected_shift_sites_are_recorded(tiny_archive: dict[str, Path]) -> None:
+    truth = pd.read_csv(tiny_archive["truth"] / "series.csv")
+    usable = truth[truth["usable"]]
+    by_site = usable.groupby("site")
+    assert by_site["noise_hu"].mean().idxmax() == "G"
+    assert by_site["slice_thickness_mm"].mean().idxmax() == "C"
+    assert set(usable.loc[usable["shift"].notna() & (usable["shift"] != ""), "site"]) == {"C", "G"}
+
+
+def test_no_wall_clock_in_files(tiny_archive: dict[str, Path]) -> None:
+    """Dates come from the seed: no file carries today's date."""
+    today = pd.Timestamp.now().strftime("%Y%m%d").encode()
+    for root, _, names in os.walk(tiny_archive["archive"]):
+        for name in names[:3]:
+            assert today not in (Path(root) / name).read_bytes()
