@@ -62,3 +62,85 @@ def synth(archive_dir: Path, truth_dir: Path, labels_dir: Path | None, profile: 
         f"wrote {summary['n_files']} files, {summary['n_series']} series "
         f"({summary['n_usable']} usable) of {summary['n_patients']} patients to {archive_dir}"
     )
+
+
+@main.command()
+@click.argument("archive_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--workers", type=int, default=None,
+              help="Parallel header readers [default: catalogue.workers].")
+@click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Per-file index for incremental rescans [default: OUT_DIR/index].")
+@click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786).")
+@PARAMS
+def catalogue(archive_dir: Path, out_dir: Path, workers: int | None, index_dir: Path | None,
+              scheduler: str | None, params_file: Path) -> None:
+    """Catalogue ARCHIVE_DIR: one row per series, rejects, vendor x site reports."""
+    import dataclasses
+
+    from fedct.stages import catalogue as stage
+    from fedct.stages.catalogue import PseudonymKeyError
+
+    params = _load(params_file).catalogue
+    if workers is not None:
+        params = dataclasses.replace(params, workers=workers)
+    if scheduler is not None:
+        params = dataclasses.replace(params, scheduler=scheduler)
+    try:
+        result = stage.run(params, archive_dir, out_dir, index_dir=index_dir)
+    except PseudonymKeyError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(str(result))
+
+
+@main.command()
+@click.argument("catalogue_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--index-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="The catalogue's per-file index [default: CATALOGUE_DIR/index].")
+@click.option("--archive", "archive_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--labels", "labels_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="NIfTI labels named by SeriesInstanceUID.")
+@PARAMS
+def cohort(catalogue_dir: Path, out_dir: Path, index_dir: Path | None, archive_dir: Path,
+           labels_dir: Path | None, params_file: Path) -> None:
+    """Choose usable series, split per site by patient, prepare the volumes."""
+    from fedct.stages import cohort as stage
+
+    params = _load(params_file)
+    df = stage.run(params.cohort, params.catalogue, catalogue_dir,
+                   index_dir or catalogue_dir / "index", archive_dir, labels_dir, out_dir)
+    click.echo(df.groupby(["site", "split"]).size().unstack(fill_value=0).to_string())
+
+
+@main.command()
+@click.argument("cohort_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--site", required=True, help="Site letter, or 'pooled' for all training sites.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Resume a killed run from here.")
+@PARAMS
+def train(cohort_dir: Path, out_dir: Path, site: str, checkpoint_dir: Path | None,
+          params_file: Path) -> None:
+    """Train the Bayesian U-Net of one site (or the pooled model)."""
+    from fedct.stages import train as stage
+
+    try:
+        metrics = stage.run(_load(params_file).train, site, cohort_dir, out_dir, checkpoint_dir)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(metrics)
+
+
+@main.command()
+@click.argument("cohort_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("models_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@PARAMS
+def uncertainty(cohort_dir: Path, models_dir: Path, out_dir: Path, params_file: Path) -> None:
+    """Every model on every site with MC dropout: shift matrix, failure detection."""
+    from fedct.stages import uncertainty as stage
+
+    metrics = stage.run(_load(params_file).uncertainty, cohort_dir, models_dir, out_dir)
+    click.echo(metrics)

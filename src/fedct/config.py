@@ -62,28 +62,27 @@ class CohortParams:
     holdout_sites: tuple[str, ...] = ("C", "G")
     # Sites without labels: they only take part in label-free methods.
     unlabelled_sites: tuple[str, ...] = ()
-    # Among several usable series of one study keep the one with the most slices,
-    # then the thinnest slices, then the lowest SeriesNumber (documented rule).
-    max_series_per_site: int | None = None
-
-
-@dataclass(frozen=True)
-class PreprocessParams:
-    """Shared series -> tensor preprocessing (used by train and uncertainty)."""
-
+    # Preprocessing of every chosen series (cached by the cohort stage): resampled to
+    # ``spacing_mm`` (x, y, z), cropped/padded to ``roi_size`` voxels about the centre,
+    # HU window [hu_min, hu_max] scaled to [0, 1].
     spacing_mm: tuple[float, float, float] = (6.0, 6.0, 6.0)
-    roi_size: tuple[int, int, int] = (64, 64, 64)
-    hu_min: float = -200.0
-    hu_max: float = 1200.0
+    roi_size: tuple[int, int, int] = (72, 72, 32)
+    hu_min: float = -250.0
+    hu_max: float = 1000.0
 
 
 @dataclass(frozen=True)
 class TrainParams:
     """``fedct train``: one Bayesian U-Net per site, plus the pooled model."""
 
+    # The DVC ``foreach`` of the train stage: every site that trains a local model
+    # (not the held-out ones) and ``pooled``, the centralised upper bound.
+    sites: tuple[str, ...] = ("A", "B", "D", "E", "F", "H", "I", "J", "pooled")
     seed: int = 0
     epochs: int = 40
     batch_size: int = 2
+    # Random training crops (voxels); validation and inference see the whole volume.
+    patch_size: tuple[int, int, int] = (48, 48, 32)
     learning_rate: float = 2e-3
     dropout: float = 0.5
     channels: tuple[int, ...] = (16, 32, 64, 128)
@@ -92,7 +91,6 @@ class TrainParams:
     val_every: int = 5
     amp: bool = True
     device: str = "auto"
-    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
 
 
 @dataclass(frozen=True)
@@ -102,6 +100,8 @@ class UncertaintyParams:
     mc_samples: int = 10
     mc_batch: int = 10
     failure_dice: float = 0.7
+    # Fallback signal when validation data cannot choose one (no failures seen).
+    signal: str = "volume_deviation"
     seed: int = 0
     device: str = "auto"
 

@@ -1,0 +1,180 @@
+"""Cohort: choose one usable series per study, split per site by patient, prepare volumes.
+
+Inputs: the catalogue (``series.parquet`` and its per-file index, for the files of each
+series), the DICOM archive, and the label folder (NIfTI named by SeriesInstanceUID; the
+UID is pseudonymised with the catalogue's key before it is compared, so no UID reaches
+an output). Outputs: ``cohort.csv`` (one row per chosen series: keys, site, split, role,
+labelled) and ``cases/<series_key>.npz`` (network-ready arrays, see fedct.preprocess).
+
+Selection rule, per study: the usable series with the most slices, then the thinnest
+slices, then the lowest SeriesNumber, then the smallest series key (deterministic).
+Split rule, per site: patients shuffled with a generator seeded by (seed, site); then
+``test_fraction`` of them (at least one) to test, ``val_fraction`` (at least one when a
+site has three or more patients) to val, the rest to train. Held-out sites put every
+patient in test: they never train a model. Unlabelled sites keep their split but carry
+``labelled = False``; only label-free methods may use them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from fedct.config import CatalogueParams, CohortParams, to_dict
+from fedct.preprocess import PrepSpec, prepare_case, save_case
+
+
+def select_series(series: pd.DataFrame) -> pd.DataFrame:
+    """One usable series per study (the documented rule above)."""
+    usable = series[series["usable"]].copy()
+    usable["_neg_slices"] = -usable["n_slices"]
+    usable["_thick"] = usable["slice_thickness"].fillna(np.inf)
+    usable["_num"] = usable["series_number"].fillna(np.inf)
+    usable = usable.sort_values(["study_key", "_neg_slices", "_thick", "_num", "series_key"])
+    return usable.drop_duplicates("study_key").drop(columns=["_neg_slices", "_thick", "_num"])
+
+
+def _site_rng(seed: int, site: str) -> np.random.Generator:
+    digest = hashlib.sha256(f"{seed}:{site}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def split_patients(chosen: pd.DataFrame, params: CohortParams) -> pd.DataFrame:
+    """Add ``split`` (train/val/test), ``role`` (train/holdout) and ``labelled``.
+
+    The split is by patient: all series of one patient land in the same split.
+    """
+    out = []
+    for site, group in chosen.groupby("site", sort=True):
+        patients = np.array(sorted(group["patient_key"].unique()))
+        patients = patients[_site_rng(params.seed, str(site)).permutation(len(patients))]
+        n = len(patients)
+        holdout = site in params.holdout_sites
+        if holdout:
+            split = dict.fromkeys(patients, "test")
+        else:
+            n_test = max(1, int(round(params.test_fraction * n))) if n >= 2 else 0
+            n_val = int(round(params.val_fraction * n))
+            if n >= 3:
+                n_val = max(1, n_val)
+            n_val = min(n_val, n - n_test - 1) if n - n_test > 1 else 0
+            split = {p: ("test" if i < n_test else "val" if i < n_test + n_val else "train")
+                     for i, p in enumerate(patients)}
+        g = group.copy()
+        g["split"] = g["patient_key"].map(split)
+        g["role"] = "holdout" if holdout else "train"
+        g["labelled"] = site not in params.unlabelled_sites
+        out.append(g)
+    if not out:
+        return chosen.assign(split=[], role=[], labelled=[])
+    return pd.concat(out, ignore_index=True)
+
+
+def series_files(index_dir: Path, keys: Iterable[str]) -> dict[str, list[str]]:
+    """Relative paths of each series' files, ordered along the slice normal.
+
+    Read from the catalogue's per-file index (duplicates and rejects left out), so the
+    cohort never walks the archive again.
+    """
+    wanted = set(keys)
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    frames = []
+    for part in manifest["parts"]:
+        t = pq.read_table(index_dir / part,
+                          columns=["relpath", "series_key", "sop_key", "pos_n", "reason"])
+        df = t.to_pandas()
+        frames.append(df[df["reason"].isna() & df["series_key"].isin(wanted)])
+    files = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["relpath", "series_key", "sop_key", "pos_n"])
+    files = files.sort_values(["sop_key", "relpath"]).drop_duplicates("sop_key")
+    files = files.sort_values(["series_key", "pos_n", "relpath"])
+    return {k: list(g["relpath"]) for k, g in files.groupby("series_key")}
+
+
+def read_volume(archive: Path, relpaths: list[str]) -> sitk.Image:
+    """A series as one 3D image (HU, LPS), slices in the given order."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(archive / p) for p in relpaths])
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise ValueError(f"series in {archive / Path(relpaths[0]).parent}: "
+                         f"SimpleITK could not read it ({str(exc).splitlines()[-1]})") from exc
+
+
+def label_index(labels_dir: Path | None, secret: bytes) -> dict[str, Path]:
+    """series_key -> label file, pseudonymising the UID in each label file name."""
+    from fedct.stages.catalogue import pseudonym
+
+    if labels_dir is None or not labels_dir.is_dir():
+        return {}
+    out = {}
+    for f in sorted(labels_dir.glob("*.nii*")):
+        uid = f.name.split(".nii")[0]
+        out[pseudonym(secret, "series", uid)] = f
+    return out
+
+
+def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: Path,
+        index_dir: Path, archive: Path, labels_dir: Path | None, out_dir: Path) -> pd.DataFrame:
+    """Choose, split and prepare the cohort; log to MLflow."""
+    from fedct import tracking
+    from fedct.stages.catalogue import load_key
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    series = pd.read_parquet(Path(catalogue_dir) / "series.parquet")
+    chosen = select_series(series)
+    if params.unlabelled_sites or params.holdout_sites:
+        unknown = set(params.holdout_sites) | set(params.unlabelled_sites)
+        unknown -= set(series["site"].astype(str))
+        if unknown:
+            raise ValueError(f"cohort: sites {sorted(unknown)} are not in "
+                             f"{catalogue_dir / 'series.parquet'}")
+    cohort = split_patients(chosen, params)
+    key = load_key(catalogue_params)
+    labels = label_index(Path(labels_dir) if labels_dir else None, key.secret)
+    files = series_files(Path(index_dir), cohort["series_key"])
+    spec = PrepSpec(params.spacing_mm, params.roi_size, params.hu_min, params.hu_max)
+    has_label = []
+    (out_dir / "spec.json").write_text(json.dumps(
+        {"spacing_mm": list(spec.spacing_mm), "roi_size": list(spec.roi_size),
+         "hu_min": spec.hu_min, "hu_max": spec.hu_max}, indent=1))
+    with tracking.start_run("cohort") as mlrun:
+        mlrun.log_params(to_dict(params))
+        for row in tqdm(cohort.itertuples(), total=len(cohort), desc="cohort: prepare"):
+            image = read_volume(Path(archive), files[row.series_key])
+            lab_path = labels.get(row.series_key) if row.labelled else None
+            label = sitk.ReadImage(str(lab_path)) if lab_path is not None else None
+            has_label.append(label is not None)
+            save_case(out_dir / "cases" / f"{row.series_key}.npz", prepare_case(image, label, spec))
+        cohort["has_label"] = has_label
+        cols = ["series_key", "study_key", "patient_key", "site", "vendor", "model", "kernel",
+                "slice_thickness", "n_slices", "split", "role", "labelled", "has_label"]
+        cohort = cohort[cols].sort_values(["site", "split", "series_key"]).reset_index(drop=True)
+        cohort.to_csv(out_dir / "cohort.csv", index=False)
+        counts = cohort.groupby(["site", "split"]).size().unstack(fill_value=0)
+        counts.to_csv(out_dir / "split_counts.csv")
+        summary = {
+            "n_series": len(cohort),
+            "n_patients": int(cohort["patient_key"].nunique()),
+            "n_train": int((cohort["split"] == "train").sum()),
+            "n_val": int((cohort["split"] == "val").sum()),
+            "n_test": int((cohort["split"] == "test").sum()),
+            "n_labelled": int(cohort["has_label"].sum()),
+        }
+        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+        mlrun.log_metrics(summary)
+        mlrun.log_artifact(out_dir / "split_counts.csv")
+        mlrun.log_dataset(cohort, name="cohort", source=str(out_dir / "cohort.csv"),
+                          context="cohort")
+    return cohort

@@ -1,0 +1,250 @@
+"""Every model on every site: Dice/HD95 where labels exist, MC-dropout uncertainty always.
+
+For each model (one per training site, plus pooled) and each evaluation case (the val
+and test cases of training sites, every case of held-out sites), T MC-dropout samples
+give the label-free failure signals of ``fedct.metrics.failure_signals`` per structure;
+where a label exists, Dice and HD95 per structure. Outputs (``OUT_DIR``):
+
+- ``structures.csv``: one row per (model, case, structure): dice, hd95, every signal;
+- ``cases.csv``: one row per (model, case): mean Dice, and each signal aggregated over
+  structures (the case is as uncertain as its most uncertain structure: max);
+- ``shift_dice.csv`` / ``shift_uncertainty.csv``: the shift matrices (train site x test
+  site) of mean test Dice and of the chosen label-free signal;
+- ``signals.csv``: every signal's Spearman correlation with Dice and its failure AUROC
+  (failure = Dice < ``failure_dice``), case level and structure level;
+- ``site_ranking.csv``: test sites ranked by label-free uncertainty (no labels used);
+- ``threshold.json``: the signal ``predict`` uses and the threshold to flag at,
+  calibrated on validation cases only and then checked on test cases;
+- ``metrics.json`` and heatmap / scatter PNGs (DVC plots and MLflow artifacts).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from fedct.config import UncertaintyParams, to_dict
+from fedct.metrics import (
+    dice_per_structure,
+    failure_auroc,
+    failure_signals,
+    flag_threshold,
+    hd95_per_structure,
+    spearman,
+)
+from fedct.model import mc_predict
+from fedct.preprocess import load_case
+from fedct.stages.train import POOLED, load_model, pick_device
+from fedct.synth.anatomy import N_CLASSES, STRUCTURES
+
+SIGNALS = ("variance", "entropy", "mutual_information", "boundary_entropy",
+           "volume_deviation", "unassigned_mass", "max_softmax_deficit", "sample_disagreement")
+
+
+def evaluation_cases(cohort: pd.DataFrame) -> pd.DataFrame:
+    """Val and test cases of training sites, all (test) cases of held-out sites."""
+    return cohort[cohort["split"].isin(["val", "test"])].reset_index(drop=True)
+
+
+def case_records(model_site: str, case: pd.Series, probs: torch.Tensor,
+                 label: np.ndarray | None, reference_ml: list[float],
+                 spacing: tuple[float, ...]) -> list[dict]:
+    """Per-structure rows for one (model, case)."""
+    signals = failure_signals(probs, reference_ml, spacing)
+    seg = probs.mean(0).argmax(0)
+    if label is not None:
+        lab = torch.as_tensor(label[0])
+        dice = dice_per_structure(seg, lab, N_CLASSES)
+        hd95 = hd95_per_structure(seg, lab, N_CLASSES, spacing)
+    else:
+        dice = hd95 = np.full(N_CLASSES - 1, np.nan)
+    rows = []
+    for k, name in STRUCTURES.items():
+        rows.append({"model": model_site, "site": case["site"], "series_key": case["series_key"],
+                     "split": case["split"], "role": case["role"], "structure": name,
+                     "dice": dice[k - 1], "hd95": hd95[k - 1],
+                     **{s: float(signals[s][k - 1]) for s in SIGNALS}})
+    return rows
+
+
+def aggregate_cases(structures: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, case): mean Dice and HD95, max of each signal over structures."""
+    keys = ["model", "site", "series_key", "split", "role"]
+    agg = {"dice": "mean", "hd95": "mean", **dict.fromkeys(SIGNALS, "max")}
+    return structures.groupby(keys, sort=True).agg(agg).reset_index()
+
+
+def signal_table(cases: pd.DataFrame, structures: pd.DataFrame, failure_dice: float
+                 ) -> pd.DataFrame:
+    """Spearman(signal, Dice) and failure AUROC of every signal, case and structure level."""
+    rows = []
+    for level, df in (("case", cases), ("structure", structures)):
+        d = df.dropna(subset=["dice"])
+        failed = d["dice"] < failure_dice
+        for s in SIGNALS:
+            rows.append({"level": level, "signal": s, "n": len(d), "n_failed": int(failed.sum()),
+                         "spearman": spearman(d[s], d["dice"]),
+                         "auroc": failure_auroc(d[s], failed)})
+    return pd.DataFrame(rows)
+
+
+def shift_matrices(cases: pd.DataFrame, signal: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(model x test site) mean test Dice and mean signal; rows models, columns sites."""
+    test = cases[cases["split"] == "test"]
+    dice = test.pivot_table(index="model", columns="site", values="dice", aggfunc="mean")
+    finite = test.assign(**{signal: test[signal].replace(np.inf, np.nan)})
+    unc = finite.pivot_table(index="model", columns="site", values=signal, aggfunc="mean")
+    return dice, unc
+
+
+def site_ranking(cases: pd.DataFrame, signal: str) -> pd.DataFrame:
+    """Test sites ranked by mean label-free uncertainty of the local models (no labels).
+
+    A site's own model is left out: it has seen that site, so its confidence there says
+    nothing about shift. Pooled is left out too: it has seen every training site.
+    """
+    test = cases[(cases["split"] == "test") & (cases["model"] != POOLED)]
+    test = test[test["model"] != test["site"]]
+    vals = test.assign(score=test[signal].replace(np.inf, np.nan))
+    r = vals.groupby("site")["score"].agg(["mean", "median", "count"])
+    r = r.sort_values("mean", ascending=False).reset_index()
+    r["rank"] = np.arange(1, len(r) + 1)
+    return r
+
+
+def _heatmap(table: pd.DataFrame, path: Path, title: str, cmap: str, fmt: str = ".2f") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * table.shape[1], 1.0 + 0.45 * table.shape[0]))
+    im = ax.imshow(table.to_numpy(dtype=float), cmap=cmap, aspect="auto")
+    ax.set_xticks(range(table.shape[1]), table.columns)
+    ax.set_yticks(range(table.shape[0]), table.index)
+    ax.set_xlabel("test site")
+    ax.set_ylabel("model (training site)")
+    for i in range(table.shape[0]):
+        for j in range(table.shape[1]):
+            v = table.iat[i, j]
+            if np.isfinite(v):
+                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _scatter(cases: pd.DataFrame, signal: str, threshold: float, failure_dice: float,
+             path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = cases.dropna(subset=["dice"])
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for site, g in d.groupby("site"):
+        ax.scatter(g[signal].replace(np.inf, np.nan), g["dice"], s=12, label=site)
+    ax.axhline(failure_dice, color="k", ls="--", lw=0.8)
+    if np.isfinite(threshold):
+        ax.axvline(threshold, color="r", ls=":", lw=1)
+    ax.set(xlabel=f"{signal} (label-free)", ylabel="mean Dice",
+           title="Uncertainty vs Dice, every (model, case)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: Path) -> dict:
+    """Evaluate every model on every evaluation case; write the tables and plots."""
+    from fedct import tracking
+
+    cohort_dir, models_dir, out_dir = Path(cohort_dir), Path(models_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cohort = pd.read_csv(cohort_dir / "cohort.csv")
+    evaluate = evaluation_cases(cohort)
+    model_paths = sorted(p for p in models_dir.glob("*/model.pt"))
+    if not model_paths:
+        raise FileNotFoundError(f"uncertainty: no */model.pt under {models_dir}")
+    device = pick_device(params.device)
+    cases_data = {k: load_case(cohort_dir / "cases" / f"{k}.npz") for k in evaluate["series_key"]}
+    rows: list[dict] = []
+    with tracking.start_run("uncertainty") as mlrun:
+        mlrun.log_params({**to_dict(params), "n_models": len(model_paths),
+                          "n_cases": len(evaluate), "device": str(device)})
+        for mp in model_paths:
+            model, blob = load_model(mp)
+            model.to(device)
+            spacing = tuple(blob["spacing_mm"])
+            for _, case in tqdm(evaluate.iterrows(), total=len(evaluate),
+                                desc=f"uncertainty: model {blob['site']}"):
+                data = cases_data[case["series_key"]]
+                probs = mc_predict(model, torch.as_tensor(data["image"]), params.mc_samples,
+                                   params.mc_batch, amp=device.type == "cuda",
+                                   seed=params.seed, output_device="cpu").float()
+                label = data.get("label") if bool(case["has_label"]) else None
+                rows.extend(case_records(blob["site"], case, probs, label,
+                                         blob["reference_ml"], spacing))
+        structures = pd.DataFrame(rows)
+        cases = aggregate_cases(structures)
+        structures.to_csv(out_dir / "structures.csv", index=False)
+        cases.to_csv(out_dir / "cases.csv", index=False)
+        signals = signal_table(cases[cases["split"] == "test"],
+                               structures[structures["split"] == "test"], params.failure_dice)
+        signals.to_csv(out_dir / "signals.csv", index=False)
+        # Choose the signal and its threshold on validation cases only.
+        val = cases[(cases["split"] == "val")].dropna(subset=["dice"])
+        val_fail = val["dice"] < params.failure_dice
+        val_auroc = {s: failure_auroc(val[s], val_fail) for s in SIGNALS}
+        finite = {s: a for s, a in val_auroc.items() if np.isfinite(a)}
+        chosen = max(finite, key=finite.get) if finite else params.signal
+        threshold = flag_threshold(val[chosen], val_fail) if finite else float("nan")
+        test = cases[cases["split"] == "test"].dropna(subset=["dice"])
+        flagged = test[chosen] >= threshold
+        failed = test["dice"] < params.failure_dice
+        dice_m, unc_m = shift_matrices(cases, chosen)
+        dice_m.to_csv(out_dir / "shift_dice.csv")
+        unc_m.to_csv(out_dir / "shift_uncertainty.csv")
+        ranking = site_ranking(cases, chosen)
+        ranking.to_csv(out_dir / "site_ranking.csv", index=False)
+        _heatmap(dice_m, out_dir / "shift_dice.png", "Mean test Dice", "viridis")
+        _heatmap(unc_m, out_dir / "shift_uncertainty.png", f"Mean {chosen}", "magma", ".3g")
+        _scatter(cases[cases["split"] == "test"], chosen, threshold, params.failure_dice,
+                 out_dir / "uncertainty_vs_dice.png")
+        case_sig = signals[(signals["level"] == "case") & (signals["signal"] == chosen)].iloc[0]
+        holdout = test[test["role"] == "holdout"]
+        local_h = holdout[holdout["model"] != POOLED]
+        pooled_h = holdout[holdout["model"] == POOLED]
+        (out_dir / "threshold.json").write_text(json.dumps({
+            "signal": chosen, "threshold": threshold, "aggregate": "max over structures",
+            "failure_dice": params.failure_dice, "val_auroc": val_auroc}, indent=1))
+        metrics = {
+            "signal": chosen,
+            "spearman": float(case_sig["spearman"]),
+            "failure_auroc": float(case_sig["auroc"]),
+            "flag_sensitivity": float((flagged & failed).sum() / max(int(failed.sum()), 1)),
+            "flag_specificity": float((~flagged & ~failed).sum() / max(int((~failed).sum()), 1)),
+            "n_failed_test": int(failed.sum()),
+            "n_test_pairs": len(test),
+            "top_uncertain_site": str(ranking.iloc[0]["site"]) if len(ranking) else "",
+            "holdout_dice_pooled": float(pooled_h["dice"].mean()) if len(pooled_h) else np.nan,
+            "holdout_dice_local_mean": float(local_h["dice"].mean()) if len(local_h) else np.nan,
+            "insite_dice_local_mean": float(test[(test["model"] == test["site"])]["dice"].mean()),
+        }
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        mlrun.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float | int)})
+        mlrun.set_tags({"fedct.signal": chosen,
+                        "fedct.site_ranking": ",".join(ranking["site"].astype(str))})
+        for f in ("signals.csv", "shift_dice.csv", "shift_uncertainty.csv", "site_ranking.csv",
+                  "threshold.json", "shift_dice.png", "shift_uncertainty.png",
+                  "uncertainty_vs_dice.png"):
+            mlrun.log_artifact(out_dir / f)
+    return metrics
