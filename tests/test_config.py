@@ -43,4 +43,4 @@ def test_params_are_frozen_and_flatten() -> None:
     with pytest.raises(AttributeError):
         params.train.epochs = 3  # type: ignore[misc]
     flat = to_dict(params)
-    assert flat["train.preprocess.spacing_mm"] == list(params.train.preprocess.spacing_mm)
+    assert flat["cohort.spacing_mm"] == list(params.cohort.spacing_mm)

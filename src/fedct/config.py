@@ -79,7 +79,10 @@ class TrainParams:
     # (not the held-out ones) and ``pooled``, the centralised upper bound.
     sites: tuple[str, ...] = ("A", "B", "D", "E", "F", "H", "I", "J", "pooled")
     seed: int = 0
-    epochs: int = 40
+    # Training length in optimiser steps, the same for every model (local or pooled):
+    # an equal compute budget, so pooled gains come from data diversity, not from more
+    # updates. Epochs = ceil(steps / batches per epoch).
+    steps: int = 200
     batch_size: int = 2
     # Random training crops (voxels); validation and inference see the whole volume.
     patch_size: tuple[int, int, int] = (48, 48, 32)
@@ -88,7 +91,9 @@ class TrainParams:
     channels: tuple[int, ...] = (16, 32, 64, 128)
     strides: tuple[int, ...] = (2, 2, 2)
     num_res_units: int = 1
-    val_every: int = 5
+    # Validation passes (deterministic Dice on the val cases) spread over training;
+    # the best one is kept.
+    val_checks: int = 10
     amp: bool = True
     device: str = "auto"
 

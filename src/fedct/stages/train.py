@@ -119,12 +119,14 @@ def train_model(params: TrainParams, train_cases: list[dict], val_cases: list[di
     amp = params.amp and device.type == "cuda"
     model = build_model(params).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=params.learning_rate, weight_decay=1e-5)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=params.epochs)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     ds = Dataset(train_cases, transform=_transforms(params, train=True))
     gen = torch.Generator().manual_seed(params.seed)
     loader = DataLoader(ds, batch_size=params.batch_size, shuffle=True, num_workers=0,
                         generator=gen)
+    epochs = max(1, -(-params.steps // len(loader)))
+    val_every = max(1, epochs // max(1, params.val_checks))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     history: list[dict] = []
     start, best, best_state = 0, -1.0, None
     if checkpoint is not None and checkpoint.exists():
@@ -137,8 +139,8 @@ def train_model(params: TrainParams, train_cases: list[dict], val_cases: list[di
             torch.set_rng_state(state["torch_rng"])
             start, best, best_state = state["epoch"], state["best"], state["best_state"]
             history = state["history"]
-    for epoch in tqdm(range(start, params.epochs), desc="train: epochs", initial=start,
-                      total=params.epochs):
+    for epoch in tqdm(range(start, epochs), desc="train: epochs", initial=start,
+                      total=epochs):
         model.train()
         losses = []
         for batch in loader:
@@ -152,8 +154,8 @@ def train_model(params: TrainParams, train_cases: list[dict], val_cases: list[di
         sched.step()
         row: dict = {"epoch": epoch + 1, "loss": float(np.mean(losses)),
                      "lr": sched.get_last_lr()[0]}
-        last = epoch + 1 == params.epochs
-        if val_cases and ((epoch + 1) % params.val_every == 0 or last):
+        last = epoch + 1 == epochs
+        if val_cases and ((epoch + 1) % val_every == 0 or last):
             dice = evaluate_dice(model, val_cases, device, amp)
             row["val_dice_mean"] = float(np.nanmean(dice))
             row.update({f"val_dice_{n}": float(np.nanmean(dice[:, k - 1]))

@@ -1,0 +1,68 @@
+"""Uncertainty-stage tables: aggregation, shift matrices, label-free site ranking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedct.stages.uncertainty import (
+    SIGNALS,
+    aggregate_cases,
+    case_records,
+    shift_matrices,
+    signal_table,
+    site_ranking,
+)
+from fedct.synth.anatomy import N_CLASSES
+
+
+def _cases() -> pd.DataFrame:
+    rows = []
+    for model in ("A", "B", "pooled"):
+        for site in ("A", "B", "G"):
+            shifted = site == "G"
+            own = model == site
+            dice = 0.9 if own else (0.3 if shifted else 0.75)
+            unc = 0.1 if own else (0.8 if shifted else 0.3)
+            rows.append({"model": model, "site": site, "series_key": f"{site}1", "split": "test",
+                         "role": "holdout" if shifted else "train", "dice": dice, "hd95": 1.0,
+                         **dict.fromkeys(SIGNALS, unc)})
+    return pd.DataFrame(rows)
+
+
+def test_site_ranking_uses_no_labels_and_skips_own_models() -> None:
+    cases = _cases()
+    ranking = site_ranking(cases.drop(columns=["dice"]), "variance")
+    assert ranking.iloc[0]["site"] == "G"
+    # Site A is only scored by model B: its own model's confidence must not count.
+    assert ranking.set_index("site").loc["A", "count"] == 1
+
+
+def test_shift_matrix_layout() -> None:
+    dice, unc = shift_matrices(_cases(), "entropy")
+    assert dice.loc["A", "A"] == 0.9 and dice.loc["A", "G"] == 0.3
+    assert list(dice.columns) == ["A", "B", "G"]
+    assert unc.loc["B", "G"] == 0.8
+
+
+def test_signal_table_detects_a_perfect_signal() -> None:
+    cases = _cases()
+    table = signal_table(cases, cases, failure_dice=0.5)
+    row = table[(table["level"] == "case") & (table["signal"] == "variance")].iloc[0]
+    assert row["auroc"] == 1.0 and row["spearman"] < -0.9
+
+
+def test_case_records_and_aggregation() -> None:
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(3, N_CLASSES, 8, 8, 4, generator=gen), dim=1)
+    label = probs.mean(0).argmax(0).numpy()[None].astype(np.uint8)
+    case = pd.Series({"site": "A", "series_key": "k", "split": "test", "role": "train"})
+    rows = pd.DataFrame(case_records("A", case, probs, label, [1.0] * (N_CLASSES - 1),
+                                     (1.0, 1.0, 1.0)))
+    assert len(rows) == N_CLASSES - 1
+    present = rows["dice"].notna()
+    assert np.allclose(rows.loc[present, "dice"], 1.0)  # label = the prediction
+    agg = aggregate_cases(rows)
+    assert len(agg) == 1
+    assert agg["variance"].iloc[0] == rows["variance"].max()
