@@ -120,3 +120,13 @@ def test_no_wall_clock_in_files(tiny_archive: dict[str, Path]) -> None:
     for root, _, names in os.walk(tiny_archive["archive"]):
         for name in names[:3]:
             assert today not in (Path(root) / name).read_bytes()
+
+
+def test_every_profile_keeps_the_usable_rule_meaningful() -> None:
+    from fedct.synth.archive import PROFILES
+    from fedct.synth.scanners import CONDITIONS
+
+    thickest = max(c.slice_thickness_mm for c in CONDITIONS)
+    for name, p in PROFILES.items():
+        assert p.length_mm // p.thick_recon_mm < 32, name  # thick distractor: unusable
+        assert p.length_mm // thickest >= 32, name  # every axial stack: usable

@@ -57,7 +57,7 @@ class Profile:
     length_mm: float
     supersample: int
     fine_dz_mm: float
-    thick_recon_mm: float = 10.0  # the "thick" distractor series (< 32 slices)
+    thick_recon_mm: float = 10.0  # the "thick" distractor: must give < 32 slices
     reformat_slices: int = 36
 
 
@@ -67,7 +67,7 @@ PROFILES: dict[str, Profile] = {
     "demo": Profile(patients_per_site=8, matrix=96, length_mm=200.0, supersample=2,
                     fine_dz_mm=1.0),
     "study": Profile(patients_per_site=40, matrix=512, length_mm=400.0, supersample=1,
-                     fine_dz_mm=0.5, reformat_slices=64),
+                     fine_dz_mm=0.5, reformat_slices=64, thick_recon_mm=20.0),
 }
 
 # How each vendor stores pixels (as their scanners commonly do): signedness and intercept.
