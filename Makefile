@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # CPU build of torch (CI, laptops). On a GPU node: make TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH_SPEC ?= torch==2.13.0
 PROFILE ?= demo
+# glibc returns every tensor over 32 MB to the OS and faults it back in: keeping the
+# memory mapped makes CPU training and batched MC dropout ~1.3x faster (benchmarks/).
+DEMO_ENV ?= MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736
 
 .PHONY: demo test venv lint bench clean-demo
 venv: $(VENV)/.installed
@@ -19,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 # Main job: synthetic archive (if absent) -> full `dvc repro` -> results in MLflow.
 demo: venv
 	test -d data/archive || $(BIN)/fedct synth data/archive --truth data/truth --labels data/labels --profile $(PROFILE)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(DEMO_ENV) $(BIN)/dvc repro
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
 
 test: venv

@@ -108,6 +108,8 @@ class UncertaintyParams:
     # Fallback signal when validation data cannot choose one (no failures seen).
     signal: str = "volume_deviation"
     seed: int = 0
+    # CPU: models evaluated in parallel processes (ignored on a GPU).
+    workers: int = 2
     device: str = "auto"
 
 

@@ -65,4 +65,4 @@ def test_case_records_and_aggregation() -> None:
     assert np.allclose(rows.loc[present, "dice"], 1.0)  # label = the prediction
     agg = aggregate_cases(rows)
     assert len(agg) == 1
-    assert agg["variance"].iloc[0] == rows["variance"].max()
+    assert agg["variance"].iloc[0] == rows["variance"].mean()

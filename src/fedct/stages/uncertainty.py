@@ -6,8 +6,9 @@ give the label-free failure signals of ``fedct.metrics.failure_signals`` per str
 where a label exists, Dice and HD95 per structure. Outputs (``OUT_DIR``):
 
 - ``structures.csv``: one row per (model, case, structure): dice, hd95, every signal;
-- ``cases.csv``: one row per (model, case): mean Dice, and each signal aggregated over
-  structures (the case is as uncertain as its most uncertain structure: max);
+- ``cases.csv``: one row per (model, case): mean Dice over structures, and each signal
+  averaged over structures the same way (a structure not predicted at all scores +inf
+  and makes its case +inf: a missing structure is a failure);
 - ``shift_dice.csv`` / ``shift_uncertainty.csv``: the shift matrices (train site x test
   site) of mean test Dice and of the chosen label-free signal;
 - ``signals.csv``: every signal's Spearman correlation with Dice and its failure AUROC
@@ -21,6 +22,8 @@ where a label exists, Dice and HD95 per structure. Outputs (``OUT_DIR``):
 from __future__ import annotations
 
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +76,13 @@ def case_records(model_site: str, case: pd.Series, probs: torch.Tensor,
 
 
 def aggregate_cases(structures: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, case): mean Dice and HD95, max of each signal over structures."""
+    """One row per (model, case): mean Dice, HD95 and signals over structures.
+
+    The mean matches how case Dice is formed; a max lets one small, always-uncertain
+    structure (gluteus medius at coarse sampling) dominate every case.
+    """
     keys = ["model", "site", "series_key", "split", "role"]
-    agg = {"dice": "mean", "hd95": "mean", **dict.fromkeys(SIGNALS, "max")}
+    agg = {"dice": "mean", "hd95": "mean", **dict.fromkeys(SIGNALS, "mean")}
     return structures.groupby(keys, sort=True).agg(agg).reset_index()
 
 
@@ -163,6 +170,27 @@ def _scatter(cases: pd.DataFrame, signal: str, threshold: float, failure_dice: f
     plt.close(fig)
 
 
+def evaluate_model(args: tuple) -> list[dict]:
+    """All evaluation cases under one model (runs in a worker process)."""
+    model_path, cohort_dir, evaluate, params, threads, position = args
+    torch.set_num_threads(threads)
+    device = pick_device(params.device)
+    model, blob = load_model(model_path)
+    model.to(device)
+    spacing = tuple(blob["spacing_mm"])
+    rows: list[dict] = []
+    for _, case in tqdm(evaluate.iterrows(), total=len(evaluate), position=position,
+                        desc=f"uncertainty: model {blob['site']}", leave=False):
+        data = load_case(Path(cohort_dir) / "cases" / f"{case['series_key']}.npz")
+        probs = mc_predict(model, torch.as_tensor(data["image"]), params.mc_samples,
+                           params.mc_batch, amp=device.type == "cuda", seed=params.seed,
+                           output_device="cpu").float()
+        label = data.get("label") if bool(case["has_label"]) else None
+        rows.extend(case_records(blob["site"], case, probs, label, blob["reference_ml"],
+                                 spacing))
+    return rows
+
+
 def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: Path) -> dict:
     """Evaluate every model on every evaluation case; write the tables and plots."""
     from fedct import tracking
@@ -175,25 +203,23 @@ def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: 
     if not model_paths:
         raise FileNotFoundError(f"uncertainty: no */model.pt under {models_dir}")
     device = pick_device(params.device)
-    cases_data = {k: load_case(cohort_dir / "cases" / f"{k}.npz") for k in evaluate["series_key"]}
-    rows: list[dict] = []
+    # On CPU, one process per model with one thread each keeps both cores busy through
+    # the metric code as well; on a GPU one process owns the device.
+    workers = 1 if device.type == "cuda" else max(1, min(params.workers, len(model_paths)))
+    threads = max(1, torch.get_num_threads() // workers)
+    jobs = [(mp, cohort_dir, evaluate, params, threads, i % workers + 1)
+            for i, mp in enumerate(model_paths)]
     with tracking.start_run("uncertainty") as mlrun:
         mlrun.log_params({**to_dict(params), "n_models": len(model_paths),
                           "n_cases": len(evaluate), "device": str(device)})
-        for mp in model_paths:
-            model, blob = load_model(mp)
-            model.to(device)
-            spacing = tuple(blob["spacing_mm"])
-            for _, case in tqdm(evaluate.iterrows(), total=len(evaluate),
-                                desc=f"uncertainty: model {blob['site']}"):
-                data = cases_data[case["series_key"]]
-                probs = mc_predict(model, torch.as_tensor(data["image"]), params.mc_samples,
-                                   params.mc_batch, amp=device.type == "cuda",
-                                   seed=params.seed, output_device="cpu").float()
-                label = data.get("label") if bool(case["has_label"]) else None
-                rows.extend(case_records(blob["site"], case, probs, label,
-                                         blob["reference_ml"], spacing))
-        structures = pd.DataFrame(rows)
+        if workers > 1:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                results = list(tqdm(pool.map(evaluate_model, jobs), total=len(jobs),
+                                    desc="uncertainty: models", position=0))
+        else:
+            results = [evaluate_model(j) for j in tqdm(jobs, desc="uncertainty: models")]
+        structures = pd.DataFrame([r for rows in results for r in rows])
         cases = aggregate_cases(structures)
         structures.to_csv(out_dir / "structures.csv", index=False)
         cases.to_csv(out_dir / "cases.csv", index=False)
@@ -224,7 +250,7 @@ def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: 
         local_h = holdout[holdout["model"] != POOLED]
         pooled_h = holdout[holdout["model"] == POOLED]
         (out_dir / "threshold.json").write_text(json.dumps({
-            "signal": chosen, "threshold": threshold, "aggregate": "max over structures",
+            "signal": chosen, "threshold": threshold, "aggregate": "mean over structures",
             "failure_dice": params.failure_dice, "val_auroc": val_auroc}, indent=1))
         metrics = {
             "signal": chosen,

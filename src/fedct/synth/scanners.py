@@ -18,7 +18,7 @@ reconstruction chain):
 - in-plane field of view (pixel spacing = FOV / matrix).
 
 Magnitudes follow the literature in shared/STUDY.md: soft-tissue kernels ~10-20 HU
-noise at routine dose, sharp kernels ~40-100 HU; sharp kernels MTF50 about twice the
+noise at routine dose, sharp kernels ~40-100+ HU (more on thin, low-dose slices); sharp kernels MTF50 about twice the
 soft ones. At the demo/tiny profiles pixels are several mm wide; kernel widths and
 noise correlation lengths then shrink less than the pixels grow (see ``kernel_px``)
 so each condition keeps its clinical look at that coarser sampling.
@@ -70,9 +70,10 @@ CONDITIONS: tuple[Condition, ...] = (
               "Older 16-row scanner archiving only 5 mm slices: strong partial volume "
               "along z (muscle borders and femoral head blur), lower noise per slice."),
     Condition("canon_prime_fc30", "CANON", "TOSHIBA", "Aquilion PRIME SP", ("FC30",),
-              0.40, 1.20, 70.0, 0.45, 0.7, 0.00, 1.000, 0.0, 1.0, 400.0, 120.0,
-              "Bone kernel used as the routine musculoskeletal protocol: sharp edges with "
-              "overshoot, fine-grained noise ~70 HU that hides muscle/fat contrast."),
+              0.40, 1.20, 130.0, 0.45, 0.7, 0.00, 1.000, 0.0, 1.0, 400.0, 120.0,
+              "Bone kernel used as the routine musculoskeletal protocol on 1 mm slices at "
+              "low dose: sharp edges with overshoot, fine-grained noise ~130 HU that buries "
+              "the ~150 HU muscle/fat contrast."),
     Condition("ge_revolution_standard", "GE", "GE MEDICAL SYSTEMS", "Revolution CT",
               ("STANDARD",), 0.85, 0.0, 14.0, 1.0, 0.0, 0.30, 1.000, -5.0, 2.5, 420.0, 120.0,
               "GE STANDARD (~Siemens B43f) with ASiR-V 30%; slight negative HU offset."),
@@ -80,8 +81,8 @@ CONDITIONS: tuple[Condition, ...] = (
               ("SOFT",), 1.10, 0.0, 11.0, 1.3, 0.0, 0.20, 1.000, 0.0, 2.5, 420.0, 120.0,
               "GE SOFT (~Siemens B35f), smooth."),
     Condition("ge_optima_bone", "GE", "GE MEDICAL SYSTEMS", "Optima CT660", ("BONE",),
-              0.45, 0.90, 55.0, 0.5, 0.6, 0.00, 1.000, 0.0, 1.25, 400.0, 120.0,
-              "GE BONE: sharp, noisy."),
+              0.45, 0.90, 110.0, 0.5, 0.6, 0.00, 1.000, 0.0, 1.25, 400.0, 120.0,
+              "GE BONE on 1.25 mm slices: sharp, noisy."),
     Condition("philips_iqon_b", "PHILIPS", "Philips", "IQon - Spectral CT", ("B",),
               0.90, 0.0, 13.0, 1.1, 0.0, 0.30, 1.000, 8.0, 2.0, 420.0, 120.0,
               "Philips B (standard) with iDose4; spectral calibration reads ~8 HU high."),
@@ -95,8 +96,9 @@ CONDITIONS: tuple[Condition, ...] = (
               0.95, 0.0, 11.0, 1.2, 0.0, 0.30, 1.000, 0.0, 2.0, 420.0, 100.0,
               "Siemens Bf37 at 100 kVp: smooth; lower kVp raises muscle HU slightly."),
     Condition("siemens_force_br64", "SIEMENS", "SIEMENS", "SOMATOM Force", ("Br64", "3"),
-              0.35, 1.40, 80.0, 0.4, 0.8, 0.00, 1.000, 0.0, 1.0, 400.0, 120.0,
-              "Siemens Br64 sharp bone kernel: ~80 HU fine-grained noise, edge overshoot."),
+              0.35, 1.40, 150.0, 0.4, 0.8, 0.00, 1.000, 0.0, 1.0, 400.0, 120.0,
+              "Siemens Br64 sharp bone kernel on 1 mm slices: ~150 HU fine-grained noise, "
+              "edge overshoot."),
 )
 # fmt: on
 BY_KEY = {c.key: c for c in CONDITIONS}
