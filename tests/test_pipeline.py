@@ -23,7 +23,8 @@ REPO = Path(__file__).parents[1]
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    assert out.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
     return out.stdout
 
 

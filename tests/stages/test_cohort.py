@@ -23,7 +23,8 @@ def _catalogue(n_sites: int = 4, n_patients: int = 9, seed: int = 0) -> pd.DataF
                 for se in range(3):
                     rows.append(dict(site=site, patient_key=f"{site}-p{p}", study_key=study,
                                      series_key=f"{study}-se{se}", usable=se != 2,
-                                     n_slices=[80, 120, 20][se], slice_thickness=[1.0, 2.0, 5.0][se],
+                                     n_slices=[80, 120, 20][se],
+                                     slice_thickness=[1.0, 2.0, 5.0][se],
                                      series_number=se + 2))
     return pd.DataFrame(rows)
 

@@ -152,7 +152,8 @@ def _pelvis(a: Anatomy, s: float, x: np.ndarray, y: np.ndarray, lab: np.ndarray,
             gmed = inside & lateral & (dist > 6.0 * b) & (dist <= 30.0 * b) & (u > 0.15) & (u < 1)
             lab[gmed] = 4
             # Iliacus/psoas: on the inner (medial-anterior) face of the ilium.
-            ilio = inside & ~lateral & (dist > 6.0 * b) & (dist <= 22.0 * b) & (u > 0.25) & (u < 0.95)
+            ilio = (inside & ~lateral & (dist > 6.0 * b) & (dist <= 22.0 * b)
+                    & (u > 0.25) & (u < 0.95))
             lab[ilio] = 5
             lab[ilium] = 1
         # Femoral head in the acetabulum, with the greater trochanter below it.

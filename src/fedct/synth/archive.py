@@ -42,8 +42,16 @@ from tqdm import tqdm
 
 from fedct.synth.anatomy import N_CLASSES, STRUCTURES, Anatomy, hu_of, labels_of, render_slice
 from fedct.synth.anatomy import sample_anatomy as _sample_anatomy
-from fedct.synth.scanners import BY_KEY, CONDITIONS, SHIFT_SITES, SITES, Condition
-from fedct.synth.scanners import acquire, allocate, site_mix
+from fedct.synth.scanners import (
+    BY_KEY,
+    CONDITIONS,
+    SHIFT_SITES,
+    SITES,
+    Condition,
+    acquire,
+    allocate,
+    site_mix,
+)
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root: valid, and ours to derive from
 
@@ -113,15 +121,15 @@ def plan(profile: Profile, seed: int) -> list[PatientPlan]:
         for i, j in enumerate(order):
             # Round-robin distractors so that even the tiny profile has every kind.
             extra = tuple(k for m, k in enumerate(kinds) if (n_global + m) % 2 == 0)
-            plans.append(
-                PatientPlan(site, i, conds[j], int(np.random.default_rng([seed, s, i]).integers(2**31)),
-                            extra, compress=(n_global % 7 == 3))
-            )
+            patient_seed = int(np.random.default_rng([seed, s, i]).integers(2**31))
+            plans.append(PatientPlan(site, i, conds[j], patient_seed, extra,
+                                     compress=(n_global % 7 == 3)))
             n_global += 1
     return plans
 
 
-def _base_dataset(p: PatientPlan, a: Anatomy, cond: Condition, seed: int, rng_meta: dict) -> Dataset:
+def _base_dataset(p: PatientPlan, a: Anatomy, cond: Condition, seed: int, rng_meta: dict
+                  ) -> Dataset:
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.PatientName = rng_meta["name"]
@@ -152,8 +160,8 @@ def _meta(p: PatientPlan) -> dict:
     age = int(rng.integers(45, 90))
     birth = study_date - dt.timedelta(days=365 * age + int(rng.integers(0, 365)))
     return {
-        "name": f"{_FAMILY[int(rng.integers(len(_FAMILY)))]}^{_GIVEN[int(rng.integers(len(_GIVEN)))]}"
-                f"^{p.site}{p.index:04d}",
+        "name": f"{_FAMILY[int(rng.integers(len(_FAMILY)))]}"
+                f"^{_GIVEN[int(rng.integers(len(_GIVEN)))]}^{p.site}{p.index:04d}",
         "patient_id": f"SYN{p.site}{int(rng.integers(10**6, 10**7))}",
         "birth_date": birth.strftime("%Y%m%d"),
         "sex": "F" if rng.random() < 0.5 else "M",
@@ -253,7 +261,8 @@ def _patient(args: tuple) -> dict:
     n_sl = int(a.length_mm // cond.slice_thickness_mm)
     # Feet-first scan from the knee upwards; slices contiguous.
     slice_z = z0 + cond.slice_thickness_mm * (np.arange(n_sl) + 0.5)
-    truth_vol = render_volume(a, coords, fine_z, profile.supersample, np.random.default_rng([p.seed, 2]))
+    truth_vol = render_volume(a, coords, fine_z, profile.supersample,
+                              np.random.default_rng([p.seed, 2]))
     img = acquire(truth_vol, fine_z, slice_z, cond, pixel, np.random.default_rng([p.seed, 3]))
     study_dir = Path(archive) / p.site / f"ST{_hex(seed, p.site, p.index, 'study')}"
     base = _base_dataset(p, a, cond, seed, meta)
@@ -324,7 +333,8 @@ def _patient(args: tuple) -> dict:
     # 3. A thick axial recon (< 32 slices): archived, not usable for 3D AI.
     if "thick" in p.distractors:
         uid, folder = series(3, "thick")
-        tz = z0 + profile.thick_recon_mm * (np.arange(int(a.length_mm // profile.thick_recon_mm)) + 0.5)
+        n_thick = int(a.length_mm // profile.thick_recon_mm)
+        tz = z0 + profile.thick_recon_mm * (np.arange(n_thick) + 0.5)
         for k, z in enumerate(tz):
             sel = np.abs(slice_z - z) <= profile.thick_recon_mm / 2
             ds = _image_dataset(base, _uid(seed, uid, k), uid, img[sel].mean(axis=0), cond.vendor)
@@ -342,7 +352,8 @@ def _patient(args: tuple) -> dict:
     # 4. Coronal / sagittal multiplanar reformats: 3D stacks, but not axial.
     n_ref = profile.reformat_slices
     picks = np.linspace(0, profile.matrix - 1, n_ref).round().astype(int)
-    for kind, number, iop in (("coronal", 4, [1, 0, 0, 0, 0, -1]), ("sagittal", 5, [0, 1, 0, 0, 0, -1])):
+    reformats = (("coronal", 4, [1, 0, 0, 0, 0, -1]), ("sagittal", 5, [0, 1, 0, 0, 0, -1]))
+    for kind, number, iop in reformats:
         if kind not in p.distractors:
             continue
         uid, folder = series(number, kind)

@@ -18,9 +18,10 @@ reconstruction chain):
 - in-plane field of view (pixel spacing = FOV / matrix).
 
 Magnitudes follow the literature in shared/STUDY.md: soft-tissue kernels ~10-20 HU
-noise at routine dose, sharp kernels ~40-100+ HU (more on thin, low-dose slices); sharp kernels MTF50 about twice the
-soft ones. At the demo/tiny profiles pixels are several mm wide; kernel widths and
-noise correlation lengths then shrink less than the pixels grow (see ``kernel_px``)
+noise at routine dose, sharp kernels ~40-100+ HU (more on thin, low-dose slices);
+sharp kernels MTF50 about twice the soft ones. At the demo/tiny profiles pixels are
+several mm wide; kernel widths and noise correlation lengths then shrink less than the
+pixels grow (see ``kernel_px``)
 so each condition keeps its clinical look at that coarser sampling.
 """
 
