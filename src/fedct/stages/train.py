@@ -105,6 +105,12 @@ def evaluate_dice(model: torch.nn.Module, cases: list[dict], device: torch.devic
     return np.array(out)
 
 
+def _nanmean(values: np.ndarray) -> float:
+    """Mean ignoring NaN (structure absent from label and prediction); NaN if all are."""
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
 def train_model(params: TrainParams, train_cases: list[dict], val_cases: list[dict],
                 checkpoint: Path | None, fp: str, on_epoch=None
                 ) -> tuple[torch.nn.Module, pd.DataFrame]:
@@ -157,9 +163,8 @@ def train_model(params: TrainParams, train_cases: list[dict], val_cases: list[di
         last = epoch + 1 == epochs
         if val_cases and ((epoch + 1) % val_every == 0 or last):
             dice = evaluate_dice(model, val_cases, device, amp)
-            row["val_dice_mean"] = float(np.nanmean(dice))
-            row.update({f"val_dice_{n}": float(np.nanmean(dice[:, k - 1]))
-                        for k, n in STRUCTURES.items()})
+            row["val_dice_mean"] = _nanmean(dice)
+            row.update({f"val_dice_{n}": _nanmean(dice[:, k - 1]) for k, n in STRUCTURES.items()})
             if row["val_dice_mean"] > best:
                 best = row["val_dice_mean"]
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
