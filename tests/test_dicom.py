@@ -89,6 +89,11 @@ def ct_slice(*, study_uid: str, series_uid: str, z: float = 0.0,
     ds.PixelRepresentation = 1
     ds.RescaleIntercept, ds.RescaleSlope = "0", "1"
     ds.PixelData = (np.arange(rows * cols, dtype=np.int16).reshape(rows, cols)).tobytes()
+    return with_file_meta(ds)
+
+
+def with_file_meta(ds: Dataset) -> Dataset:
+    """Give a hand-made dataset the file meta of an explicit VR little endian file."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -179,12 +184,7 @@ def write_enhanced_ct(path: Path, n_frames: int, *, study_uid: str | None = None
         frames.append(frame)
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
     ds.PixelData = np.zeros((n_frames, 8, 8), dtype=np.int16).tobytes()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    return write(ds, path)
+    return write(with_file_meta(ds), path)
 
 
 def write_dose_sr(path: Path, study_uid: str | None = None) -> Path:
@@ -196,12 +196,7 @@ def write_dose_sr(path: Path, study_uid: str | None = None) -> Path:
     ds.PatientID = FAKE_PATIENTS[0]["id"]
     ds.StudyInstanceUID = study_uid or generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    return write(ds, path)
+    return write(with_file_meta(ds), path)
 
 
 def truncate_copy(src: Path, dst: Path, n_bytes: int) -> Path:

@@ -314,6 +314,23 @@ def walk_header(path: str, size: int | None = None) -> tuple[dict[str, str], boo
         return values, complete
 
 
+def _explicit_lengths(win: _Window, pos: int, vr: bytes, short_len: int, where: str
+                      ) -> tuple[int, int]:
+    """(value length, header length) of the explicit-VR element at ``pos``.
+
+    Long VRs keep a 32-bit length after two reserved bytes (12-byte header); the others
+    have the 16-bit length already unpacked (8 bytes). ``_walk_dataset`` inlines the same
+    rule with ``_HEADER_LENGTH`` for speed.
+    """
+    hdr = _HEADER_LENGTH.get(vr)
+    if hdr is None:
+        raise WalkDeclined(f"{where} has VR {vr!r}")
+    if hdr == 12:
+        off = win.need(pos, 12)
+        return _UINT32(win.buf, off + 8)[0], 12
+    return short_len, 8
+
+
 def _walk_meta(win: _Window, raw: dict[str, bytes | str]) -> int:
     """Group 0002 (always explicit VR little endian); returns the data set's offset."""
     pos = 132
@@ -322,13 +339,7 @@ def _walk_meta(win: _Window, raw: dict[str, bytes | str]) -> int:
         g, e, vr, ln = _EXPLICIT_SHORT(win.buf, off)
         if g != 0x0002:
             return pos
-        if vr in _LONG_VRS:
-            off = win.need(pos, 12)
-            ln, hdr = _UINT32(win.buf, off + 8)[0], 12
-        elif vr in _SHORT_VRS:
-            hdr = 8
-        else:
-            raise WalkDeclined(f"meta element ({g:04X},{e:04X}) has VR {vr!r}")
+        ln, hdr = _explicit_lengths(win, pos, vr, ln, f"meta element ({g:04X},{e:04X})")
         kw = _WANTED.get((g << 16) | e)
         if kw is not None:
             off = win.need(pos + hdr, ln)
@@ -426,13 +437,7 @@ def _skip_sequence(win: _Window, pos: int, explicit: bool, depth: int) -> int:
                 if tag == _ITEM_END:
                     pos += 8
                     break
-                if vr in _LONG_VRS:
-                    off = win.need(pos, 12)
-                    ln, hdr = _UINT32(win.buf, off + 8)[0], 12
-                elif vr in _SHORT_VRS:
-                    hdr = 8
-                else:
-                    raise WalkDeclined(f"nested ({g:04X},{e:04X}) has VR {vr!r}")
+                ln, hdr = _explicit_lengths(win, pos, vr, ln, f"nested ({g:04X},{e:04X})")
             else:
                 g, e, ln = _IMPLICIT(win.buf, off)
                 vr, hdr = b"", 8

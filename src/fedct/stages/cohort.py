@@ -134,12 +134,11 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     series = pd.read_parquet(Path(catalogue_dir) / "series.parquet")
     chosen = select_series(series)
-    if params.unlabelled_sites or params.holdout_sites:
-        unknown = set(params.holdout_sites) | set(params.unlabelled_sites)
-        unknown -= set(series["site"].astype(str))
-        if unknown:
-            raise ValueError(f"cohort: sites {sorted(unknown)} are not in "
-                             f"{catalogue_dir / 'series.parquet'}")
+    unknown = set(params.holdout_sites) | set(params.unlabelled_sites)
+    unknown -= set(series["site"].astype(str))
+    if unknown:
+        raise ValueError(f"cohort: sites {sorted(unknown)} are not in "
+                         f"{catalogue_dir / 'series.parquet'}")
     cohort = split_patients(chosen, params)
     key = load_key(catalogue_params)
     labels = label_index(Path(labels_dir) if labels_dir else None, key.secret)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +50,7 @@ def build_model(params: TrainParams) -> torch.nn.Module:
                                params.num_res_units)
 
 
-def _transforms(params: TrainParams, train: bool):
+def _train_transforms(params: TrainParams):
     from monai.transforms import (
         Compose,
         RandFlipd,
@@ -61,8 +60,6 @@ def _transforms(params: TrainParams, train: bool):
         ToTensord,
     )
 
-    if not train:
-        return Compose([ToTensord(keys=["image", "label"])])
     return Compose([
         RandSpatialCropd(keys=["image", "label"], roi_size=params.patch_size, random_size=False),
         # Left-right flip keeps every label valid (structures are bilateral).
@@ -126,7 +123,7 @@ def train_model(params: TrainParams, train_cases: list[dict], val_cases: list[di
     model = build_model(params).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=params.learning_rate, weight_decay=1e-5)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    ds = Dataset(train_cases, transform=_transforms(params, train=True))
+    ds = Dataset(train_cases, transform=_train_transforms(params))
     gen = torch.Generator().manual_seed(params.seed)
     loader = DataLoader(ds, batch_size=params.batch_size, shuffle=True, num_workers=0,
                         generator=gen)
@@ -268,5 +265,4 @@ def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
         mlrun.log_artifact(out_dir / "curves.png")
         mlrun.log_artifact(out_dir / "history.csv")
         mlrun.log_torch_model(model, name="model", registered_name=name)
-        mlrun.log_text(json.dumps(asdict(params), indent=1, default=list), "train_params.json")
     return metrics

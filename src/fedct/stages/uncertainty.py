@@ -33,11 +33,13 @@ from tqdm import tqdm
 
 from fedct.config import UncertaintyParams, to_dict
 from fedct.metrics import (
+    argmax_segmentation,
     dice_per_structure,
     failure_auroc,
     failure_signals,
     flag_threshold,
     hd95_per_structure,
+    predictive_mean,
     spearman,
 )
 from fedct.model import mc_predict
@@ -59,7 +61,7 @@ def case_records(model_site: str, case: pd.Series, probs: torch.Tensor,
                  spacing: tuple[float, ...]) -> list[dict]:
     """Per-structure rows for one (model, case)."""
     signals = failure_signals(probs, reference_ml, spacing)
-    seg = probs.mean(0).argmax(0)
+    seg = argmax_segmentation(predictive_mean(probs))
     if label is not None:
         lab = torch.as_tensor(label[0])
         dice = dice_per_structure(seg, lab, N_CLASSES)

@@ -19,7 +19,7 @@ def run(params: SynthParams, archive: Path, labels: Path, truth: Path,
         run_.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
         png = montage(archive, truth, truth / "montage.png")
         run_.log_artifact(png)
+        # Only the condition table: series.csv carries raw Study/Series UIDs and
+        # phi.csv the fake identifiers; both stay on disk for tests and evaluation.
         run_.log_artifact(truth / "conditions.csv")
-        # series.csv holds no identifiers (pseudo patient codes only); phi.csv stays local.
-        run_.log_artifact(truth / "series.csv")
     return summary

@@ -128,8 +128,7 @@ def plan(profile: Profile, seed: int) -> list[PatientPlan]:
     return plans
 
 
-def _base_dataset(p: PatientPlan, a: Anatomy, cond: Condition, seed: int, rng_meta: dict
-                  ) -> Dataset:
+def _base_dataset(p: PatientPlan, cond: Condition, seed: int, rng_meta: dict) -> Dataset:
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.PatientName = rng_meta["name"]
@@ -265,11 +264,10 @@ def _patient(args: tuple) -> dict:
                               np.random.default_rng([p.seed, 2]))
     img = acquire(truth_vol, fine_z, slice_z, cond, pixel, np.random.default_rng([p.seed, 3]))
     study_dir = Path(archive) / p.site / f"ST{_hex(seed, p.site, p.index, 'study')}"
-    base = _base_dataset(p, a, cond, seed, meta)
+    base = _base_dataset(p, cond, seed, meta)
     rows: list[dict] = []
-    files: list[dict] = []
 
-    def series(number: int, desc: str) -> tuple[str, Path]:
+    def series(number: int) -> tuple[str, Path]:
         uid = _uid(seed, p.site, p.index, "series", number)
         return uid, study_dir / f"SE{number:03d}"
 
@@ -284,7 +282,7 @@ def _patient(args: tuple) -> dict:
                     path=str(folder.relative_to(archive)), **kw)
 
     # 1. Localizer (projection radiograph of the whole range).
-    uid, folder = series(1, "Topogram")
+    uid, folder = series(1)
     proj = truth_vol.mean(axis=1)[::-1]  # (z descending, x): coronal projection
     for j in range(2 if "localizer2" in p.distractors else 1):
         ds = _image_dataset(base, _uid(seed, uid, j), uid, proj * 0.25, cond.vendor)
@@ -298,7 +296,7 @@ def _patient(args: tuple) -> dict:
     rows.append(row(uid, folder, "localizer", 1, False, 0.0, "coronal"))
 
     # 2. The axial 3D stack: the series AI can use.
-    uid, folder = series(2, "axial")
+    uid, folder = series(2)
     thick = cond.slice_thickness_mm
     for k, z in enumerate(slice_z):
         ds = _image_dataset(base, _uid(seed, uid, k), uid, img[k], cond.vendor)
@@ -332,7 +330,7 @@ def _patient(args: tuple) -> dict:
 
     # 3. A thick axial recon (< 32 slices): archived, not usable for 3D AI.
     if "thick" in p.distractors:
-        uid, folder = series(3, "thick")
+        uid, folder = series(3)
         n_thick = int(a.length_mm // profile.thick_recon_mm)
         tz = z0 + profile.thick_recon_mm * (np.arange(n_thick) + 0.5)
         for k, z in enumerate(tz):
@@ -356,7 +354,7 @@ def _patient(args: tuple) -> dict:
     for kind, number, iop in reformats:
         if kind not in p.distractors:
             continue
-        uid, folder = series(number, kind)
+        uid, folder = series(number)
         for k, c in enumerate(picks):
             plane = img[::-1, c, :] if kind == "coronal" else img[::-1, :, c]
             ds = _image_dataset(base, _uid(seed, uid, k), uid, plane, cond.vendor)
@@ -374,7 +372,7 @@ def _patient(args: tuple) -> dict:
         rows.append(row(uid, folder, kind, n_ref, False, float(pixel), kind))
 
     # 5. The dose report every modern scanner sends along (not an image).
-    uid, folder = series(99, "dose")
+    uid, folder = series(99)
     sr = Dataset()
     sr.update(base)
     sr.SOPClassUID = XRayRadiationDoseSRStorage
@@ -396,7 +394,7 @@ def _patient(args: tuple) -> dict:
                    **asdict(a))
     phi = dict(patient=f"{p.site}{p.index:04d}", name=meta["name"], patient_id=meta["patient_id"],
                birth_date=meta["birth_date"], accession=meta["accession"])
-    return dict(series=rows, files=files, patient=patient, phi=phi)
+    return dict(series=rows, patient=patient, phi=phi)
 
 
 def _archive_distractors(archive: Path, series_rows: list[dict], seed: int) -> list[dict]:
