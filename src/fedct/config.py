@@ -104,9 +104,14 @@ class UncertaintyParams:
 
     mc_samples: int = 10
     mc_batch: int = 10
-    failure_dice: float = 0.7
-    # Fallback signal when validation data cannot choose one (no failures seen).
-    signal: str = "volume_deviation"
+    failure_dice: float = 0.6
+    # The failure signal predict uses, fixed before looking at results: the MC samples'
+    # disagreement (1 - mean Dice of each sample with the consensus; Roy et al. 2019).
+    signal: str = "sample_disagreement"
+    # Site-level shift ranking: predictive entropy, the lab's uncertainty. It holds the
+    # aleatoric part too, which is what a noisier acquisition raises; sample disagreement
+    # measures how unstable a segmentation is (failure), not how unfamiliar the images are.
+    ranking_signal: str = "entropy"
     seed: int = 0
     # CPU: models evaluated in parallel processes (ignored on a GPU).
     workers: int = 2

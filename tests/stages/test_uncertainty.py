@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from fedct.stages.uncertainty import (
     SIGNALS,
     aggregate_cases,
+    calibrate_threshold,
     case_records,
     shift_matrices,
     signal_table,
     site_ranking,
+    site_ranks,
 )
 from fedct.synth.anatomy import N_CLASSES
 
@@ -66,3 +69,24 @@ def test_case_records_and_aggregation() -> None:
     agg = aggregate_cases(rows)
     assert len(agg) == 1
     assert agg["variance"].iloc[0] == rows["variance"].mean()
+
+
+def test_threshold_from_validation_failures_or_in_domain_quantile() -> None:
+    scores = pd.Series([0.1, 0.2, 0.3, 0.8, 0.9])
+    threshold, rule = calibrate_threshold(scores, pd.Series([False, False, False, True, True]))
+    assert rule == "youden" and threshold == 0.8
+    # No failure among validation pairs: flag what is less familiar than 95 % of them.
+    quiet = pd.Series(np.linspace(0.0, 1.0, 101))
+    threshold, rule = calibrate_threshold(quiet, pd.Series([False] * 101))
+    assert rule == "quantile_0.95" and threshold == pytest.approx(0.95)
+    # A structure never predicted scores +inf: it counts as a failure candidate, not a number.
+    threshold, _ = calibrate_threshold(pd.Series([np.inf, 0.2, 0.4]), pd.Series([False] * 3))
+    assert 0.2 < threshold < 0.4 + 1e-12
+
+
+def test_site_ranks_cover_every_signal() -> None:
+    cases = _cases()
+    cases["entropy"] = np.where(cases["site"] == "A", 0.9, 0.1)  # entropy disagrees
+    ranks = site_ranks(cases)
+    assert list(ranks.columns) == list(SIGNALS)
+    assert ranks.loc["G", "variance"] == 1 and ranks.loc["A", "entropy"] == 1

@@ -124,9 +124,11 @@ def test_no_wall_clock_in_files(tiny_archive: dict[str, Path]) -> None:
 
 def test_every_profile_keeps_the_usable_rule_meaningful() -> None:
     from fedct.synth.archive import PROFILES
-    from fedct.synth.scanners import CONDITIONS
+    from fedct.synth.scanners import CONDITIONS, SITES, scan_range
 
     thickest = max(c.slice_thickness_mm for c in CONDITIONS)
+    shortest = min(hi - lo for lo, hi in map(scan_range, SITES))
+    assert shortest < 1.0  # C's protocol stops short
     for name, p in PROFILES.items():
         assert p.length_mm // p.thick_recon_mm < 32, name  # thick distractor: unusable
-        assert p.length_mm // thickest >= 32, name  # every axial stack: usable
+        assert p.length_mm * shortest // thickest >= 32, name  # every axial stack: usable

@@ -153,7 +153,7 @@ def train_model(params: TrainParams, train_cases: list[dict], val_cases: list[di
                 loss = loss_fn(logits.float(), batch["label"].to(device))
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.detach().item())
         sched.step()
         row: dict = {"epoch": epoch + 1, "loss": float(np.mean(losses)),
                      "lr": sched.get_last_lr()[0]}

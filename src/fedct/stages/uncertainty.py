@@ -13,7 +13,8 @@ where a label exists, Dice and HD95 per structure. Outputs (``OUT_DIR``):
   site) of mean test Dice and of the chosen label-free signal;
 - ``signals.csv``: every signal's Spearman correlation with Dice and its failure AUROC
   (failure = Dice < ``failure_dice``), case level and structure level;
-- ``site_ranking.csv``: test sites ranked by label-free uncertainty (no labels used);
+- ``site_ranking.csv``: test sites ranked by label-free uncertainty (``ranking_signal``,
+  no labels used); ``site_ranks.csv``: each site's rank under every signal, for comparison;
 - ``threshold.json``: the signal ``predict`` uses and the threshold to flag at,
   calibrated on validation cases only and then checked on test cases;
 - ``metrics.json`` and heatmap / scatter PNGs (DVC plots and MLflow artifacts).
@@ -102,6 +103,24 @@ def signal_table(cases: pd.DataFrame, structures: pd.DataFrame, failure_dice: fl
     return pd.DataFrame(rows)
 
 
+def calibrate_threshold(scores: pd.Series, failed: pd.Series, in_domain_quantile: float = 0.95
+                        ) -> tuple[float, str]:
+    """Threshold to flag at, from validation (model, case) pairs only; returns it and its rule.
+
+    With failures among the validation pairs: Youden's J (``flag_threshold``). Without any
+    (well-trained models on their own sites' data rarely fail), the label-free rule of
+    out-of-distribution detection: the ``in_domain_quantile`` of the validation scores, so
+    that about 5 % of in-domain cases are flagged and anything less familiar is.
+    """
+    scores = scores.replace(np.inf, np.nan)
+    if failed.any() and (~failed).any():
+        return flag_threshold(scores.fillna(np.inf), failed), "youden"
+    finite = scores.dropna()
+    if finite.empty:
+        return float("nan"), "none"
+    return float(np.quantile(finite, in_domain_quantile)), f"quantile_{in_domain_quantile:g}"
+
+
 def shift_matrices(cases: pd.DataFrame, signal: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(model x test site) mean test Dice and mean signal; rows models, columns sites."""
     test = cases[cases["split"] == "test"]
@@ -124,6 +143,12 @@ def site_ranking(cases: pd.DataFrame, signal: str) -> pd.DataFrame:
     r = r.sort_values("mean", ascending=False).reset_index()
     r["rank"] = np.arange(1, len(r) + 1)
     return r
+
+
+def site_ranks(cases: pd.DataFrame) -> pd.DataFrame:
+    """Rank of each test site (rows) under every label-free signal (columns); 1 = most uncertain."""
+    ranks = {s: site_ranking(cases, s).set_index("site")["rank"] for s in SIGNALS}
+    return pd.DataFrame(ranks).sort_index()
 
 
 def _heatmap(table: pd.DataFrame, path: Path, title: str, cmap: str, fmt: str = ".2f") -> None:
@@ -198,6 +223,9 @@ def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: 
     from fedct import tracking
 
     cohort_dir, models_dir, out_dir = Path(cohort_dir), Path(models_dir), Path(out_dir)
+    for key in ("signal", "ranking_signal"):
+        if getattr(params, key) not in SIGNALS:
+            raise ValueError(f"uncertainty.{key} {getattr(params, key)!r} is not one of {SIGNALS}")
     out_dir.mkdir(parents=True, exist_ok=True)
     cohort = pd.read_csv(cohort_dir / "cohort.csv")
     evaluate = evaluation_cases(cohort)
@@ -228,21 +256,21 @@ def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: 
         signals = signal_table(cases[cases["split"] == "test"],
                                structures[structures["split"] == "test"], params.failure_dice)
         signals.to_csv(out_dir / "signals.csv", index=False)
-        # Choose the signal and its threshold on validation cases only.
+        # The signal is fixed a priori (params); its threshold comes from validation only.
         val = cases[(cases["split"] == "val")].dropna(subset=["dice"])
         val_fail = val["dice"] < params.failure_dice
         val_auroc = {s: failure_auroc(val[s], val_fail) for s in SIGNALS}
-        finite = {s: a for s, a in val_auroc.items() if np.isfinite(a)}
-        chosen = max(finite, key=finite.get) if finite else params.signal
-        threshold = flag_threshold(val[chosen], val_fail) if finite else float("nan")
+        chosen = params.signal
+        threshold, rule = calibrate_threshold(val[chosen], val_fail)
         test = cases[cases["split"] == "test"].dropna(subset=["dice"])
         flagged = test[chosen] >= threshold
         failed = test["dice"] < params.failure_dice
         dice_m, unc_m = shift_matrices(cases, chosen)
         dice_m.to_csv(out_dir / "shift_dice.csv")
         unc_m.to_csv(out_dir / "shift_uncertainty.csv")
-        ranking = site_ranking(cases, chosen)
+        ranking = site_ranking(cases, params.ranking_signal)
         ranking.to_csv(out_dir / "site_ranking.csv", index=False)
+        site_ranks(cases).to_csv(out_dir / "site_ranks.csv")
         _heatmap(dice_m, out_dir / "shift_dice.png", "Mean test Dice", "viridis")
         _heatmap(unc_m, out_dir / "shift_uncertainty.png", f"Mean {chosen}", "magma", ".3g")
         _scatter(cases[cases["split"] == "test"], chosen, threshold, params.failure_dice,
@@ -252,7 +280,8 @@ def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: 
         local_h = holdout[holdout["model"] != POOLED]
         pooled_h = holdout[holdout["model"] == POOLED]
         (out_dir / "threshold.json").write_text(json.dumps({
-            "signal": chosen, "threshold": threshold, "aggregate": "mean over structures",
+            "signal": chosen, "threshold": threshold, "rule": rule,
+            "aggregate": "mean over structures",
             "failure_dice": params.failure_dice, "val_auroc": val_auroc}, indent=1))
         metrics = {
             "signal": chosen,
@@ -263,15 +292,17 @@ def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: 
             "n_failed_test": int(failed.sum()),
             "n_test_pairs": len(test),
             "top_uncertain_site": str(ranking.iloc[0]["site"]) if len(ranking) else "",
+            "site_ranking": ",".join(ranking["site"].astype(str)),
             "holdout_dice_pooled": float(pooled_h["dice"].mean()) if len(pooled_h) else np.nan,
             "holdout_dice_local_mean": float(local_h["dice"].mean()) if len(local_h) else np.nan,
             "insite_dice_local_mean": float(test[(test["model"] == test["site"])]["dice"].mean()),
         }
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         mlrun.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float | int)})
-        mlrun.set_tags({"fedct.signal": chosen,
+        mlrun.set_tags({"fedct.signal": chosen, "fedct.ranking_signal": params.ranking_signal,
                         "fedct.site_ranking": ",".join(ranking["site"].astype(str))})
         for f in ("signals.csv", "shift_dice.csv", "shift_uncertainty.csv", "site_ranking.csv",
+                  "site_ranks.csv",
                   "threshold.json", "shift_dice.png", "shift_uncertainty.png",
                   "uncertainty_vs_dice.png"):
             mlrun.log_artifact(out_dir / f)

@@ -50,6 +50,7 @@ from fedct.synth.scanners import (
     Condition,
     acquire,
     allocate,
+    scan_range,
     site_mix,
 )
 
@@ -70,7 +71,7 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "tiny": Profile(patients_per_site=3, matrix=24, length_mm=164.0, supersample=1,
+    "tiny": Profile(patients_per_site=3, matrix=24, length_mm=205.0, supersample=1,
                     fine_dz_mm=1.0, reformat_slices=8),
     "demo": Profile(patients_per_site=8, matrix=96, length_mm=200.0, supersample=2,
                     fine_dz_mm=1.0),
@@ -257,9 +258,11 @@ def _patient(args: tuple) -> dict:
     coords = (np.arange(profile.matrix) - (profile.matrix - 1) / 2.0) * pixel
     z0, z1 = a.z0, a.z0 + a.length_mm
     fine_z = np.arange(z0 + profile.fine_dz_mm / 2, z1, profile.fine_dz_mm)
-    n_sl = int(a.length_mm // cond.slice_thickness_mm)
-    # Feet-first scan from the knee upwards; slices contiguous.
-    slice_z = z0 + cond.slice_thickness_mm * (np.arange(n_sl) + 0.5)
+    lo, hi = scan_range(p.site)
+    start, covered = z0 + lo * a.length_mm, (hi - lo) * a.length_mm
+    n_sl = int(covered // cond.slice_thickness_mm)
+    # Feet-first scan from the start of the site's range upwards; slices contiguous.
+    slice_z = start + cond.slice_thickness_mm * (np.arange(n_sl) + 0.5)
     truth_vol = render_volume(a, coords, fine_z, profile.supersample,
                               np.random.default_rng([p.seed, 2]))
     img = acquire(truth_vol, fine_z, slice_z, cond, pixel, np.random.default_rng([p.seed, 3]))
@@ -331,8 +334,8 @@ def _patient(args: tuple) -> dict:
     # 3. A thick axial recon (< 32 slices): archived, not usable for 3D AI.
     if "thick" in p.distractors:
         uid, folder = series(3)
-        n_thick = int(a.length_mm // profile.thick_recon_mm)
-        tz = z0 + profile.thick_recon_mm * (np.arange(n_thick) + 0.5)
+        n_thick = int(covered // profile.thick_recon_mm)
+        tz = start + profile.thick_recon_mm * (np.arange(n_thick) + 0.5)
         for k, z in enumerate(tz):
             sel = np.abs(slice_z - z) <= profile.thick_recon_mm / 2
             ds = _image_dataset(base, _uid(seed, uid, k), uid, img[sel].mean(axis=0), cond.vendor)

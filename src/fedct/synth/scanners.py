@@ -132,7 +132,21 @@ _OVERRIDES = {
     ("G", "GE"): {"ge_optima_bone": 0.5, "ge_revolution_standard": 0.5},
     ("C", "CANON"): {"canon_lightning_fc13_thick": 1.0},
 }
-SHIFT_SITES: dict[str, str] = {"G": "sharp_noisy_kernel", "C": "thick_slices"}
+SHIFT_SITES: dict[str, str] = {"G": "sharp_noisy_kernel", "C": "thick_slices_short_range"}
+
+# Scan range per site as fractions of the knee (0) to iliac-crest (1) extent. Protocols
+# differ in where technologists start and stop a scan; here every site covers the whole
+# range except C, whose hip protocol on its 16-row scanner (slow table travel for 5 mm
+# coverage) stops at mid-thigh: the distal 20 % is never scanned. Anatomy then sits higher
+# in the volume than models trained elsewhere expect, the commonest protocol shift there
+# is, and one that survives resampling to any model grid (unlike kernel noise, which
+# coarse grids average away).
+SCAN_RANGE: dict[str, tuple[float, float]] = {"C": (0.2, 1.0)}
+
+
+def scan_range(site: str) -> tuple[float, float]:
+    """``(start, stop)`` of the scanned extent at ``site``, fractions of knee-to-crest."""
+    return SCAN_RANGE.get(site, (0.0, 1.0))
 
 
 def site_mix(site: str) -> dict[str, float]:
