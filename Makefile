@@ -34,6 +34,7 @@ lint: venv
 bench: venv
 	$(BIN)/python benchmarks/catalogue.py
 	$(BIN)/python benchmarks/mc_dropout.py
+	$(DEMO_ENV) $(BIN)/python benchmarks/mc_dropout.py
 
 clean-demo:
 	rm -rf data outputs mlruns mlflow.db

@@ -8,14 +8,19 @@ medians. On CUDA every timing is bracketed by
 ``torch.cuda.synchronize()`` and, with ``--amp``, both methods are timed with and without
 autocast.
 
-    python benchmarks/mc_dropout.py --size 64 --samples 10 --repeats 5 --device cpu
+    python benchmarks/mc_dropout.py --samples 10 --repeats 5 --device cpu
+
+By default the network and input are the pipeline's (``train.channels`` and
+``cohort.roi_size`` of ``params.yaml``); ``--channels`` and ``--shape`` override them.
 
 Why batching wins on CPU: for a batch of one, PyTorch's kernel heuristic sends every 3D
 convolution with a small input (here all levels below full resolution) to its reference
 kernel ``slow_conv3d``; with a batch above one all go to oneDNN (check with
 ``torch.profiler``). The per-call overhead is also paid T times by the loop. What batching
-cannot remove: dropout masks (``bernoulli_``), norm and activations cost the same per sample
-either way, and glibc serves every tensor above 32 MB with a fresh ``mmap``, so batched
+cannot remove: dropout masks, norm and activations cost the same per sample either way
+(``fedct.model.MCDropout`` draws CPU masks from packed random bits, ~4x cheaper than the
+``bernoulli_`` of ``nn.Dropout``, which was half of a batched forward), and glibc serves
+every tensor above 32 MB with a fresh ``mmap``, so batched
 activations are page-faulted in anew on every op (the ``faults`` column). Keeping freed
 memory in the process removes that cost for both methods, e.g. ``MALLOC_MMAP_MAX_=0
 MALLOC_TRIM_THRESHOLD_=68719476736`` (glibc) or ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's
@@ -34,6 +39,7 @@ from typing import NamedTuple
 
 import torch
 
+from fedct.config import load_params
 from fedct.model import build_bayesian_unet, mc_predict, mc_predict_loop
 
 ALLOCATOR_ENV = (
@@ -47,14 +53,15 @@ ALLOCATOR_ENV = (
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=int, default=64, help="cubic input edge in voxels")
+    p.add_argument("--shape", type=str, default=None, help="input X,Y,Z (default roi_size)")
     p.add_argument("--samples", type=int, default=10, help="T, MC samples per image")
     p.add_argument("--batch", type=int, default=None, help="samples per forward (default T)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per method")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--amp", action="store_true", help="on CUDA also time with autocast")
     p.add_argument("--n-classes", type=int, default=9, help="output classes (phantom: 9)")
-    p.add_argument("--channels", type=str, default="16,32,64,128")
+    p.add_argument("--channels", type=str, default=None, help="default train.channels")
+    p.add_argument("--params", type=str, default="params.yaml")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p.parse_args()
 
@@ -86,14 +93,18 @@ def main() -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
-    channels = tuple(int(c) for c in args.channels.split(","))
+    params = load_params(args.params)
+    channels = (tuple(int(c) for c in args.channels.split(",")) if args.channels
+                else tuple(params.train.channels))
+    shape = (tuple(int(c) for c in args.shape.split(",")) if args.shape
+             else tuple(params.cohort.roi_size))
     t, batch = args.samples, args.batch or args.samples
 
     torch.manual_seed(0)
     model = build_bayesian_unet(
         args.n_classes, channels=channels, strides=(2,) * (len(channels) - 1)
     ).to(device)
-    image = torch.randn(1, 1, args.size, args.size, args.size, device=device)
+    image = torch.randn(1, 1, *shape, device=device)
 
     variants: dict[str, Callable[[], torch.Tensor]] = {}
     for amp in [False, True] if (args.amp and device.type == "cuda") else [False]:
@@ -118,7 +129,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         f"device={name} torch={torch.__version__} threads={torch.get_num_threads()} "
-        f"input=1x1x{args.size}^3 channels={channels} C={args.n_classes} T={t} "
+        f"input=1x1x{'x'.join(map(str, shape))} channels={channels} C={args.n_classes} T={t} "
         f"batch={batch} repeats={args.repeats} (medians)"
     )
     tuning = {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}

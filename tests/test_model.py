@@ -6,9 +6,11 @@ from monai.networks.blocks import ADN
 from torch import nn
 
 from fedct.model import (
+    MCDropout,
     build_bayesian_unet,
     dropout_modules,
     enable_mc_dropout,
+    keep_mask,
     mc_dropout,
     mc_predict,
     mc_predict_loop,
@@ -206,3 +208,28 @@ def test_sliding_window_on_a_larger_volume(image: torch.Tensor) -> None:
     assert probs.shape == (3, N_CLASSES, SIZE, SIZE, SIZE)
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(3, SIZE, SIZE, SIZE))
     assert not torch.allclose(probs[0], probs[1])
+
+
+@pytest.mark.parametrize("p", [0.5, 0.2])
+def test_keep_mask_is_bernoulli_with_independent_elements(p: float) -> None:
+    torch.manual_seed(3)
+    mask = keep_mask(torch.Size((4, 5, 33, 17)), p, torch.device("cpu")).float()
+    assert mask.shape == (4, 5, 33, 17) and set(mask.unique().tolist()) == {0.0, 1.0}
+    n = mask.numel()
+    assert abs(mask.mean().item() - (1 - p)) < 4 * ((p * (1 - p) / n) ** 0.5)
+    # Neighbours (also within one 32-bit word for p = 0.5) are uncorrelated.
+    flat = mask.flatten()
+    corr = torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()
+    assert abs(corr) < 0.02
+    # Same seed, same mask: MC predictions stay reproducible.
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask(torch.Size((4, 5, 33, 17)), p, torch.device("cpu")).float(), mask)
+
+
+def test_mc_dropout_layer_matches_torch_dropout_in_expectation() -> None:
+    layer, x = MCDropout(0.5), torch.ones(20000)
+    out = layer.train()(x)
+    assert set(out.unique().tolist()) == {0.0, 2.0}  # kept values scaled by 1 / (1 - p)
+    assert abs(out.mean().item() - 1.0) < 0.05
+    assert torch.equal(layer.eval()(x), x)
+    assert all(type(m) is MCDropout for m in dropout_modules(tiny_unet()))
