@@ -132,3 +132,21 @@ def test_every_profile_keeps_the_usable_rule_meaningful() -> None:
     for name, p in PROFILES.items():
         assert p.length_mm // p.thick_recon_mm < 32, name  # thick distractor: unusable
         assert p.length_mm * shortest // thickest >= 32, name  # every axial stack: usable
+
+
+def test_site_c_protocol_stops_at_mid_thigh(tiny_archive: dict[str, Path]) -> None:
+    truth = pd.read_csv(tiny_archive["truth"] / "series.csv")
+    axial = truth[truth["usable"]].copy()
+    axial["extent_mm"] = axial["n_slices"] * axial["slice_thickness_mm"]
+    full = axial[axial["site"] != "C"]
+    short = axial[axial["site"] == "C"]
+    # C covers 80 % of the knee-to-crest range; everybody else all of it.
+    assert short["extent_mm"].max() <= 0.8 * full["extent_mm"].min() + 1e-6
+    from fedct.synth.archive import PROFILES
+
+    length = PROFILES["tiny"].length_mm  # the phantom spans -length/2 (knee) to +length/2
+    for _, row in short.iterrows():
+        img = _read_series(tiny_archive["archive"] / row["path"])
+        lowest = min(img.GetOrigin()[2], img.TransformIndexToPhysicalPoint(
+            (0, 0, img.GetSize()[2] - 1))[2]) - row["slice_thickness_mm"] / 2
+        assert lowest == pytest.approx(-length / 2 + 0.2 * length, abs=1e-3)
