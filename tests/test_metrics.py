@@ -10,6 +10,7 @@ import torch
 from fedct.metrics import (
     argmax_segmentation,
     boundary_band_uncertainty,
+    class_argmax,
     dice_per_structure,
     failure_auroc,
     failure_signals,
@@ -295,3 +296,11 @@ def test_flag_threshold_handles_tied_and_infinite_scores() -> None:
     failed = [True, True, True, False, False]
     # >= inf: sens 2/3, fa 0 (J 0.667); >= 0.5: sens 1, fa 1/2 (J 0.5).
     assert flag_threshold(scores, failed) == np.inf
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_class_argmax_matches_torch_including_ties(dim: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    # Coarse values force ties: the first maximal class must win, as in torch.argmax.
+    values = torch.randint(0, 3, (4, 6, 5, 7), generator=gen).float()
+    assert torch.equal(class_argmax(values, dim), values.argmax(dim))

@@ -39,6 +39,22 @@ def _entropy(p: torch.Tensor, dim: int) -> torch.Tensor:
 # --- voxel maps from MC samples ------------------------------------------------------------
 
 
+def class_argmax(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """``values.argmax(dim)`` (first maximum wins) for a short class axis, int64.
+
+    On CPU torch reduces over a non-innermost axis one strided element at a time; a
+    running maximum over the C class slices is the same result ~5x faster for C = 9
+    (it was a third of the uncertainty stage). NaN-free inputs (softmax outputs) assumed.
+    """
+    v = values.movedim(dim, 0)
+    best = v[0].clone()
+    index = torch.zeros(v.shape[1:], dtype=torch.int64, device=v.device)
+    for c in range(1, v.shape[0]):
+        index.masked_fill_(v[c] > best, c)
+        torch.maximum(best, v[c], out=best)
+    return index
+
+
 def predictive_mean(probs: Array) -> torch.Tensor:
     """Mean softmax over the T samples: ``(T, C, *S)`` -> ``(C, *S)``."""
     return _tensor(probs).mean(dim=0)
@@ -46,7 +62,7 @@ def predictive_mean(probs: Array) -> torch.Tensor:
 
 def argmax_segmentation(mean_probs: Array) -> torch.Tensor:
     """Hard segmentation from the predictive mean: ``(C, *S)`` -> ``(*S)`` int64 classes."""
-    return _tensor(mean_probs).argmax(dim=0)
+    return class_argmax(_tensor(mean_probs), dim=0)
 
 
 def predictive_variance_map(probs: Array) -> torch.Tensor:
@@ -55,7 +71,9 @@ def predictive_variance_map(probs: Array) -> torch.Tensor:
     Population variance (divide by T), as ``K.var`` in the lab's MC sampler.
     ``(T, C, *S)`` -> ``(*S)``; 0 when all samples agree, at most 0.25.
     """
-    return _tensor(probs).var(dim=0, correction=0).mean(dim=0)
+    p = _tensor(probs)
+    # Two elementwise passes: torch.var over the leading axis is ~3x slower on CPU.
+    return (p - p.mean(dim=0)).square_().mean(dim=0).mean(dim=0)
 
 
 def predictive_entropy_map(probs: Array) -> torch.Tensor:
@@ -291,7 +309,7 @@ def mc_sample_agreement(probs: Array) -> np.ndarray:
     p = _tensor(probs)
     n_classes = p.shape[1]
     consensus = argmax_segmentation(predictive_mean(p))
-    samples = p.argmax(dim=1)
+    samples = class_argmax(p, dim=1)
     out = np.full(n_classes - 1, np.nan)
     for c in range(1, n_classes):
         ref = (consensus == c).flatten()

@@ -68,7 +68,7 @@ def test_case_records_and_aggregation() -> None:
     assert np.allclose(rows.loc[present, "dice"], 1.0)  # label = the prediction
     agg = aggregate_cases(rows)
     assert len(agg) == 1
-    assert agg["variance"].iloc[0] == rows["variance"].mean()
+    assert agg["variance"].iloc[0] == pytest.approx(rows["variance"].mean(), rel=1e-12)
 
 
 def test_threshold_from_validation_failures_or_in_domain_quantile() -> None:
