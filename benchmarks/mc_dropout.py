@@ -102,7 +102,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = build_bayesian_unet(
-        args.n_classes, channels=channels, strides=(2,) * (len(channels) - 1)
+        args.n_classes, channels=channels,
+        strides=tuple(params.train.strides) if not args.channels else (2,) * (len(channels) - 1)
     ).to(device)
     image = torch.randn(1, 1, *shape, device=device)
 

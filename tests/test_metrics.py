@@ -304,3 +304,10 @@ def test_class_argmax_matches_torch_including_ties(dim: int) -> None:
     # Coarse values force ties: the first maximal class must win, as in torch.argmax.
     values = torch.randint(0, 3, (4, 6, 5, 7), generator=gen).float()
     assert torch.equal(class_argmax(values, dim), values.argmax(dim))
+
+
+def test_class_argmax_refuses_nan() -> None:
+    values = torch.rand(3, 4, 4)
+    values[1, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        class_argmax(values, 0)

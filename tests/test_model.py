@@ -233,3 +233,12 @@ def test_mc_dropout_layer_matches_torch_dropout_in_expectation() -> None:
     assert abs(out.mean().item() - 1.0) < 0.05
     assert torch.equal(layer.eval()(x), x)
     assert all(type(m) is MCDropout for m in dropout_modules(tiny_unet()))
+
+
+def test_mc_dropout_layer_trains_gradients_through_the_mask() -> None:
+    torch.manual_seed(0)
+    x = torch.ones(1000, requires_grad=True)
+    out = MCDropout(0.5).train()(x)
+    out.sum().backward()
+    assert x.grad is not None
+    assert torch.equal(x.grad, out.detach())  # d(out)/dx = mask / (1 - p) = out / x

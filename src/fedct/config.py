@@ -105,12 +105,15 @@ class UncertaintyParams:
     mc_samples: int = 10
     mc_batch: int = 10
     failure_dice: float = 0.6
-    # The failure signal predict uses, fixed before looking at results: the MC samples'
-    # disagreement (1 - mean Dice of each sample with the consensus; Roy et al. 2019).
+    # The failure signal that consumers flag with (threshold.json; the later predict
+    # command): the MC samples' disagreement, 1 - mean Dice of each sample with the
+    # consensus (Roy et al. 2019). Chosen from an earlier demo run, where it led per
+    # structure; every signal is still reported in signals.csv.
     signal: str = "sample_disagreement"
     # Site-level shift ranking: predictive entropy, the lab's uncertainty. It holds the
     # aleatoric part too, which is what a noisier acquisition raises; sample disagreement
     # measures how unstable a segmentation is (failure), not how unfamiliar the images are.
+    # Chosen after a first run of this design; site_ranks.csv ranks under every signal.
     ranking_signal: str = "entropy"
     seed: int = 0
     # CPU: models evaluated in parallel processes (ignored on a GPU).

@@ -44,8 +44,14 @@ def class_argmax(values: torch.Tensor, dim: int) -> torch.Tensor:
 
     On CPU torch reduces over a non-innermost axis one strided element at a time; a
     running maximum over the C class slices is the same result ~5x faster for C = 9
-    (it was a third of the uncertainty stage). NaN-free inputs (softmax outputs) assumed.
+    (it was a third of the uncertainty stage).
+
+    Raises:
+        ValueError: on NaN, which ``torch.argmax`` would return as the maximum and this
+            loop would skip (e.g. fp16 overflow upstream): neither is a segmentation.
     """
+    if torch.isnan(values).any():
+        raise ValueError("class_argmax: probabilities contain NaN (overflow upstream?)")
     v = values.movedim(dim, 0)
     best = v[0].clone()
     index = torch.zeros(v.shape[1:], dtype=torch.int64, device=v.device)

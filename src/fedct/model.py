@@ -35,7 +35,7 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     ``nn.Dropout`` on CPU draws each element with ``bernoulli_``, which runs one element at
     a time and took half of a batched MC-dropout forward (``benchmarks/mc_dropout.py``).
     For p = 0.5, the lab's rate, every random bit is a fair coin: 32-bit random words are
-    unpacked into 32 mask elements, ~15x fewer draws. Any other p compares uniform floats
+    unpacked into 32 mask elements, 32x fewer draws. Any other p compares uniform floats
     with p, still twice as fast as ``bernoulli_``. Both draw from torch's generator of
     ``device``, so ``torch.manual_seed`` and ``mc_predict(seed=...)`` still reproduce them.
     """

@@ -72,16 +72,26 @@ def test_case_records_and_aggregation() -> None:
 
 
 def test_threshold_from_validation_failures_or_in_domain_quantile() -> None:
-    scores = pd.Series([0.1, 0.2, 0.3, 0.8, 0.9])
-    threshold, rule = calibrate_threshold(scores, pd.Series([False, False, False, True, True]))
-    assert rule == "youden" and threshold == 0.8
-    # No failure among validation pairs: flag what is less familiar than 95 % of them.
-    quiet = pd.Series(np.linspace(0.0, 1.0, 101))
-    threshold, rule = calibrate_threshold(quiet, pd.Series([False] * 101))
-    assert rule == "quantile_0.95" and threshold == pytest.approx(0.95)
-    # A structure never predicted scores +inf: it counts as a failure candidate, not a number.
+    scores = pd.Series([0.1, 0.2, 0.3, 0.8, 0.9, 0.85, 0.95, 0.7])
+    failed = pd.Series([False, False, False, True, True, True, True, True])
+    threshold, rule = calibrate_threshold(scores, failed)
+    assert rule == "youden" and threshold == 0.7
+    # Too few failures to fit on: flag what is less familiar than 95 % of the in-domain
+    # pairs; cross-site pairs (the 9.0 below) must not widen what counts as familiar.
+    quiet = pd.Series([*np.linspace(0.0, 1.0, 101), 9.0])
+    in_domain = pd.Series([True] * 101 + [False])
+    one_failure = pd.Series([False] * 101 + [True])
+    threshold, rule = calibrate_threshold(quiet, one_failure, in_domain)
+    assert rule == "in_domain_quantile_0.95" and threshold == pytest.approx(0.95)
+    # A structure never predicted scores +inf and stays the worst score, never dropped.
     threshold, _ = calibrate_threshold(pd.Series([np.inf, 0.2, 0.4]), pd.Series([False] * 3))
-    assert 0.2 < threshold < 0.4 + 1e-12
+    assert threshold == np.inf
+
+
+def test_site_with_a_missing_structure_ranks_first() -> None:
+    cases = _cases()
+    cases.loc[(cases["site"] == "B") & (cases["model"] == "A"), "entropy"] = np.inf
+    assert site_ranking(cases, "entropy").iloc[0]["site"] == "B"
 
 
 def test_site_ranks_cover_every_signal() -> None:

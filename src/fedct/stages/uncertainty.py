@@ -103,22 +103,25 @@ def signal_table(cases: pd.DataFrame, structures: pd.DataFrame, failure_dice: fl
     return pd.DataFrame(rows)
 
 
-def calibrate_threshold(scores: pd.Series, failed: pd.Series, in_domain_quantile: float = 0.95
+def calibrate_threshold(scores: pd.Series, failed: pd.Series, in_domain: pd.Series | None = None,
+                        min_failures: int = 5, in_domain_quantile: float = 0.95
                         ) -> tuple[float, str]:
     """Threshold to flag at, from validation (model, case) pairs only; returns it and its rule.
 
-    With failures among the validation pairs: Youden's J (``flag_threshold``). Without any
-    (well-trained models on their own sites' data rarely fail), the label-free rule of
-    out-of-distribution detection: the ``in_domain_quantile`` of the validation scores, so
-    that about 5 % of in-domain cases are flagged and anything less familiar is.
+    With at least ``min_failures`` failures among the validation pairs: Youden's J
+    (``flag_threshold``). With fewer (well-trained models rarely fail on validation data),
+    the label-free rule of out-of-distribution detection: the ``in_domain_quantile`` of
+    the scores of in-domain pairs (``in_domain``: a model on its own site's cases, or the
+    pooled model), so that about 5 % of familiar cases are flagged and anything less
+    familiar is. ``+inf`` (a structure not predicted) stays the highest score throughout.
     """
-    scores = scores.replace(np.inf, np.nan)
-    if failed.any() and (~failed).any():
-        return flag_threshold(scores.fillna(np.inf), failed), "youden"
-    finite = scores.dropna()
-    if finite.empty:
+    if int(failed.sum()) >= min_failures and (~failed).any():
+        return flag_threshold(scores, failed), "youden"
+    base = scores[in_domain] if in_domain is not None else scores
+    if base.empty:
         return float("nan"), "none"
-    return float(np.quantile(finite, in_domain_quantile)), f"quantile_{in_domain_quantile:g}"
+    return (float(np.quantile(base.to_numpy(dtype=float), in_domain_quantile, method="higher")),
+            f"in_domain_quantile_{in_domain_quantile:g}")
 
 
 def shift_matrices(cases: pd.DataFrame, signal: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -134,13 +137,14 @@ def site_ranking(cases: pd.DataFrame, signal: str) -> pd.DataFrame:
     """Test sites ranked by mean label-free uncertainty of the local models (no labels).
 
     A site's own model is left out: it has seen that site, so its confidence there says
-    nothing about shift. Pooled is left out too: it has seen every training site.
+    nothing about shift. Pooled is left out too: it has seen every training site. A
+    structure that a model did not predict at all scores +inf, so a site where that
+    happens ranks above every site where it does not (ties broken by the median).
     """
     test = cases[(cases["split"] == "test") & (cases["model"] != POOLED)]
     test = test[test["model"] != test["site"]]
-    vals = test.assign(score=test[signal].replace(np.inf, np.nan))
-    r = vals.groupby("site")["score"].agg(["mean", "median", "count"])
-    r = r.sort_values("mean", ascending=False).reset_index()
+    r = test.groupby("site")[signal].agg(["mean", "median", "count"])
+    r = r.sort_values(["mean", "median"], ascending=False).reset_index()
     r["rank"] = np.arange(1, len(r) + 1)
     return r
 
@@ -261,7 +265,8 @@ def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: 
         val_fail = val["dice"] < params.failure_dice
         val_auroc = {s: failure_auroc(val[s], val_fail) for s in SIGNALS}
         chosen = params.signal
-        threshold, rule = calibrate_threshold(val[chosen], val_fail)
+        in_domain = (val["model"] == val["site"]) | (val["model"] == POOLED)
+        threshold, rule = calibrate_threshold(val[chosen], val_fail, in_domain)
         test = cases[cases["split"] == "test"].dropna(subset=["dice"])
         flagged = test[chosen] >= threshold
         failed = test["dice"] < params.failure_dice

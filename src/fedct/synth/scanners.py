@@ -135,12 +135,12 @@ _OVERRIDES = {
 SHIFT_SITES: dict[str, str] = {"G": "sharp_noisy_kernel", "C": "thick_slices_short_range"}
 
 # Scan range per site as fractions of the knee (0) to iliac-crest (1) extent. Protocols
-# differ in where technologists start and stop a scan; here every site covers the whole
-# range except C, whose hip protocol on its 16-row scanner (slow table travel for 5 mm
-# coverage) stops at mid-thigh: the distal 20 % is never scanned. Anatomy then sits higher
-# in the volume than models trained elsewhere expect, the commonest protocol shift there
-# is, and one that survives resampling to any model grid (unlike kernel noise, which
-# coarse grids average away).
+# differ in where a scan starts and stops; here every site covers the whole range except
+# C, whose hip protocol starts in the distal thigh: the 20 % nearest the knee is never
+# scanned. Anatomy then sits higher in the volume than models trained elsewhere expect (a
+# protocol shift that survives resampling to any model grid, unlike kernel noise, which
+# coarse grids average away), and distal structures are cut short. C's shift thus mixes
+# thick slices, a shorter range and the recentring it causes.
 SCAN_RANGE: dict[str, tuple[float, float]] = {"C": (0.2, 1.0)}
 
 
