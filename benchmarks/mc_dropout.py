@@ -20,8 +20,8 @@ kernel ``slow_conv3d``; with a batch above one all go to oneDNN (check with
 cannot remove: dropout masks, norm and activations cost the same per sample either way
 (``fedct.model.MCDropout`` draws CPU masks from packed random bits, ~4x cheaper than the
 ``bernoulli_`` of ``nn.Dropout``, which was half of a batched forward), and glibc serves
-every tensor above 32 MB with a fresh ``mmap``, so batched
-activations are page-faulted in anew on every op (the ``faults`` column). Keeping freed
+every tensor above 32 MB with a fresh ``mmap``, so batched activations are page-faulted
+in anew on every op (the ``faults`` column). Keeping freed
 memory in the process removes that cost for both methods, e.g. ``MALLOC_MMAP_MAX_=0
 MALLOC_TRIM_THRESHOLD_=68719476736`` (glibc) or ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's
 huge-page allocation); the header line prints which of these are set.
@@ -94,16 +94,18 @@ def main() -> None:
     else:
         device = torch.device(args.device)
     params = load_params(args.params)
-    channels = (tuple(int(c) for c in args.channels.split(",")) if args.channels
-                else tuple(params.train.channels))
+    if args.channels:
+        channels = tuple(int(c) for c in args.channels.split(","))
+        strides = (2,) * (len(channels) - 1)
+    else:
+        channels, strides = tuple(params.train.channels), tuple(params.train.strides)
     shape = (tuple(int(c) for c in args.shape.split(",")) if args.shape
              else tuple(params.cohort.roi_size))
     t, batch = args.samples, args.batch or args.samples
 
     torch.manual_seed(0)
     model = build_bayesian_unet(
-        args.n_classes, channels=channels,
-        strides=tuple(params.train.strides) if not args.channels else (2,) * (len(channels) - 1)
+        args.n_classes, channels=channels, strides=strides
     ).to(device)
     image = torch.randn(1, 1, *shape, device=device)
 

@@ -30,7 +30,7 @@ _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """Bernoulli(1 - p) keep mask of ``shape`` (uint8 on CPU, bool elsewhere).
+    """Bernoulli(1 - p) keep mask of ``shape`` (uint8 for p = 0.5 on CPU, else bool).
 
     ``nn.Dropout`` on CPU draws each element with ``bernoulli_``, which runs one element at
     a time and took half of a batched MC-dropout forward (``benchmarks/mc_dropout.py``).

@@ -305,7 +305,7 @@ def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: 
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         mlrun.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float | int)})
         mlrun.set_tags({"fedct.signal": chosen, "fedct.ranking_signal": params.ranking_signal,
-                        "fedct.site_ranking": ",".join(ranking["site"].astype(str))})
+                        "fedct.site_ranking": metrics["site_ranking"]})
         for f in ("signals.csv", "shift_dice.csv", "shift_uncertainty.csv", "site_ranking.csv",
                   "site_ranks.csv",
                   "threshold.json", "shift_dice.png", "shift_uncertainty.png",

@@ -21,8 +21,8 @@ Magnitudes follow the literature in shared/STUDY.md: soft-tissue kernels ~10-20 
 noise at routine dose, sharp kernels ~40-100+ HU (more on thin, low-dose slices);
 sharp kernels MTF50 about twice the soft ones. At the demo/tiny profiles pixels are
 several mm wide; kernel widths and noise correlation lengths then shrink less than the
-pixels grow (see ``kernel_px``)
-so each condition keeps its clinical look at that coarser sampling.
+pixels grow (see ``kernel_px``), so each condition keeps its clinical look at that
+coarser sampling.
 """
 
 from __future__ import annotations
