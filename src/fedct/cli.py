@@ -6,7 +6,19 @@ from pathlib import Path
 
 import click
 
-from fedct.config import ConfigError, load_params
+from fedct.config import load_params
+from fedct.errors import FedctError
+
+
+class _Group(click.Group):
+    """Turns a stage's :class:`FedctError` into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FedctError as exc:
+            raise click.ClickException(str(exc)) from exc
+
 
 PARAMS = click.option(
     "--params",
@@ -19,13 +31,10 @@ PARAMS = click.option(
 
 
 def _load(params_file: Path):
-    try:
-        return load_params(params_file)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+    return load_params(params_file)
 
 
-@click.group()
+@click.group(cls=_Group)
 @click.version_option(package_name="fedct")
 def main() -> None:
     """fedct: federated learning on multi-hospital CT, from DICOM archive to registry."""
@@ -79,17 +88,13 @@ def catalogue(archive_dir: Path, out_dir: Path, workers: int | None, index_dir: 
     import dataclasses
 
     from fedct.stages import catalogue as stage
-    from fedct.stages.catalogue import PseudonymKeyError
 
     params = _load(params_file).catalogue
     if workers is not None:
         params = dataclasses.replace(params, workers=workers)
     if scheduler is not None:
         params = dataclasses.replace(params, scheduler=scheduler)
-    try:
-        result = stage.run(params, archive_dir, out_dir, index_dir=index_dir)
-    except PseudonymKeyError as exc:
-        raise click.ClickException(str(exc)) from exc
+    result = stage.run(params, archive_dir, out_dir, index_dir=index_dir)
     click.echo(str(result))
 
 
@@ -126,10 +131,7 @@ def train(cohort_dir: Path, out_dir: Path, site: str, checkpoint_dir: Path | Non
     """Train the Bayesian U-Net of one site (or the pooled model)."""
     from fedct.stages import train as stage
 
-    try:
-        metrics = stage.run(_load(params_file).train, site, cohort_dir, out_dir, checkpoint_dir)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+    metrics = stage.run(_load(params_file).train, site, cohort_dir, out_dir, checkpoint_dir)
     click.echo(metrics)
 
 

@@ -16,6 +16,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from fedct.errors import FedctError
+
 Profile = Literal["tiny", "demo", "study"]
 SiteRule = Literal["folder", "institution", "mapping"]
 
@@ -133,7 +135,7 @@ class Params:
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(FedctError):
     """params.yaml is malformed; the message names the file and the key."""
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedct.config import TrainParams
+from fedct.errors import FedctError
 from fedct.stages.train import load_model, save_model, train_model, training_cases
 
 PARAMS = TrainParams(steps=6, channels=(4, 8), strides=(2,), patch_size=(16, 16, 8),
@@ -72,5 +73,5 @@ def test_training_cases_refuses_holdout_site() -> None:
                            "split": ["train", "val", "test"], "has_label": [True] * 3,
                            "series_key": ["a", "b", "c"]})
     assert list(training_cases(cohort, "pooled")["series_key"]) == ["a", "b"]
-    with pytest.raises(ValueError, match="'C'"):
+    with pytest.raises(FedctError, match="'C'"):
         training_cases(cohort, "C")

@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from fedct import dicom
 from fedct.config import CatalogueParams, to_dict
+from fedct.errors import FedctError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ STUDY_VENDORS = ("CANON", "GE", "PHILIPS", "SIEMENS")
 # Pseudonymisation
 # ----------------------------------------------------------------------------------
 
-class PseudonymKeyError(RuntimeError):
+class PseudonymKeyError(FedctError):
     """No usable HMAC key: the message says where one is expected."""
 
 

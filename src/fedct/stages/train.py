@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from fedct.config import TrainParams, to_dict
+from fedct.errors import FedctError
 from fedct.model import build_bayesian_unet
 from fedct.preprocess import load_case
 from fedct.synth.anatomy import N_CLASSES, STRUCTURES
@@ -40,7 +41,7 @@ def training_cases(cohort: pd.DataFrame, site: str) -> pd.DataFrame:
     if site != POOLED:
         c = c[c["site"] == site]
     if c.empty or not (c["split"] == "train").any():
-        raise ValueError(f"train: no labelled training cases for site {site!r} in the cohort "
+        raise FedctError(f"train: no labelled training cases for site {site!r} in the cohort "
                          f"(sites with training data: {sorted(set(cohort['site']))})")
     return c
 
