@@ -4,20 +4,38 @@ VENV := .venv
 BIN := $(VENV)/bin
 # CPU build of torch (CI, laptops). On a GPU node: make TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH_SPEC ?= torch==2.13.0
+PIP_SPEC ?= pip==26.3
+# Every other package is pinned here (uv pip compile; `make lock` refreshes it). Torch is
+# left out of the lock so that the CPU and CUDA builds of the same version both fit it.
+LOCK := requirements.lock
 PROFILE ?= demo
 # glibc returns every tensor over 32 MB to the OS and faults it back in: keeping the
 # memory mapped makes CPU training and batched MC dropout ~1.3x faster (benchmarks/).
 DEMO_ENV ?= MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736
 
-.PHONY: demo test venv lint bench clean-demo
+.PHONY: demo test venv lint bench clean-demo lock
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(PIP_SPEC)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $@
+
+# Re-resolve every pin from pyproject.toml's ranges in one step (after editing them).
+# Linux x86_64, CPython 3.11; torch is pinned by TORCH_SPEC instead (see above). The CPU
+# wheel of torch must be in TORCH_WHEELS, so that its (CUDA-free) dependencies are locked.
+TORCH_WHEELS ?= /opt/wheels
+lock:
+	test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet uv
+	echo "torch==2.13.0+cpu" > $(VENV)/torch-override.txt
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --find-links $(TORCH_WHEELS) \
+	  --override $(VENV)/torch-override.txt --no-emit-package torch \
+	  --custom-compile-command "make lock" -o $(LOCK)
 
 # Main job: synthetic archive (if absent) -> full `dvc repro` -> results in MLflow.
 demo: venv

@@ -180,11 +180,13 @@ def gdcmscanner(root: Path) -> None:
 
 
 def catalogue_scan(root: Path, index_dir: Path, workers: int) -> object:
-    from fedct.stages import catalogue as cat
+    from fedct.catalogue.index import FileIndex
+    from fedct.catalogue.pseudonym import DEMO_KEY, PseudonymKey
+    from fedct.catalogue.scan import scan
 
-    key = cat.PseudonymKey(cat.DEMO_KEY, demo=True, source="demo")
-    with cat.FileIndex(index_dir, key.key_id) as index:
-        return cat.scan(root, index, key, workers=workers, progress=False)
+    key = PseudonymKey(DEMO_KEY, demo=True, source="demo")
+    with FileIndex(index_dir, key.key_id) as index:
+        return scan(root, index, key, workers=workers, progress=False)
 
 
 class DescendantSampler:
@@ -302,7 +304,7 @@ def main() -> None:
         print(json.dumps(measure_memory(Path(args._memory[0]), int(args._memory[1]))))
         return
     from fedct.config import CatalogueParams
-    from fedct.stages import catalogue as cat
+    from fedct.stages import catalogue as stage
 
     tmp = Path(tempfile.mkdtemp(prefix="fedct-bench-"))
     try:
@@ -380,10 +382,10 @@ def main() -> None:
         params = CatalogueParams(workers=2)
         out = tmp / "out"
         t0 = time.perf_counter()
-        cat.run(params, root, out, track=False, progress=False)
+        stage.run(params, root, out, track=False, progress=False)
         run_first = time.perf_counter() - t0
-        run_rescan = best_of(args.repeat, lambda: cat.run(params, root, out, track=False,
-                                                          progress=False))
+        run_rescan = best_of(args.repeat, lambda: stage.run(params, root, out, track=False,
+                                                            progress=False))
         results["run_first_s"] = round(run_first, 3)
         results["run_unchanged_rescan_s"] = round(run_rescan, 4)
         results["run_rescan_ratio"] = round(run_first / run_rescan, 1)

@@ -18,7 +18,7 @@ convolution with a small input (here all levels below full resolution) to its re
 kernel ``slow_conv3d``; with a batch above one all go to oneDNN (check with
 ``torch.profiler``). The per-call overhead is also paid T times by the loop. What batching
 cannot remove: dropout masks, norm and activations cost the same per sample either way
-(``fedct.model.MCDropout`` draws CPU masks from packed random bits, ~4x cheaper than the
+(``fedct.model.unet.MCDropout`` draws CPU masks from packed random bits, ~4x cheaper than the
 ``bernoulli_`` of ``nn.Dropout``, which was half of a batched forward), and glibc serves
 every tensor above 32 MB with a fresh ``mmap``, so batched activations are page-faulted
 in anew on every op (the ``faults`` column). Keeping freed
@@ -40,7 +40,8 @@ from typing import NamedTuple
 import torch
 
 from fedct.config import load_params
-from fedct.model import build_bayesian_unet, mc_predict, mc_predict_loop
+from fedct.model.mc import mc_predict, mc_predict_loop
+from fedct.model.unet import build_bayesian_unet
 
 ALLOCATOR_ENV = (
     "MALLOC_MMAP_MAX_",

@@ -47,6 +47,7 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     dvc = [str(Path(bin_dir) / "dvc")]
     _run(["git", "init", "-q"], work, env)
     _run(dvc + ["init", "-q"], work, env)
+    shutil.copy(REPO / ".dvcignore", work)  # bytecode caches in src/ are not deps
     synth = [str(Path(bin_dir) / "fedct"), "synth", "data/archive", "--truth", "data/truth",
              "--labels", "data/labels", "--profile", "tiny", "--seed", "11"]
     _run(synth, work, env)

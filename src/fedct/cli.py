@@ -101,21 +101,19 @@ def catalogue(archive_dir: Path, out_dir: Path, workers: int | None, index_dir: 
 @main.command()
 @click.argument("catalogue_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--index-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=None, help="The catalogue's per-file index [default: CATALOGUE_DIR/index].")
 @click.option("--archive", "archive_dir", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--labels", "labels_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="NIfTI labels named by SeriesInstanceUID.")
 @PARAMS
-def cohort(catalogue_dir: Path, out_dir: Path, index_dir: Path | None, archive_dir: Path,
-           labels_dir: Path | None, params_file: Path) -> None:
+def cohort(catalogue_dir: Path, out_dir: Path, archive_dir: Path, labels_dir: Path | None,
+           params_file: Path) -> None:
     """Choose usable series, split per site by patient, prepare the volumes."""
     from fedct.stages import cohort as stage
 
     params = _load(params_file)
-    df = stage.run(params.cohort, params.catalogue, catalogue_dir,
-                   index_dir or catalogue_dir / "index", archive_dir, labels_dir, out_dir)
+    df = stage.run(params.cohort, params.catalogue, catalogue_dir, archive_dir, labels_dir,
+                   out_dir)
     click.echo(df.groupby(["site", "split"]).size().unstack(fill_value=0).to_string())
 
 

@@ -1,15 +1,22 @@
-"""Cohort selection and patient-level splits."""
+"""Cohort selection, patient-level splits, and the series read from the catalogue."""
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from fedct.config import CohortParams
+from fedct.catalogue.pseudonym import KEY_ENV
+from fedct.config import CatalogueParams, CohortParams
+from fedct.errors import FedctError
+from fedct.stages import catalogue as catalogue_stage
+from fedct.stages import cohort as cohort_stage
 from fedct.stages.cohort import select_series, split_patients
+from tests.dicom.writers import FAKE_PATIENTS, write_series
 
 
 def _catalogue(n_sites: int = 4, n_patients: int = 9, seed: int = 0) -> pd.DataFrame:
@@ -71,3 +78,66 @@ def test_unlabelled_sites_are_marked() -> None:
 def test_small_sites_still_get_a_training_patient(n: int) -> None:
     a = split_patients(select_series(_catalogue(n_sites=1, n_patients=n)), CohortParams())
     assert (a.drop_duplicates("patient_key")["split"] == "train").sum() >= 1
+
+
+def _catalogued_archive(tmp_path: Path) -> tuple[Path, Path]:
+    """Two sites x two patients, one usable 34-slice series each; catalogued, and the
+    catalogue's per-file index deleted (the cohort must not need it)."""
+    archive = tmp_path / "archive"
+    for site in "AB":
+        for i, patient in enumerate(FAKE_PATIENTS[:2]):
+            # Head first: IM00001 is the top slice, so file names are not in slice order.
+            write_series(archive / site / f"ST{i}" / "SE2", 34, positions=range(33, -1, -1),
+                         patient=patient)
+    catalogue = tmp_path / "catalogue"
+    catalogue_stage.run(CatalogueParams(workers=1), archive, catalogue,
+                        index_dir=tmp_path / "index", track=False, progress=False)
+    shutil.rmtree(tmp_path / "index")
+    return archive, catalogue
+
+
+def test_cohort_reads_each_series_from_the_catalogues_series_files(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # MLflow's artifact store goes under the working dir
+    archive, catalogue = _catalogued_archive(tmp_path)
+    files = pd.read_parquet(catalogue / "series_files.parquet")
+    series = pd.read_parquet(catalogue / "series.parquet")
+    assert series["usable"].sum() == 4
+    assert (files.groupby("series_key").size() == 34).all()
+    read: list[list[str]] = []
+    real_read_volume = cohort_stage.read_volume
+
+    def spy(root: Path, relpaths: list[str]):
+        read.append(list(relpaths))
+        return real_read_volume(root, relpaths)
+
+    monkeypatch.setattr(cohort_stage, "read_volume", spy)
+    params = CohortParams(holdout_sites=(), spacing_mm=(1.4, 1.4, 2.0), roi_size=(8, 8, 16))
+    out = tmp_path / "cohort"
+    cohort = cohort_stage.run(params, CatalogueParams(workers=1), catalogue, archive, None,
+                              out)
+    assert len(cohort) == 4
+    expected = {k: g.sort_values("slice")["relpath"].tolist()
+                for k, g in files.groupby("series_key")}
+    assert sorted(read) == sorted(expected[k] for k in cohort["series_key"])
+    assert all(r[0].endswith("IM00034.dcm") for r in read)  # z = 0 first: slice order
+    assert all((out / "cases" / f"{k}.npz").is_file() for k in cohort["series_key"])
+
+
+def test_cohort_input_errors_are_fedct_errors(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    archive, catalogue = _catalogued_archive(tmp_path)
+    with pytest.raises(FedctError, match=r"sites \['Z'\] are not in"):
+        cohort_stage.run(CohortParams(holdout_sites=("Z",)), CatalogueParams(), catalogue,
+                         archive, None, tmp_path / "cohort")
+    keys = pd.read_parquet(catalogue / "series.parquet")["series_key"]
+    with pytest.raises(FedctError, match="no files for 1 series"):
+        cohort_stage.series_files(catalogue, [*keys, "0" * 32])
+    (catalogue / "series_files.parquet").unlink()
+    with pytest.raises(FedctError, match="series_files.parquet"):
+        cohort_stage.series_files(catalogue, keys)
+    not_dicom = archive / "A" / "ST0" / "SE2" / "IM00001.dcm"
+    not_dicom.write_bytes(b"not a DICOM file")
+    with pytest.raises(FedctError, match="A/ST0/SE2"):
+        cohort_stage.read_volume(archive, ["A/ST0/SE2/IM00001.dcm", "A/ST0/SE2/IM00002.dcm"])

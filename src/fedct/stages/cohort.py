@@ -1,10 +1,13 @@
 """Cohort: choose one usable series per study, split per site by patient, prepare volumes.
 
-Inputs: the catalogue (``series.parquet`` and its per-file index, for the files of each
-series), the DICOM archive, and the label folder (NIfTI named by SeriesInstanceUID; the
-UID is pseudonymised with the catalogue's key before it is compared, so no UID reaches
-an output). Outputs: ``cohort.csv`` (one row per chosen series: keys, site, split, role,
-labelled) and ``cases/<series_key>.npz`` (network-ready arrays, see fedct.preprocess).
+Inputs: the catalogue's ``series.parquet`` and ``series_files.parquet`` (the files of
+each series in slice order, relative to the archive), the DICOM archive, and the label
+folder (NIfTI named by SeriesInstanceUID; the UID is pseudonymised with the catalogue's
+key before it is compared, so no UID reaches an output). Outputs: ``cohort.csv`` (one
+row per chosen series: keys, site, split, role, labelled) and ``cases/<series_key>.npz``
+(network-ready arrays, see fedct.data.preprocess), and ``labels.json``, the label set read
+from the label folder's labels file (label value -> structure name), which every later
+stage reads instead of knowing the structures itself.
 
 Selection rule, per study: the usable series with the most slices, then the thinnest
 slices, then the lowest SeriesNumber, then the smallest series key (deterministic).
@@ -24,12 +27,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from fedct.catalogue.pseudonym import load_key, pseudonym
 from fedct.config import CatalogueParams, CohortParams, to_dict
-from fedct.preprocess import PrepSpec, prepare_case, save_case
+from fedct.data.cases import case_path, save_case
+from fedct.data.labels import read_labels, write_labels
+from fedct.data.preprocess import PrepSpec, prepare_case
+from fedct.dicom.volume import read_volume
+from fedct.errors import FedctError
+
+SERIES_FILES = "series_files.parquet"  # written by the catalogue stage
 
 
 def select_series(series: pd.DataFrame) -> pd.DataFrame:
@@ -78,43 +87,30 @@ def split_patients(chosen: pd.DataFrame, params: CohortParams) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
-def series_files(index_dir: Path, keys: Iterable[str]) -> dict[str, list[str]]:
+def series_files(catalogue_dir: Path, keys: Iterable[str]) -> dict[str, list[str]]:
     """Relative paths of each series' files, ordered along the slice normal.
 
-    Read from the catalogue's per-file index (duplicates and rejects left out), so the
-    cohort never walks the archive again.
+    Read from the catalogue's ``series_files.parquet`` (duplicates and rejects already
+    left out), so the cohort never walks the archive again.
     """
+    path = Path(catalogue_dir) / SERIES_FILES
     wanted = set(keys)
-    manifest = json.loads((index_dir / "manifest.json").read_text())
-    frames = []
-    for part in manifest["parts"]:
-        t = pq.read_table(index_dir / part,
-                          columns=["relpath", "series_key", "sop_key", "pos_n", "reason"])
-        df = t.to_pandas()
-        frames.append(df[df["reason"].isna() & df["series_key"].isin(wanted)])
-    files = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["relpath", "series_key", "sop_key", "pos_n"])
-    files = files.sort_values(["sop_key", "relpath"]).drop_duplicates("sop_key")
-    files = files.sort_values(["series_key", "pos_n", "relpath"])
-    return {k: list(g["relpath"]) for k, g in files.groupby("series_key")}
-
-
-def read_volume(archive: Path, relpaths: list[str]) -> sitk.Image:
-    """A series as one 3D image (HU, LPS), slices in the given order."""
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([str(archive / p) for p in relpaths])
-    reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
-        return reader.Execute()
-    except RuntimeError as exc:
-        raise ValueError(f"series in {archive / Path(relpaths[0]).parent}: "
-                         f"SimpleITK could not read it ({str(exc).splitlines()[-1]})") from exc
+        files = pd.read_parquet(path, columns=["series_key", "slice", "relpath"])
+    except (OSError, ValueError) as exc:  # pyarrow's errors subclass these
+        raise FedctError(f"{path}: cannot read the catalogue's series files ({exc}); "
+                         "rerun `fedct catalogue`") from exc
+    files = files[files["series_key"].isin(wanted)].sort_values(["series_key", "slice"])
+    out = {k: list(g["relpath"]) for k, g in files.groupby("series_key")}
+    missing = wanted - set(out)
+    if missing:
+        raise FedctError(f"{path}: no files for {len(missing)} series of the catalogue "
+                         f"(e.g. {sorted(missing)[0]}); rerun `fedct catalogue`")
+    return out
 
 
 def label_index(labels_dir: Path | None, secret: bytes) -> dict[str, Path]:
     """series_key -> label file, pseudonymising the UID in each label file name."""
-    from fedct.stages.catalogue import pseudonym
-
     if labels_dir is None or not labels_dir.is_dir():
         return {}
     out = {}
@@ -125,10 +121,9 @@ def label_index(labels_dir: Path | None, secret: bytes) -> dict[str, Path]:
 
 
 def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: Path,
-        index_dir: Path, archive: Path, labels_dir: Path | None, out_dir: Path) -> pd.DataFrame:
+        archive: Path, labels_dir: Path | None, out_dir: Path) -> pd.DataFrame:
     """Choose, split and prepare the cohort; log to MLflow."""
     from fedct import tracking
-    from fedct.stages.catalogue import load_key
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,17 +132,20 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
     unknown = set(params.holdout_sites) | set(params.unlabelled_sites)
     unknown -= set(series["site"].astype(str))
     if unknown:
-        raise ValueError(f"cohort: sites {sorted(unknown)} are not in "
+        raise FedctError(f"cohort: sites {sorted(unknown)} are not in "
                          f"{catalogue_dir / 'series.parquet'}")
     cohort = split_patients(chosen, params)
     key = load_key(catalogue_params)
     labels = label_index(Path(labels_dir) if labels_dir else None, key.secret)
-    files = series_files(Path(index_dir), cohort["series_key"])
+    label_set = read_labels(Path(labels_dir)) if labels_dir else None
+    files = series_files(Path(catalogue_dir), cohort["series_key"])
     spec = PrepSpec(params.spacing_mm, params.roi_size, params.hu_min, params.hu_max)
     has_label = []
     (out_dir / "spec.json").write_text(json.dumps(
         {"spacing_mm": list(spec.spacing_mm), "roi_size": list(spec.roi_size),
          "hu_min": spec.hu_min, "hu_max": spec.hu_max}, indent=1))
+    if label_set is not None:
+        write_labels(out_dir, label_set)
     with tracking.start_run("cohort") as mlrun:
         mlrun.log_params(to_dict(params))
         for row in tqdm(cohort.itertuples(), total=len(cohort), desc="cohort: prepare"):
@@ -155,7 +153,12 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
             lab_path = labels.get(row.series_key) if row.labelled else None
             label = sitk.ReadImage(str(lab_path)) if lab_path is not None else None
             has_label.append(label is not None)
-            save_case(out_dir / "cases" / f"{row.series_key}.npz", prepare_case(image, label, spec))
+            case = prepare_case(image, label, spec)
+            if label_set is not None and "label" in case and case["label"].max() >= len(
+                    label_set.names):
+                raise FedctError(f"{lab_path}: label value {int(case['label'].max())} is not "
+                                 f"in {Path(labels_dir) / 'labels.json'}")
+            save_case(case_path(out_dir, row.series_key), case)
         cohort["has_label"] = has_label
         cols = ["series_key", "study_key", "patient_key", "site", "vendor", "model", "kernel",
                 "slice_thickness", "n_slices", "split", "role", "labelled", "has_label"]

@@ -1,4 +1,4 @@
-"""Uncertainty-stage tables: aggregation, shift matrices, label-free site ranking."""
+"""Failure detection and shift tables: aggregation, shift matrices, label-free site ranking."""
 
 from __future__ import annotations
 
@@ -7,17 +7,18 @@ import pandas as pd
 import pytest
 import torch
 
-from fedct.stages.uncertainty import (
+from fedct.analysis.failure import (
     SIGNALS,
     aggregate_cases,
     calibrate_threshold,
     case_records,
-    shift_matrices,
     signal_table,
-    site_ranking,
-    site_ranks,
 )
-from fedct.synth.anatomy import N_CLASSES
+from fedct.analysis.shift import shift_matrices, site_ranking, site_ranks
+from fedct.data.labels import LabelSet
+
+LABELS = LabelSet(("background", "femur_left", "femur_right", "gluteus_maximus_left"))
+N_CLASSES = LABELS.n_classes
 
 
 def _cases() -> pd.DataFrame:
@@ -62,8 +63,8 @@ def test_case_records_and_aggregation() -> None:
     label = probs.mean(0).argmax(0).numpy()[None].astype(np.uint8)
     case = pd.Series({"site": "A", "series_key": "k", "split": "test", "role": "train"})
     rows = pd.DataFrame(case_records("A", case, probs, label, [1.0] * (N_CLASSES - 1),
-                                     (1.0, 1.0, 1.0)))
-    assert len(rows) == N_CLASSES - 1
+                                     (1.0, 1.0, 1.0), LABELS))
+    assert list(rows["structure"]) == list(LABELS.names[1:])
     present = rows["dice"].notna()
     assert np.allclose(rows.loc[present, "dice"], 1.0)  # label = the prediction
     agg = aggregate_cases(rows)

@@ -8,7 +8,6 @@ Shape contract: a prepared case is ``image`` float32 (1, X, Y, Z) in [0, 1] and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -72,13 +71,3 @@ def prepare_case(image: sitk.Image, label: sitk.Image | None, spec: PrepSpec
     if label is not None:
         out["label"] = to_array(resample(label, spec, label=True)).astype(np.uint8)
     return out
-
-
-def save_case(path: Path, case: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **case)
-
-
-def load_case(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedct.metrics import (
+from fedct.analysis.metrics import (
     argmax_segmentation,
     boundary_band_uncertainty,
     class_argmax,

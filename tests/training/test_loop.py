@@ -6,13 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 
 from fedct.config import TrainParams
-from fedct.errors import FedctError
-from fedct.stages.train import load_model, save_model, train_model, training_cases
+from fedct.data.labels import LabelSet
+from fedct.training.loop import train_model
 
+LABELS = LabelSet(("background", "muscle", "femur"))
 PARAMS = TrainParams(steps=6, channels=(4, 8), strides=(2,), patch_size=(16, 16, 8),
                      batch_size=2, val_checks=3, learning_rate=1e-2, seed=5)
 
@@ -32,8 +32,8 @@ def _cases(n: int, seed: int = 0) -> list[dict]:
 
 
 def test_training_is_seeded_and_reduces_loss() -> None:
-    a_model, a_hist = train_model(PARAMS, _cases(4), _cases(2, 1), None, "fp")
-    b_model, b_hist = train_model(PARAMS, _cases(4), _cases(2, 1), None, "fp")
+    a_model, a_hist = train_model(PARAMS, LABELS, _cases(4), _cases(2, 1), None, "fp")
+    b_model, b_hist = train_model(PARAMS, LABELS, _cases(4), _cases(2, 1), None, "fp")
     assert a_hist["loss"].iloc[-1] < a_hist["loss"].iloc[0]
     pd.testing.assert_frame_equal(a_hist, b_hist)
     for (ka, va), (kb, vb) in zip(a_model.state_dict().items(), b_model.state_dict().items(),
@@ -44,34 +44,14 @@ def test_training_is_seeded_and_reduces_loss() -> None:
 
 def test_resume_only_with_matching_fingerprint(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt.pt"
-    _, full = train_model(PARAMS, _cases(4), _cases(2, 1), ckpt, "fp-1")
+    _, full = train_model(PARAMS, LABELS, _cases(4), _cases(2, 1), ckpt, "fp-1")
     assert ckpt.exists()
     seen: list[int] = []
     # Same fingerprint: the run is complete, nothing is retrained.
-    _, resumed = train_model(PARAMS, _cases(4), _cases(2, 1), ckpt, "fp-1",
+    _, resumed = train_model(PARAMS, LABELS, _cases(4), _cases(2, 1), ckpt, "fp-1",
                              on_epoch=lambda r: seen.append(r["epoch"]))
     assert seen == [] and len(resumed) == len(full)
     # Other params/data: the stale checkpoint is ignored.
-    train_model(PARAMS, _cases(4), _cases(2, 1), ckpt, "fp-2",
+    train_model(PARAMS, LABELS, _cases(4), _cases(2, 1), ckpt, "fp-2",
                 on_epoch=lambda r: seen.append(r["epoch"]))
     assert seen == [1, 2, 3]
-
-
-def test_saved_model_keeps_dropout(tmp_path: Path) -> None:
-    model, _ = train_model(PARAMS, _cases(2), [], None, "fp")
-    save_model(model, PARAMS, tmp_path / "m.pt", {"site": "A"})
-    loaded, blob = load_model(tmp_path / "m.pt")
-    assert blob["site"] == "A"
-    assert any(isinstance(m, torch.nn.Dropout) for m in loaded.modules())
-    x = torch.as_tensor(_cases(1)[0]["image"])[None]
-    with torch.no_grad():
-        assert torch.allclose(loaded(x), model.eval()(x))
-
-
-def test_training_cases_refuses_holdout_site() -> None:
-    cohort = pd.DataFrame({"site": ["A", "A", "C"], "role": ["train", "train", "holdout"],
-                           "split": ["train", "val", "test"], "has_label": [True] * 3,
-                           "series_key": ["a", "b", "c"]})
-    assert list(training_cases(cohort, "pooled")["series_key"]) == ["a", "b"]
-    with pytest.raises(FedctError, match="'C'"):
-        training_cases(cohort, "C")

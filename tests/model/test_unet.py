@@ -5,15 +5,14 @@ import torch
 from monai.networks.blocks import ADN
 from torch import nn
 
-from fedct.model import (
+from fedct.model.mc import mc_predict, mc_predict_loop
+from fedct.model.unet import (
     MCDropout,
     build_bayesian_unet,
     dropout_modules,
     enable_mc_dropout,
     keep_mask,
     mc_dropout,
-    mc_predict,
-    mc_predict_loop,
 )
 
 N_CLASSES = 3

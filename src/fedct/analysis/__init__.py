@@ -1,0 +1,1 @@
+"""The science of the study as pure functions: metrics, failure detection, shift."""

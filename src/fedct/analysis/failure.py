@@ -1,0 +1,90 @@
+"""Failure detection from MC-dropout signals: per-structure records, case aggregation,
+each signal's agreement with Dice, and the flag threshold. Pure table logic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedct.analysis.metrics import (
+    argmax_segmentation,
+    dice_per_structure,
+    failure_auroc,
+    failure_signals,
+    flag_threshold,
+    hd95_per_structure,
+    predictive_mean,
+    spearman,
+)
+from fedct.data.labels import LabelSet
+
+SIGNALS = ("variance", "entropy", "mutual_information", "boundary_entropy",
+           "volume_deviation", "unassigned_mass", "max_softmax_deficit", "sample_disagreement")
+
+
+def case_records(model_site: str, case: pd.Series, probs: torch.Tensor,
+                 label: np.ndarray | None, reference_ml: list[float],
+                 spacing: tuple[float, ...], labels: LabelSet) -> list[dict]:
+    """Per-structure rows for one (model, case); ``probs`` (T, C, X, Y, Z)."""
+    signals = failure_signals(probs, reference_ml, spacing)
+    seg = argmax_segmentation(predictive_mean(probs))
+    if label is not None:
+        lab = torch.as_tensor(label[0])
+        dice = dice_per_structure(seg, lab, labels.n_classes)
+        hd95 = hd95_per_structure(seg, lab, labels.n_classes, spacing)
+    else:
+        dice = hd95 = np.full(labels.n_classes - 1, np.nan)
+    rows = []
+    for k, name in labels.structures.items():
+        rows.append({"model": model_site, "site": case["site"], "series_key": case["series_key"],
+                     "split": case["split"], "role": case["role"], "structure": name,
+                     "dice": dice[k - 1], "hd95": hd95[k - 1],
+                     **{s: float(signals[s][k - 1]) for s in SIGNALS}})
+    return rows
+
+
+def aggregate_cases(structures: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, case): mean Dice, HD95 and signals over structures.
+
+    The mean matches how case Dice is formed; a max lets one small, always-uncertain
+    structure (gluteus medius at coarse sampling) dominate every case.
+    """
+    keys = ["model", "site", "series_key", "split", "role"]
+    agg = {"dice": "mean", "hd95": "mean", **dict.fromkeys(SIGNALS, "mean")}
+    return structures.groupby(keys, sort=True).agg(agg).reset_index()
+
+
+def signal_table(cases: pd.DataFrame, structures: pd.DataFrame, failure_dice: float
+                 ) -> pd.DataFrame:
+    """Spearman(signal, Dice) and failure AUROC of every signal, case and structure level."""
+    rows = []
+    for level, df in (("case", cases), ("structure", structures)):
+        d = df.dropna(subset=["dice"])
+        failed = d["dice"] < failure_dice
+        for s in SIGNALS:
+            rows.append({"level": level, "signal": s, "n": len(d), "n_failed": int(failed.sum()),
+                         "spearman": spearman(d[s], d["dice"]),
+                         "auroc": failure_auroc(d[s], failed)})
+    return pd.DataFrame(rows)
+
+
+def calibrate_threshold(scores: pd.Series, failed: pd.Series, in_domain: pd.Series | None = None,
+                        min_failures: int = 5, in_domain_quantile: float = 0.95
+                        ) -> tuple[float, str]:
+    """Threshold to flag at, from validation (model, case) pairs only; returns it and its rule.
+
+    With at least ``min_failures`` failures among the validation pairs: Youden's J
+    (``flag_threshold``). With fewer (well-trained models rarely fail on validation data),
+    the label-free rule of out-of-distribution detection: the ``in_domain_quantile`` of
+    the scores of in-domain pairs (``in_domain``: a model on its own site's cases, or the
+    pooled model), so that about 5 % of familiar cases are flagged and anything less
+    familiar is. ``+inf`` (a structure not predicted) stays the highest score throughout.
+    """
+    if int(failed.sum()) >= min_failures and (~failed).any():
+        return flag_threshold(scores, failed), "youden"
+    base = scores[in_domain] if in_domain is not None else scores
+    if base.empty:
+        return float("nan"), "none"
+    return (float(np.quantile(base.to_numpy(dtype=float), in_domain_quantile, method="higher")),
+            f"in_domain_quantile_{in_domain_quantile:g}")

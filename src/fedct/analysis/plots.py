@@ -1,0 +1,56 @@
+"""Figures of the uncertainty analysis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def heatmap(table: pd.DataFrame, path: Path, title: str, cmap: str, fmt: str = ".2f") -> None:
+    """A (model x site) table as an annotated heatmap (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * table.shape[1], 1.0 + 0.45 * table.shape[0]))
+    im = ax.imshow(table.to_numpy(dtype=float), cmap=cmap, aspect="auto")
+    ax.set_xticks(range(table.shape[1]), table.columns)
+    ax.set_yticks(range(table.shape[0]), table.index)
+    ax.set_xlabel("test site")
+    ax.set_ylabel("model (training site)")
+    for i in range(table.shape[0]):
+        for j in range(table.shape[1]):
+            v = table.iat[i, j]
+            if np.isfinite(v):
+                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def scatter(cases: pd.DataFrame, signal: str, threshold: float, failure_dice: float,
+             path: Path) -> None:
+    """Signal against Dice for every (model, case), with the failure and flag lines (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = cases.dropna(subset=["dice"])
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for site, g in d.groupby("site"):
+        ax.scatter(g[signal].replace(np.inf, np.nan), g["dice"], s=12, label=site)
+    ax.axhline(failure_dice, color="k", ls="--", lw=0.8)
+    if np.isfinite(threshold):
+        ax.axvline(threshold, color="r", ls=":", lw=1)
+    ax.set(xlabel=f"{signal} (label-free)", ylabel="mean Dice",
+           title="Uncertainty vs Dice, every (model, case)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

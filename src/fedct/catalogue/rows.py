@@ -1,0 +1,214 @@
+"""Per-file rows: the PHI-free index row of each file, read from its DICOM header.
+
+:func:`parse_files` runs in the scan's workers; everything else here is its helpers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fedct import dicom
+from fedct.catalogue.pseudonym import _Hasher
+
+INDEX_SCHEMA = pa.schema([
+    ("relpath", pa.string()),
+    ("path_hash", pa.int64()),
+    ("size", pa.int64()),
+    ("mtime_ns", pa.int64()),
+    ("reader", pa.string()),
+    ("reason", pa.string()),  # null: catalogued
+    ("detail", pa.string()),
+    ("sop_key", pa.string()),
+    ("patient_key", pa.string()),
+    ("study_key", pa.string()),
+    ("series_key", pa.string()),
+    ("bucket", pa.int32()),
+    ("institution", pa.string()),
+    ("sop_class", pa.string()),
+    ("transfer_syntax", pa.string()),
+    ("modality", pa.string()),
+    ("image_type", pa.string()),
+    ("manufacturer", pa.string()),
+    ("model", pa.string()),
+    ("kernel", pa.string()),
+    ("body_part", pa.string()),
+    ("study_ym", pa.string()),
+    ("series_number", pa.int32()),
+    ("rows", pa.int32()),
+    ("cols", pa.int32()),
+    ("ps_row", pa.float64()),
+    ("ps_col", pa.float64()),
+    ("thickness", pa.float64()),
+    ("kvp", pa.float64()),
+    ("exposure", pa.float64()),
+    ("iop_key", pa.string()),
+    ("orientation", pa.string()),
+    ("pos_n", pa.float64()),  # ImagePositionPatient projected on the slice normal (mm)
+    ("n_frames", pa.int32()),
+    ("frame_pos", pa.list_(pa.float64())),  # per-frame pos_n of multi-frame images
+    ("frames_consistent", pa.bool_()),
+])
+_FILE_COLUMNS = ("relpath", "path_hash", "size", "mtime_ns", "reader", "reason", "detail")
+
+
+def path_hash(relpath: str, _blake2b: Any = hashlib.blake2b,
+              _from_bytes: Any = int.from_bytes) -> int:
+    """64-bit hash of a relative path: the index's lookup key (collisions ~ n^2 / 2^65)."""
+    digest = _blake2b(relpath.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return _from_bytes(digest, "little", signed=True)
+
+
+def display_path(relpath: str) -> str:
+    """A relative path as text; undecodable bytes of a file name become escapes."""
+    return relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _geometry(iop_text: str | None, cache: dict) -> tuple[str, tuple | None, str | None]:
+    """(orientation class, unit normal, rounded IOP text), memoised per IOP string.
+
+    All files of a series share one IOP string, so the cache turns a per-file parse
+    into a dictionary lookup.
+    """
+    hit = cache.get(iop_text)
+    if hit is None:
+        iop = dicom.parse_floats(iop_text, 6)
+        normal = dicom.slice_normal(iop) if iop else None
+        key = "\\".join(f"{round(v, 3) + 0.0:.3f}" for v in iop) if iop else None
+        hit = cache[iop_text] = (dicom.orientation_class(iop) if iop_text else None,
+                                 normal, key)
+    return hit
+
+
+def _floats(texts: list[str | None], n: int = 1) -> np.ndarray:
+    """(len, n) float array of backslash-separated numbers; NaN where absent or malformed.
+
+    One numpy conversion for the whole chunk; only a chunk with a malformed value pays
+    the per-value parse.
+    """
+    nan = "\\".join(["nan"] * n)
+    try:
+        if n == 1:
+            out = np.array([t if t else "nan" for t in texts], dtype=np.float64)
+        else:
+            flat = [t if t and t.count("\\") == n - 1 else nan for t in texts]
+            out = np.array("\\".join(flat).split("\\") if flat else [],
+                           dtype=np.float64).reshape(-1, n)
+    except ValueError:
+        if n == 1:
+            out = np.array([np.nan if (v := dicom.parse_float(t)) is None else v
+                            for t in texts], dtype=np.float64)
+        else:
+            out = np.array([dicom.parse_floats(t, n) or (np.nan,) * n for t in texts],
+                           dtype=np.float64).reshape(-1, n)
+    out[~np.isfinite(out)] = np.nan
+    return out if n > 1 else out.reshape(-1)
+
+
+def _ints(texts: list[str | None], default: int | None = None) -> pa.Array:
+    values = _floats(texts)
+    missing = np.isnan(values)
+    if default is not None:
+        values[missing] = default
+        missing[:] = False
+    ints = np.where(missing, 0, np.clip(np.nan_to_num(values), -2**31, 2**31 - 1))
+    return pa.array(ints.astype(np.int32), mask=missing)
+
+
+def _study_ym(date: str | None) -> str | None:
+    return f"{date[:4]}-{date[4:6]}" if date and len(date) >= 6 and date[:6].isdigit() \
+        else None
+
+
+def parse_files(root: str, items: Sequence[tuple[str, int, int]], secret: bytes,
+                engine: str = "auto") -> pa.RecordBatch:
+    """Read the headers of ``items`` (relpath, size, mtime_ns) into PHI-free index rows.
+
+    Runs in a worker process (or on a Dask worker): identifiers are hashed here, so
+    that no raw identifier leaves the worker. Values are converted column-wise for the
+    whole chunk (numpy), which keeps the Python cost per file well below the scanner's.
+    """
+    paths = [os.path.join(root, rel) for rel, _, _ in items]
+    headers = dicom.read_headers(paths, [size for _, size, _ in items], engine=engine)
+    hasher = _Hasher(secret)
+    vals = [h.values for h in headers]  # {} for rejected files: every column null
+
+    def col(kw: str) -> list[str | None]:
+        return [v.get(kw) for v in vals]
+
+    sop, study, series, pid = (col(k) for k in ("SOPInstanceUID", "StudyInstanceUID",
+                                                "SeriesInstanceUID", "PatientID"))
+    series_key = [hasher("series", u, memo=True) if u else None for u in series]
+    # No PatientID: each study is its own patient rather than all sharing one.
+    patient_key = [
+        (hasher("patient", p, memo=True) if p else hasher("patient-of-study", st, memo=True))
+        if st else None for p, st in zip(pid, study, strict=True)]
+    geometry_cache: dict = {}
+    geo = [_geometry(t, geometry_cache) for t in col("ImageOrientationPatient")]
+    normals = np.array([g[1] if g[1] else (np.nan,) * 3 for g in geo],
+                       dtype=np.float64).reshape(-1, 3)
+    pos_n = np.einsum("ij,ij->i", _floats(col("ImagePositionPatient"), 3), normals)
+    ps = _floats(col("PixelSpacing"), 2)
+    kernels: dict[str | None, str | None] = {}
+    frame_pos = []
+    for h, g in zip(headers, geo, strict=True):
+        fp = None
+        if h.frame_positions and g[1]:
+            nx, ny, nz = g[1]
+            fp = [x * nx + y * ny + z * nz for x, y, z in h.frame_positions]
+        frame_pos.append(fp)
+    arrays = {
+        "relpath": [r if r.isascii() else display_path(r) for r, _, _ in items],
+        "path_hash": [path_hash(r) for r, _, _ in items],
+        "size": [s for _, s, _ in items],
+        "mtime_ns": [m for _, _, m in items],
+        "reader": [h.reader for h in headers],
+        "reason": [h.reject for h in headers],
+        "detail": [h.detail for h in headers],
+        "sop_key": [hasher("sop", u) if u else None for u in sop],
+        "patient_key": patient_key,
+        "study_key": [hasher("study", u, memo=True) if u else None for u in study],
+        "series_key": series_key,
+        "bucket": pa.array([int(k[:4], 16) if k else None for k in series_key], pa.int32()),
+        "institution": col("InstitutionName"),
+        "sop_class": [v.get("SOPClassUID") or v.get("MediaStorageSOPClassUID") for v in vals],
+        "transfer_syntax": col("TransferSyntaxUID"),
+        "modality": col("Modality"),
+        "image_type": col("ImageType"),
+        "manufacturer": col("Manufacturer"),
+        "model": col("ManufacturerModelName"),
+        "kernel": [kernels[k] if k in kernels else
+                   kernels.setdefault(k, dicom.normalise_kernel(k) or None)
+                   for k in col("ConvolutionKernel")],
+        "body_part": col("BodyPartExamined"),
+        "study_ym": [_study_ym(d) for d in col("StudyDate")],
+        "series_number": _ints(col("SeriesNumber")),
+        "rows": _ints(col("Rows")),
+        "cols": _ints(col("Columns")),
+        "ps_row": pa.array(ps[:, 0], from_pandas=True),
+        "ps_col": pa.array(ps[:, 1], from_pandas=True),
+        "thickness": pa.array(_floats(col("SliceThickness")), from_pandas=True),
+        "kvp": pa.array(_floats(col("KVP")), from_pandas=True),
+        "exposure": pa.array(_floats(col("Exposure")), from_pandas=True),
+        "iop_key": [g[2] for g in geo],
+        "orientation": [g[0] for g in geo],
+        "pos_n": pa.array(pos_n, from_pandas=True),
+        "n_frames": _ints(col("NumberOfFrames"), default=1),
+        "frame_pos": pa.array(frame_pos, pa.list_(pa.float64())),
+        "frames_consistent": [h.frames_consistent for h in headers],
+    }
+    ok = pa.array([h.reject is None for h in headers])
+    columns = []
+    for name, typ in zip(INDEX_SCHEMA.names, INDEX_SCHEMA.types, strict=True):
+        arr = arrays[name]
+        arr = arr if isinstance(arr, pa.Array) else pa.array(arr, typ)
+        if name in ("n_frames", "frames_consistent"):  # defaults only mean something if ok
+            arr = pc.if_else(ok, arr, pa.nulls(len(arr), typ))
+        columns.append(arr.cast(typ) if arr.type != typ else arr)
+    return pa.RecordBatch.from_arrays(columns, schema=INDEX_SCHEMA)

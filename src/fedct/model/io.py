@@ -1,0 +1,63 @@
+"""Save and load a model with its model card.
+
+``model.pt`` holds the state dict, the architecture (so MC dropout works after loading,
+with no code of the stage that trained it) and the card; ``model_card.json`` beside it is
+the same card for people and for ``predict``:
+
+- ``labels``: label value -> structure name (from the cohort's labels file);
+- ``preprocessing``: the grid and HU window the network expects (``spacing_mm``,
+  ``roi_size``, ``hu_min``, ``hu_max``);
+- ``site``: the training site, or ``pooled``; ``reference_ml``: mean training volume per
+  structure (label-free volume checks); ``fingerprint``: params + training data;
+- ``training``: the params it was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedct.errors import FedctError
+from fedct.model.unet import build_bayesian_unet
+
+CARD_FORMAT = "fedct-model-card/1"
+CARD_FILE = "model_card.json"
+
+
+def architecture(n_classes: int, channels, strides, dropout: float,
+                 num_res_units: int) -> dict[str, Any]:
+    return {"n_classes": int(n_classes), "channels": list(channels), "strides": list(strides),
+            "dropout": float(dropout), "num_res_units": int(num_res_units)}
+
+
+def build_from_arch(arch: Mapping[str, Any]) -> torch.nn.Module:
+    return build_bayesian_unet(arch["n_classes"], arch["channels"], arch["strides"],
+                               arch["dropout"], arch["num_res_units"])
+
+
+def save_model(model: torch.nn.Module, path: Path, arch: Mapping[str, Any],
+               card: Mapping[str, Any]) -> None:
+    """Write ``path`` (weights + arch + card) and ``model_card.json`` beside it."""
+    path = Path(path)
+    full = {"format": CARD_FORMAT, "arch": dict(arch), **card}
+    torch.save({"state_dict": model.state_dict(), "arch": dict(arch), "card": full}, path)
+    (path.parent / CARD_FILE).write_text(json.dumps(full, indent=1, default=str))
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model in eval mode (use ``fedct.model.mc`` to sample) and its card."""
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise FedctError(f"{path}: cannot load the model ({exc})") from exc
+    if not isinstance(blob, dict) or "arch" not in blob or "card" not in blob:
+        raise FedctError(f"{path}: not a fedct model (no architecture or model card)")
+    model = build_from_arch(blob["arch"])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), blob["card"]

@@ -1,0 +1,1 @@
+"""Training the Bayesian U-Net on one site's (or several sites') prepared cases."""

@@ -1,0 +1,117 @@
+"""The archive walk and the incremental per-file index."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fedct import dicom
+from fedct.catalogue import index as idx
+from fedct.catalogue import scan as scan_mod
+from fedct.catalogue import series as series_mod
+from fedct.catalogue.pseudonym import KEY_ENV
+from fedct.errors import FedctError
+from fedct.stages import catalogue as stage
+from tests.catalogue.archive import PARAMS, assert_no_phi, small_archive
+from tests.dicom.writers import FAKE_PATIENTS, write_series
+
+
+def _series_files(out: Path) -> pd.DataFrame:
+    files = pd.read_parquet(out / "series_files.parquet")
+    return files.sort_values(["series_key", "slice"]).reset_index(drop=True)
+
+
+def test_bounded_memory_paths_give_the_same_catalogue(archive, catalogued, tmp_path: Path,
+                                                      monkeypatch) -> None:
+    """Tiny limits force what a huge archive does: many parts, compaction, and series
+    aggregated bucket by bucket; the tables must not change."""
+    root, _ = archive
+    result, series, rejects = catalogued
+    monkeypatch.setattr(series_mod, "BUCKET_ROWS", 40)
+    monkeypatch.setattr(idx, "PART_ROWS", 30)
+    monkeypatch.setattr(idx, "MAX_PARTS", 3)
+    monkeypatch.setattr(scan_mod, "TASK_FILES", 16)
+    params = dataclasses.replace(PARAMS, workers=1, chunk_size=8)
+    result2 = stage.run(params, root, tmp_path / "out", track=False, progress=False)
+    manifest = json.loads((tmp_path / "out" / "index" / "manifest.json").read_text())
+    assert len(manifest["parts"]) > 1  # parts rolled over
+    assert sum(manifest["parts"].values()) == result2.metrics["n_files"]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out" / "series.parquet"), series)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out" / "rejects.parquet"),
+                                  rejects)
+    pd.testing.assert_frame_equal(_series_files(tmp_path / "out"),
+                                  _series_files(result.out_dir))
+    # Small incremental rescans add small parts; beyond MAX_PARTS they are merged.
+    extra = tmp_path / "extra"
+    shutil.copytree(root, extra)  # same relative paths, sizes and mtimes: nothing to read
+    for i in range(2):  # two small parts: the second commit merges them
+        write_series(extra / "C" / f"ST9{i}" / "SE1", 1, patient=FAKE_PATIENTS[2])
+        again = stage.run(params, extra, tmp_path / "out", track=False, progress=False)
+        assert again.scan.n_parsed == 1
+    manifest = json.loads((tmp_path / "out" / "index" / "manifest.json").read_text())
+    assert sum(n < idx.PART_ROWS // 2 for n in manifest["parts"].values()) <= 1
+    assert sum(manifest["parts"].values()) == again.metrics["n_files"]
+    assert len(list((tmp_path / "out" / "index").glob("part-*"))) == len(manifest["parts"])
+
+
+def test_incremental_rescan_reads_only_changed_files(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # MLflow's artifact store goes under the working dir
+    root, out = tmp_path / "archive", tmp_path / "out"
+    small_archive(root)
+    params = dataclasses.replace(PARAMS, workers=1, min_slices=4)
+    first = stage.run(params, root, out, track=True, progress=False)
+    assert first.scan.n_parsed == first.metrics["n_files"] == 11
+    assert first.metrics["n_usable"] == 2
+    second = stage.run(params, root, out, track=False, progress=False)
+    assert second.scan.n_parsed == 0 and second.up_to_date
+    assert second.metrics == first.metrics
+    # Change one file, add one, delete one.
+    changed = root / "A" / "ST1" / "SE1" / "IM00002.dcm"
+    changed.write_bytes(changed.read_bytes()[:-10])  # now truncated
+    (root / "B" / "ST1" / "SE1" / "IM00005.dcm").unlink()
+    write_series(root / "B" / "ST2" / "SE1", 1, patient=FAKE_PATIENTS[1])
+    third = stage.run(params, root, out, track=False, progress=False)
+    assert third.scan.n_parsed == 2 and third.scan.n_dropped == 2
+    assert third.metrics["n_files"] == 11
+    # A lost a middle slice (irregular spacing now); B lost its last one (4 left).
+    assert third.metrics["n_usable"] == 1
+    rejects = pd.read_parquet(out / "rejects.parquet")
+    assert dict(zip(rejects["path"], rejects["reason"], strict=True))[
+        "A/ST1/SE1/IM00002.dcm"] == dicom.TRUNCATED
+    files = pd.read_parquet(out / "series_files.parquet")
+    assert "A/ST1/SE1/IM00002.dcm" not in set(files["relpath"])
+    assert "B/ST1/SE1/IM00005.dcm" not in set(files["relpath"])
+    # New parameters, same files: nothing is re-read, the tables are rebuilt.
+    fourth = stage.run(dataclasses.replace(params, min_slices=5), root, out, track=False,
+                       progress=False)
+    assert fourth.scan.n_parsed == 0 and not fourth.up_to_date
+    assert fourth.metrics["n_usable"] == 0
+    # The tracked run logged the reports, and no identifier went to MLflow either.
+    assert any(p.name == "metrics.json" for p in tmp_path.rglob("mlruns/**/*"))
+    assert not any(p.name.endswith(".parquet") for p in tmp_path.rglob("mlruns/**/*"))
+    assert_no_phi(tmp_path / "mlruns", root)
+    assert_no_phi(out, root)
+
+
+def test_a_second_scan_of_one_index_is_refused(tmp_path: Path) -> None:
+    with idx.FileIndex(tmp_path / "idx", "demo"):
+        with pytest.raises(FedctError, match="in use"):
+            idx.FileIndex(tmp_path / "idx", "demo")
+
+
+def test_walk_is_lazy_sorted_and_skips_outputs(tmp_path: Path) -> None:
+    for rel in ("b/2.dcm", "b/1.dcm", "a/x/3.dcm", "out/skip.dcm", "top.dcm"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    os.symlink(tmp_path, tmp_path / "a" / "loop")  # must not be followed
+    walked = idx.walk_archive(tmp_path, exclude=[tmp_path / "out"])
+    assert not isinstance(walked, list)
+    # Depth first, names sorted, a directory's files before its subdirectories.
+    assert [rel for rel, _, _ in walked] == ["top.dcm", "a/x/3.dcm", "b/1.dcm", "b/2.dcm"]

@@ -1,0 +1,67 @@
+"""Pseudonymisation: where the key comes from, and what a new key does to the index."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from fedct.catalogue import pseudonym as ps
+from fedct.config import CatalogueParams
+from fedct.errors import FedctError
+from fedct.stages import catalogue as stage
+from tests.catalogue.archive import PARAMS, small_archive
+
+
+def test_pseudonym_key_sources(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(ps.KEY_ENV, raising=False)
+    no_demo = CatalogueParams(demo_key=False)
+    with pytest.raises(ps.PseudonymKeyError, match="FEDCT_PSEUDONYM_KEY"):
+        ps.load_key(no_demo)
+    missing = dataclasses.replace(no_demo, key_file=str(tmp_path / "nope.key"))
+    with pytest.raises(ps.PseudonymKeyError, match="nope.key"):
+        ps.load_key(missing)
+    short = tmp_path / "short.key"
+    short.write_text("abc\n")
+    with pytest.raises(ps.PseudonymKeyError, match="at least"):
+        ps.load_key(dataclasses.replace(no_demo, key_file=str(short)))
+    good = tmp_path / "site.key"
+    good.write_text("a-secret-the-site-keeps-0123456789\n")
+    key = ps.load_key(dataclasses.replace(no_demo, key_file=str(good)))
+    assert not key.demo and key.source == "file" and key.key_id != "demo"
+    assert "secret" not in repr(key)
+    monkeypatch.setenv(ps.KEY_ENV, "another-secret-from-the-environment")
+    env_key = ps.load_key(dataclasses.replace(no_demo, key_file=str(good)))
+    assert env_key.source == "env" and env_key.key_id != key.key_id
+    assert ps.load_key(CatalogueParams()).source == "env"  # the variable wins over demo
+
+
+def test_key_errors_are_fedct_errors() -> None:
+    assert issubclass(ps.PseudonymKeyError, FedctError)
+
+
+def test_pseudonyms_are_keyed_and_separated_by_kind() -> None:
+    a = ps.pseudonym(ps.DEMO_KEY, "series", "1.2.3")
+    assert len(a) == 32 and a == ps.pseudonym(ps.DEMO_KEY, "series", "1.2.3")
+    assert a != ps.pseudonym(ps.DEMO_KEY, "study", "1.2.3")
+    assert a != ps.pseudonym(b"another-key-of-the-site-0123456789", "series", "1.2.3")
+
+
+def test_site_key_changes_pseudonyms_and_rebuilds_index(tmp_path: Path, monkeypatch) -> None:
+    root, out = tmp_path / "archive", tmp_path / "out"
+    small_archive(root)
+    params = dataclasses.replace(PARAMS, workers=1, min_slices=4)
+    monkeypatch.delenv(ps.KEY_ENV, raising=False)
+    demo = stage.run(params, root, out, track=False, progress=False)
+    monkeypatch.setenv(ps.KEY_ENV, "a-secret-the-site-keeps-0123456789")
+    site = stage.run(params, root, out, track=False, progress=False)
+    assert site.scan.n_parsed == 11  # another key: the old index cannot be reused
+    assert site.metrics["demo_key"] is False and demo.metrics["demo_key"] is True
+    series = pd.read_parquet(out / "series.parquet")
+    assert (series["key_id"] == site.metrics["key_id"]).all()
+    assert pq.read_schema(out / "series.parquet").metadata[b"fedct.demo_key"] == b"false"
+    files = pd.read_parquet(out / "series_files.parquet")
+    assert set(files["series_key"]) == set(series["series_key"])  # the new pseudonyms

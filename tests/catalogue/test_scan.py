@@ -1,0 +1,26 @@
+"""The scan runner: a Dask cluster gives the same catalogue as the process pool."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+
+from fedct.stages import catalogue as stage
+from tests.catalogue.archive import PARAMS
+
+
+def test_dask_cluster_gives_the_same_catalogue(archive, catalogued, tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    root, _ = archive
+    _, series, rejects = catalogued
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster:
+        params = dataclasses.replace(PARAMS, scheduler=cluster.scheduler_address)
+        result = stage.run(params, root, tmp_path / "out", track=False, progress=False)
+    assert result.scan.n_parsed == result.metrics["n_files"]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out" / "series.parquet"), series)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out" / "rejects.parquet"),
+                                  rejects)

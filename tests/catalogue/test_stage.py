@@ -1,0 +1,42 @@
+"""The ``fedct catalogue`` stage: its declared outputs and its input errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from fedct.errors import FedctError
+from fedct.stages import catalogue as stage
+from tests.catalogue.archive import PARAMS
+
+
+def test_series_files_list_the_files_of_every_series(archive, catalogued) -> None:
+    root, _ = archive
+    result, series, _ = catalogued
+    assert result.series_files_path == result.out_dir / "series_files.parquet"
+    files = pd.read_parquet(result.series_files_path)
+    assert files.columns.tolist() == ["series_key", "slice", "relpath"]
+    # One row per catalogued file of each series (duplicates counted once), every
+    # usable series among them; slices numbered 0..n-1; paths relative to the archive.
+    n_rows = files.groupby("series_key").size()
+    assert n_rows.reindex(series["series_key"]).tolist() == series["n_files"].tolist()
+    usable = series[series["usable"]]
+    assert (n_rows.reindex(usable["series_key"]) == usable["n_files"].to_numpy()).all()
+    for _, g in files.groupby("series_key"):
+        assert sorted(g["slice"]) == list(range(len(g)))
+    assert all((root / p).is_file() for p in files["relpath"])
+    assert not files["relpath"].str.contains("RESENT").any()
+    # The usable axial stack of site A, in slice order (IM00001 lies at z = 0).
+    axial = series[(series["site"] == "A") & series["usable"]]["series_key"].item()
+    stack = files[files["series_key"] == axial].sort_values("slice")["relpath"]
+    assert stack.tolist() == [f"A/ST01/SE002/IM{k + 1:05d}.dcm" for k in range(34)]
+    meta = pq.read_schema(result.series_files_path).metadata
+    assert meta[b"fedct.key_id"] == b"demo"
+
+
+def test_archive_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(FedctError, match="not a directory"):
+        stage.run(PARAMS, tmp_path / "missing", tmp_path / "out", track=False)

@@ -1,0 +1,127 @@
+"""dvc.yaml matches the code: every stage depends on every project module it imports,
+lists only params keys that exist, and no stage imports another stage or the test bed."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).parents[1]
+SRC = REPO / "src"
+# Keys that only say where or how fast a stage runs: listing them would rerun work
+# whose results cannot change.
+OPERATIONAL = {"catalogue.workers", "catalogue.scheduler", "catalogue.chunk_size",
+               "train.sites", "train.device", "uncertainty.workers", "uncertainty.device"}
+
+
+def module_file(name: str) -> Path | None:
+    base = SRC.joinpath(*name.split("."))
+    for f in (base.with_suffix(".py"), base / "__init__.py"):
+        if f.is_file():
+            return f
+    return None
+
+
+def imported_modules(name: str) -> set[str]:
+    """Project modules that ``name`` imports anywhere (top level or inside functions)."""
+    path = module_file(name)
+    assert path is not None, name
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                mod = f"{base}.{node.module}" if node.module else base
+            else:
+                mod = node.module or ""
+            found.add(mod)
+            found.update(f"{mod}.{a.name}" for a in node.names)  # `from pkg import module`
+    out: set[str] = set()
+    for mod in found:
+        if mod == "fedct" or mod.startswith("fedct."):
+            parts = mod.split(".")
+            # Importing a.b.c runs a/__init__, a/b/__init__ too.
+            out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1)
+                       if module_file(".".join(parts[:i])) is not None)
+    return out
+
+
+def closure(start: set[str]) -> set[str]:
+    seen: set[str] = set()
+    todo = list(start)
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        todo.extend(imported_modules(m) - seen)
+    return seen
+
+
+def stages() -> dict[str, dict]:
+    raw = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return {name: (st["do"] if "foreach" in st else st) for name, st in raw.items()}
+
+
+def stage_command(stage: dict) -> str:
+    m = re.match(r"\s*fedct\s+([a-z_-]+)", stage["cmd"])
+    assert m, f"stage command {stage['cmd']!r} does not run `fedct <stage>`"
+    return m.group(1).replace("-", "_")
+
+
+def covered(path: Path, deps: list[str]) -> bool:
+    rel = path.relative_to(REPO).as_posix()
+    return any(rel == d or rel.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+def dep_paths(stage: dict) -> list[str]:
+    return [d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])]
+
+
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_stage_deps_cover_its_import_closure(name: str) -> None:
+    stage = stages()[name]
+    command = stage_command(stage)
+    assert command == name, f"stage {name} runs `fedct {command}`: one stage, one command"
+    # The CLI loads params through config (and maps errors) before calling the stage.
+    mods = closure({f"fedct.stages.{command}", "fedct.config", "fedct.errors"})
+    missing = sorted(str(module_file(m).relative_to(REPO)) for m in mods
+                     if not covered(module_file(m), dep_paths(stage)))
+    assert not missing, f"dvc.yaml stage {name} imports but does not depend on {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_no_stage_imports_another_stage_or_the_test_bed(name: str) -> None:
+    mods = closure({f"fedct.stages.{name}"})
+    others = sorted(m for m in mods if m.startswith("fedct.stages.")
+                    and m != f"fedct.stages.{name}")
+    synth = sorted(m for m in mods if m == "fedct.synth" or m.startswith("fedct.synth."))
+    assert not others and not synth, (name, others, synth)
+
+
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_stage_params_exist_and_are_not_operational(name: str) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    listed = stages()[name].get("params", [])
+    for key in listed:
+        assert isinstance(key, str), key
+        node = params
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"{name}: {key} not in params.yaml"
+            node = node[part]
+        assert key not in OPERATIONAL, f"{name} lists {key}, which cannot change its results"
+        assert "." in key, f"{name} lists the whole key {key!r}; list the keys it reads"
+
+
+def test_the_closure_finds_lazy_imports() -> None:
+    # The check itself must see an import inside a function (train's tracking import).
+    assert "fedct.tracking" in closure({"fedct.stages.train"})
+    assert "fedct.model.unet" in closure({"fedct.stages.train"})
