@@ -12,24 +12,30 @@ from fedct import dicom
 from tests.dicom.writers import truncate_copy, write_series
 
 
+def _assert_cuts_rejected(data: bytes, cuts: list[int], folder: Path) -> None:
+    """Every prefix ``data[:cut]`` is rejected as cut (never a good image), by every engine."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for cut in cuts:
+        p = folder / f"cut_{cut:05d}.dcm"
+        p.write_bytes(data[:cut])
+        paths.append(str(p))
+    for engine in ("auto", "gdcm"):
+        headers = dicom.read_headers(paths, engine=engine)
+        good = [p for p, h in zip(paths, headers, strict=True) if h.ok]
+        assert good == [], (engine, good[:3])
+        assert {h.reject for h in headers} <= {dicom.TRUNCATED, dicom.NOT_DICOM,
+                                              dicom.MISSING_TAG}
+        # The longest cut ends inside the pixel data: exactly "truncated".
+        assert headers[-1].reject == dicom.TRUNCATED
+
+
 def test_every_cut_of_a_file_is_rejected(odd_files: dict[str, Path], tmp_path: Path) -> None:
     """A file cut anywhere is never catalogued as a good image."""
     for src in (odd_files["ct"], odd_files["rle"]):
         data = src.read_bytes()
         cuts = sorted(set(range(0, len(data), 23)) | {len(data) - 1, len(data) - 2, 140})
-        paths = []
-        for cut in cuts:
-            p = tmp_path / f"{src.stem}_{cut:05d}.dcm"
-            p.write_bytes(data[:cut])
-            paths.append(str(p))
-        for engine in ("auto", "gdcm"):
-            headers = dicom.read_headers(paths, engine=engine)
-            good = [p for p, h in zip(paths, headers, strict=True) if h.ok]
-            assert good == [], (engine, good[:3])
-            assert {h.reject for h in headers} <= {dicom.TRUNCATED, dicom.NOT_DICOM,
-                                                  dicom.MISSING_TAG}
-            # Cut inside the pixel data: exactly "truncated".
-            assert headers[-1].reject == dicom.TRUNCATED
+        _assert_cuts_rejected(data, cuts, tmp_path / src.stem)
 
 
 # ------------------------------------------------- deflated explicit VR little endian
@@ -90,17 +96,7 @@ def test_every_cut_of_a_deflated_file_is_rejected(deflated_series: list[Path],
     data = deflated_series[0].read_bytes()
     # The last byte may be the pad after the deflate stream: without it nothing is lost.
     cuts = sorted(set(range(0, len(data) - 2, 23)) | {len(data) // 2, len(data) - 2})
-    paths = []
-    for cut in cuts:
-        p = tmp_path / f"dfl_{cut:05d}.dcm"
-        p.write_bytes(data[:cut])
-        paths.append(str(p))
-    for engine in ("auto", "gdcm"):
-        headers = dicom.read_headers(paths, engine=engine)
-        assert [p for p, h in zip(paths, headers, strict=True) if h.ok] == [], engine
-        assert {h.reject for h in headers} <= {dicom.TRUNCATED, dicom.NOT_DICOM,
-                                              dicom.MISSING_TAG}
-        assert headers[-1].reject == dicom.TRUNCATED
+    _assert_cuts_rejected(data, cuts, tmp_path / "dfl")
 
 
 def test_deflated_data_set_cut_before_deflating_is_truncated(deflated_series: list[Path],
