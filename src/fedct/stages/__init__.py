@@ -1,0 +1,1 @@
+"""One thin module per DVC stage: parse inputs, call the packages, write outputs, track."""
