@@ -20,7 +20,7 @@ def _invoke(args: list[str]):
 @pytest.mark.parametrize("command", ["synth", "catalogue", "cohort", "train", "uncertainty"])
 def test_broken_params_file_is_one_line_for_every_command(tmp_path: Path, command: str) -> None:
     bad = tmp_path / "params.yaml"
-    bad.write_text(REPO_PARAMS.read_text().replace("  seed: 2026", "  seeed: 2026"))
+    bad.write_text(REPO_PARAMS.read_text().replace("  seed:", "  seeed:", 1))
     for d in ("a", "b", "c"):
         (tmp_path / d).mkdir()
     args = {"synth": [str(tmp_path / "a"), "--truth", str(tmp_path / "t")],

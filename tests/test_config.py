@@ -72,3 +72,9 @@ def test_params_are_frozen_and_flatten() -> None:
         params.train.steps = 3  # type: ignore[misc]
     flat = to_dict(params)
     assert flat["cohort.spacing_mm"] == list(params.cohort.spacing_mm)
+
+
+def test_report_seeds_were_never_development_seeds() -> None:
+    params = load_params(REPO_PARAMS)
+    assert params.synth.seed not in params.synth.dev_seeds
+    assert params.cohort.seed not in params.cohort.dev_seeds

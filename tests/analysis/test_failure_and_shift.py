@@ -12,7 +12,6 @@ from fedct.analysis.failure import (
     aggregate_cases,
     calibrate_threshold,
     case_records,
-    signal_table,
 )
 from fedct.analysis.shift import shift_matrices, site_ranking, site_ranks
 from fedct.data.labels import LabelSet
@@ -48,13 +47,6 @@ def test_shift_matrix_layout() -> None:
     assert dice.loc["A", "A"] == 0.9 and dice.loc["A", "G"] == 0.3
     assert list(dice.columns) == ["A", "B", "G"]
     assert unc.loc["B", "G"] == 0.8
-
-
-def test_signal_table_detects_a_perfect_signal() -> None:
-    cases = _cases()
-    table = signal_table(cases, cases, failure_dice=0.5)
-    row = table[(table["level"] == "case") & (table["signal"] == "variance")].iloc[0]
-    assert row["auroc"] == 1.0 and row["spearman"] < -0.9
 
 
 def test_case_records_and_aggregation() -> None:

@@ -35,3 +35,11 @@ def test_load_model_refuses_a_file_that_is_not_a_model(tmp_path: Path) -> None:
     torch.save({"weights": 1}, tmp_path / "plain.pt")
     with pytest.raises(FedctError, match="plain.pt: not a fedct model"):
         load_model(tmp_path / "plain.pt")
+
+
+def test_a_model_of_another_architecture_is_refused_with_its_path(tmp_path: Path) -> None:
+    model, _ = train_model(PARAMS, LABELS, _cases(2), [], None, "fp")
+    arch = {k: v for k, v in model_arch(PARAMS, LABELS).items() if k != "net"}  # layout 1
+    save_model(model, tmp_path / "old.pt", arch, {"site": "A"})
+    with pytest.raises(FedctError, match="old.pt: .*retrain"):
+        load_model(tmp_path / "old.pt")

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from monai.networks.blocks import ADN
 from torch import nn
 
 from fedct.model.mc import mc_predict, mc_predict_loop
 from fedct.model.unet import (
+    Block,
     MCDropout,
     build_bayesian_unet,
     dropout_modules,
@@ -37,21 +37,43 @@ def set_dropout_p(model: nn.Module, p: float) -> None:
 
 
 def test_every_block_has_dropout_and_the_classifier_has_none() -> None:
-    model = build_bayesian_unet(N_CLASSES, dropout=0.5)  # the default (demo) widths
-    adns = [m for m in model.modules() if isinstance(m, ADN)]
-    # 3 down blocks + bottom + 3 up-convolutions + 2 up residual units, each conv->N->D->A.
-    assert len(adns) == 9
-    assert all(isinstance(a.D, nn.Dropout) and a.D.p == 0.5 for a in adns)
-    assert len(dropout_modules(model)) == len(adns)
+    model = build_bayesian_unet(N_CLASSES, channels=(16, 32, 64, 128), strides=(2, 2, 2),
+                                dropout=0.5)
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    # 4 encoder blocks (one per level) + 3 decoder blocks, each ending with dropout.
+    assert len(blocks) == 7
+    assert all(type(b.dropout) is MCDropout and b.dropout.p == 0.5 for b in blocks)
+    assert len(dropout_modules(model)) == len(blocks)
     # The last dropout acts on the full 16-channel top block, not on the class channels;
     # the logits come from a bare 3x3x3 convolution, as in the lab's network.
     modules = list(model.modules())
     last_dropout = max(i for i, m in enumerate(modules) if isinstance(m, nn.Dropout))
     convs_after = [m for m in modules[last_dropout:] if isinstance(m, nn.Conv3d)]
-    assert adns[-1].N.num_features == 16
     assert len(convs_after) == 1
-    assert convs_after[0].out_channels == N_CLASSES
+    assert convs_after[0].in_channels == 16 and convs_after[0].out_channels == N_CLASSES
     assert convs_after[0].kernel_size == (3, 3, 3)
+
+
+def test_a_full_resolution_level_exists() -> None:
+    # The first block keeps the input's size (no stride-2 first convolution), and the block
+    # that feeds the classifier works at full resolution too.
+    model = tiny_unet().eval()
+    sizes: dict[str, tuple[int, ...]] = {}
+    for name in ("encoder.0", "decoder.1"):
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, _a, out, name=name: sizes.__setitem__(name, tuple(out.shape)))
+    with torch.no_grad():
+        model(torch.zeros(1, 1, SIZE, SIZE, 8))
+    assert sizes == {"encoder.0": (1, 4, SIZE, SIZE, 8), "decoder.1": (1, 4, SIZE, SIZE, 8)}
+
+
+def test_residual_and_plain_blocks() -> None:
+    plain = build_bayesian_unet(N_CLASSES, channels=(4, 8), strides=(2,), num_res_units=0)
+    res = build_bayesian_unet(N_CLASSES, channels=(4, 8), strides=(2,), num_res_units=1)
+    assert all(b.skip is None for b in plain.modules() if isinstance(b, Block))
+    assert all(b.skip is not None for b in res.modules() if isinstance(b, Block))
+    x = torch.randn(2, 1, 8, 8, 8)
+    assert plain.eval()(x).shape == res.eval()(x).shape == (2, N_CLASSES, 8, 8, 8)
 
 
 def test_output_shape_and_norm_choice(image: torch.Tensor) -> None:

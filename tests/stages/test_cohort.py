@@ -67,6 +67,19 @@ def test_split_is_by_patient_and_deterministic() -> None:
     assert not other["split"].equals(a["split"])
 
 
+def test_calibration_patients_are_kept_apart() -> None:
+    params = CohortParams(holdout_sites=())
+    a = split_patients(select_series(_catalogue(n_sites=2, n_patients=8)), params)
+    for _, g in a.groupby("site"):
+        per_patient = g.groupby("patient_key")["split"].nunique()
+        assert (per_patient == 1).all()  # a patient lies in one split only
+        counts = g.drop_duplicates("patient_key")["split"].value_counts().to_dict()
+        assert counts == {"train": 4, "test": 2, "val": 1, "calib": 1}
+    none = split_patients(select_series(_catalogue(n_sites=1, n_patients=8)),
+                          dataclasses.replace(params, calib_fraction=0.0))
+    assert "calib" not in set(none["split"])
+
+
 def test_unlabelled_sites_are_marked() -> None:
     params = CohortParams(holdout_sites=(), unlabelled_sites=("B",))
     a = split_patients(select_series(_catalogue()), params)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 from pathlib import Path
 
@@ -62,11 +63,12 @@ def test_usable_series_read_as_3d_volumes_with_labels(tiny_archive: dict[str, Pa
         hu = sitk.GetArrayFromImage(img).astype(float)
         lab = sitk.GetArrayFromImage(lab_img)
         assert set(np.unique(lab)) <= set(range(len(STRUCTURES) + 1))
-        assert (lab == 2).any() and (lab == 6).any()
-        assert hu.min() >= -1024 and hu.max() < 4000  # HU after rescale
-        muscle = hu[np.isin(lab, [6, 7, 8])].mean()
+        assert (lab == 2).any() and (lab == 7).any()
+        assert hu.min() >= -1024 and hu.max() <= 3071  # HU after rescale
+        muscle = hu[np.isin(lab, [7, 8, 9])].mean()
         femur_minus_muscle.append(hu[lab == 2].mean() - muscle)
-        assert hu[:, :2, :2].mean() < -800  # corners are air
+        if not row["unilateral"]:
+            assert hu[:, :2, :2].mean() < -800  # corners are air
     # Labels overlay the anatomy: bone is far denser than muscle on every series.
     assert min(femur_minus_muscle) > 150
 
@@ -109,9 +111,66 @@ def test_injected_shift_sites_are_recorded(tiny_archive: dict[str, Path]) -> Non
     truth = pd.read_csv(tiny_archive["truth"] / "series.csv")
     usable = truth[truth["usable"]]
     by_site = usable.groupby("site")
-    assert by_site["noise_hu"].mean().idxmax() == "G"
+    # G: 80 kVp + arterial contrast, low dose: most low-frequency noise, fewest photons.
+    assert by_site["kvp"].mean().idxmin() == "G"
+    assert set(usable.loc[usable["site"] == "G", "contrast"]) == {"arterial"}
+    assert by_site["noise_sigma_7mm_hu"].mean().idxmax() == "G"
+    assert by_site["min_photons"].min().idxmin() in {"C", "G"}
+    # C: the orthopaedic OA population, prostheses, unilateral fields of view.
+    others = usable.loc[usable["site"] != "C", "infiltration"].mean()
+    assert by_site["infiltration"].mean()["C"] > others + 0.15
+    assert by_site["oa_severity"].mean().idxmax() == "C"
+    assert usable.loc[usable["metal"], "site"].isin(["C"]).all()
     assert by_site["slice_thickness_mm"].mean().idxmax() == "C"
     assert set(usable.loc[usable["shift"].notna() & (usable["shift"] != ""), "site"]) == {"C", "G"}
+    summary = json.loads((tiny_archive["truth"] / "summary.json").read_text())
+    assert set(summary["shift_sites"]) == {"C", "G"}
+    assert "metal_prosthesis" in summary["shift_sites"]["C"]
+    assert "low_kvp_contrast" in summary["shift_sites"]["G"]
+    factors = pd.read_csv(tiny_archive["truth"] / "factors_by_site.csv", index_col="site")
+    assert {"kvp", "mas", "noise_sigma_7mm_hu", "metal_fraction", "unilateral_fraction",
+            "contrast", "fov_mm", "truncated_fraction", "infiltration"} <= set(factors.columns)
+
+
+def test_truth_lists_the_factors_of_every_series(tiny_archive: dict[str, Path]) -> None:
+    truth = pd.read_csv(tiny_archive["truth"] / "series.csv")
+    usable = truth[truth["usable"]]
+    cols = ["kvp", "mas", "kernel_mtf50_lp_cm", "noise_sigma_hu", "noise_sigma_7mm_hu",
+            "contrast", "metal", "fov_mm", "truncated_fraction", "scan_top_mm",
+            "scan_bottom_mm", "fat_mm", "infiltration", "oa_severity", "wed_mm"]
+    assert usable[cols].notna().all().all()
+    # The header says what the truth says.
+    for _, row in usable.groupby("site").head(1).iterrows():
+        ds = pydicom.dcmread(next((tiny_archive["archive"] / row["path"]).iterdir()))
+        assert float(ds.KVP) == row["kvp"]
+        assert int(ds.Exposure) == round(row["mas"])
+        assert ("ContrastBolusAgent" in ds) == (row["contrast"] != "none")
+
+
+def test_labels_json_matches_the_label_maps(tiny_archive: dict[str, Path]) -> None:
+    labels = json.loads((tiny_archive["labels"] / "labels.json").read_text())
+    assert labels["0"] == "background"
+    assert {int(k): v for k, v in labels.items() if k != "0"} == STRUCTURES
+    assert 8 <= len(STRUCTURES) <= 12
+    truth = pd.read_csv(tiny_archive["truth"] / "series.csv")
+    seen: set[int] = set()
+    for name in truth.loc[truth["usable"], "label"]:
+        seen |= set(np.unique(sitk.GetArrayFromImage(
+            sitk.ReadImage(str(tiny_archive["labels"] / name)))).tolist())
+    assert seen == {int(k) for k in labels}  # every structure appears somewhere
+
+
+def test_low_kvp_site_has_brighter_bone(tiny_archive: dict[str, Path]) -> None:
+    truth = pd.read_csv(tiny_archive["truth"] / "series.csv")
+    usable = truth[truth["usable"]]
+    usable = usable[~usable["metal"].astype(bool)]
+    bone: dict[str, list[float]] = {}
+    for _, row in usable.iterrows():
+        hu = sitk.GetArrayFromImage(_read_series(tiny_archive["archive"] / row["path"]))
+        lab = sitk.GetArrayFromImage(sitk.ReadImage(str(tiny_archive["labels"] / row["label"])))
+        bone.setdefault("G" if row["kvp"] <= 80 else "other", []).append(
+            float(np.percentile(hu[lab == 2], 90)))
+    assert np.median(bone["G"]) > np.median(bone["other"]) + 150
 
 
 def test_no_wall_clock_in_files(tiny_archive: dict[str, Path]) -> None:
@@ -128,25 +187,17 @@ def test_every_profile_keeps_the_usable_rule_meaningful() -> None:
 
     thickest = max(c.slice_thickness_mm for c in CONDITIONS)
     shortest = min(hi - lo for lo, hi in map(scan_range, SITES))
-    assert shortest < 1.0  # C's protocol stops short
     for name, p in PROFILES.items():
         assert p.length_mm // p.thick_recon_mm < 32, name  # thick distractor: unusable
         assert p.length_mm * shortest // thickest >= 32, name  # every axial stack: usable
 
 
-def test_site_c_protocol_stops_at_mid_thigh(tiny_archive: dict[str, Path]) -> None:
+def test_no_site_differs_by_scan_range_alone(tiny_archive: dict[str, Path]) -> None:
+    """Every site scans the same extent from the iliac crest: shifts act through the
+    image, not through where the anatomy sits in the volume."""
     truth = pd.read_csv(tiny_archive["truth"] / "series.csv")
-    axial = truth[truth["usable"]].copy()
-    axial["extent_mm"] = axial["n_slices"] * axial["slice_thickness_mm"]
-    full = axial[axial["site"] != "C"]
-    short = axial[axial["site"] == "C"]
-    # C covers 80 % of the knee-to-crest range; everybody else all of it.
-    assert short["extent_mm"].max() <= 0.8 * full["extent_mm"].min() + 1e-6
-    from fedct.synth.archive import PROFILES
-
-    length = PROFILES["tiny"].length_mm  # the phantom spans -length/2 (knee) to +length/2
-    for _, row in short.iterrows():
-        img = _read_series(tiny_archive["archive"] / row["path"])
-        lowest = min(img.GetOrigin()[2], img.TransformIndexToPhysicalPoint(
-            (0, 0, img.GetSize()[2] - 1))[2]) - row["slice_thickness_mm"] / 2
-        assert lowest == pytest.approx(-length / 2 + 0.2 * length, abs=1e-3)
+    axial = truth[truth["usable"]]
+    extent = axial["scan_top_mm"] - axial["scan_bottom_mm"]
+    assert extent.max() - extent.min() <= 5.0
+    top = axial.groupby("site")["scan_top_mm"].mean()
+    assert top.max() - top.min() < 15.0

@@ -1,20 +1,24 @@
-"""Training loop: learns, is seeded, resumes from its checkpoint only when it may."""
+"""Training loop: learns, is seeded, stops early, resumes from its checkpoint only when it may."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from fedct.config import TrainParams
 from fedct.data.labels import LabelSet
-from fedct.training.loop import train_model
+from fedct.errors import FedctError
+from fedct.training.loop import _batches, train_model
 
 LABELS = LabelSet(("background", "muscle", "femur"))
 PARAMS = TrainParams(steps=6, channels=(4, 8), strides=(2,), patch_size=(16, 16, 8),
-                     batch_size=2, val_checks=3, learning_rate=1e-2, seed=5)
+                     max_shift=(0, 0, 2), batch_size=2, val_checks=3, patience=0,
+                     learning_rate=1e-2, seed=5)
 
 
 def _cases(n: int, seed: int = 0) -> list[dict]:
@@ -46,12 +50,88 @@ def test_resume_only_with_matching_fingerprint(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt.pt"
     _, full = train_model(PARAMS, LABELS, _cases(4), _cases(2, 1), ckpt, "fp-1")
     assert ckpt.exists()
+    assert list(full["step"]) == [2, 4, 6] and list(full["epoch"]) == [1, 2, 3]
     seen: list[int] = []
     # Same fingerprint: the run is complete, nothing is retrained.
     _, resumed = train_model(PARAMS, LABELS, _cases(4), _cases(2, 1), ckpt, "fp-1",
-                             on_epoch=lambda r: seen.append(r["epoch"]))
+                             on_check=lambda r: seen.append(r["step"]))
     assert seen == [] and len(resumed) == len(full)
     # Other params/data: the stale checkpoint is ignored.
     train_model(PARAMS, LABELS, _cases(4), _cases(2, 1), ckpt, "fp-2",
-                on_epoch=lambda r: seen.append(r["epoch"]))
-    assert seen == [1, 2, 3]
+                on_check=lambda r: seen.append(r["step"]))
+    assert seen == [2, 4, 6]
+
+
+def test_a_killed_run_resumes_where_it_stopped_and_ends_as_if_never_stopped(
+        tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt.pt"
+    _, uninterrupted = train_model(PARAMS, LABELS, _cases(4), _cases(2, 1), None, "fp")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(row: dict) -> None:
+        if row["step"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_model(PARAMS, LABELS, _cases(4), _cases(2, 1), ckpt, "fp",
+                    on_check=kill_after_first)
+    seen: list[int] = []
+    _, resumed = train_model(PARAMS, LABELS, _cases(4), _cases(2, 1), ckpt, "fp",
+                             on_check=lambda r: seen.append(r["step"]))
+    assert seen == [4, 6]
+    pd.testing.assert_frame_equal(resumed, uninterrupted)
+
+
+def test_early_stopping_on_validation_loss_keeps_the_best_weights() -> None:
+    # A learning rate this high makes validation loss stall or rise after a few passes.
+    params = dataclasses.replace(PARAMS, steps=40, val_checks=20, patience=2,
+                                 learning_rate=0.5)
+    model, hist = train_model(params, LABELS, _cases(4), _cases(2, 1), None, "fp")
+    best = hist["val_loss"].idxmin()
+    assert hist["step"].iloc[-1] < 40  # stopped before the cap
+    assert len(hist) == best + 1 + 2  # exactly `patience` passes after the best one
+    from fedct.training.loop import evaluate
+
+    loss, _ = evaluate(model, _cases(2, 1), torch.device("cpu"), False, LABELS.n_classes)
+    assert loss == pytest.approx(hist["val_loss"][best], rel=1e-5)
+
+
+def test_training_crops_move_the_anatomy_along_z() -> None:
+    # One case with a marker slab: where it lands in the patch varies from step to step,
+    # so slice index cannot encode anatomy; the patch keeps the requested size.
+    case = _cases(1)[0]
+    params = dataclasses.replace(PARAMS, batch_size=1, patch_size=(16, 16, 8),
+                                 max_shift=(0, 0, 4))
+    batches = _batches([case], params, 0)
+    z_of_slab = set()
+    for _ in range(30):
+        b = next(batches)
+        assert b["image"].shape == (1, 1, 16, 16, 8)
+        z = torch.nonzero((b["label"][0, 0] == 2).any(dim=(0, 1))).flatten()
+        if len(z):
+            z_of_slab.add(int(z[0]))
+    assert len(z_of_slab) >= 4
+    # Resuming at step 7 draws the same batches the uninterrupted stream drew there.
+    a = _batches([case], params, 0)
+    for _ in range(7):
+        next(a)
+    torch.testing.assert_close(next(a)["image"], next(_batches([case], params, 7))["image"])
+
+
+def test_patches_that_do_not_fit_the_network_are_refused() -> None:
+    bad = dataclasses.replace(PARAMS, patch_size=(16, 16, 7))
+    with pytest.raises(FedctError, match="divisible by 2"):
+        train_model(bad, LABELS, _cases(2), [], None, "fp")
+    too_big = dataclasses.replace(PARAMS, patch_size=(16, 16, 16), max_shift=(0, 0, 2))
+    with pytest.raises(FedctError, match="exceeds"):
+        train_model(too_big, LABELS, _cases(2), [], None, "fp")
+
+
+@pytest.mark.parametrize("steps", [1, 3, 4])
+def test_very_short_runs_train(steps: int) -> None:
+    # The pipeline test trains 4 steps: the one-cycle schedule must still have two phases.
+    params = dataclasses.replace(PARAMS, steps=steps, val_checks=2)
+    _, hist = train_model(params, LABELS, _cases(2), _cases(1, 1), None, "fp")
+    assert hist["step"].iloc[-1] == steps

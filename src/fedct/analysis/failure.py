@@ -10,15 +10,15 @@ import torch
 from fedct.analysis.metrics import (
     argmax_segmentation,
     dice_per_structure,
-    failure_auroc,
     failure_signals,
     flag_threshold,
     hd95_per_structure,
     predictive_mean,
-    spearman,
 )
 from fedct.data.labels import LabelSet
 
+# Scores that are one number per (model, case), repeated on each structure row.
+CASE_SCORES = ("deterministic_max_softmax", "noise_estimate")
 SIGNALS = ("variance", "entropy", "mutual_information", "boundary_entropy",
            "volume_deviation", "unassigned_mass", "max_softmax_deficit", "sample_disagreement")
 
@@ -44,29 +44,17 @@ def case_records(model_site: str, case: pd.Series, probs: torch.Tensor,
     return rows
 
 
-def aggregate_cases(structures: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, case): mean Dice, HD95 and signals over structures.
+def aggregate_cases(structures: pd.DataFrame, aggregation: str = "mean") -> pd.DataFrame:
+    """One row per (model, case): mean Dice and HD95, signals by ``aggregation`` over structures.
 
     The mean matches how case Dice is formed; a max lets one small, always-uncertain
     structure (gluteus medius at coarse sampling) dominate every case.
     """
     keys = ["model", "site", "series_key", "split", "role"]
-    agg = {"dice": "mean", "hd95": "mean", **dict.fromkeys(SIGNALS, "mean")}
+    case_level = [c for c in CASE_SCORES if c in structures]
+    agg = {"dice": "mean", "hd95": "mean", **dict.fromkeys(SIGNALS, aggregation),
+           **dict.fromkeys(case_level, "first")}
     return structures.groupby(keys, sort=True).agg(agg).reset_index()
-
-
-def signal_table(cases: pd.DataFrame, structures: pd.DataFrame, failure_dice: float
-                 ) -> pd.DataFrame:
-    """Spearman(signal, Dice) and failure AUROC of every signal, case and structure level."""
-    rows = []
-    for level, df in (("case", cases), ("structure", structures)):
-        d = df.dropna(subset=["dice"])
-        failed = d["dice"] < failure_dice
-        for s in SIGNALS:
-            rows.append({"level": level, "signal": s, "n": len(d), "n_failed": int(failed.sum()),
-                         "spearman": spearman(d[s], d["dice"]),
-                         "auroc": failure_auroc(d[s], failed)})
-    return pd.DataFrame(rows)
 
 
 def calibrate_threshold(scores: pd.Series, failed: pd.Series, in_domain: pd.Series | None = None,

@@ -54,3 +54,24 @@ def scatter(cases: pd.DataFrame, signal: str, threshold: float, failure_dice: fl
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def risk_coverage_plot(curves: pd.DataFrame, chosen: str, path: Path) -> None:
+    """Risk-coverage curves: the frozen signal bold, other signals thin, baselines dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for (signal, kind), g in curves.groupby(["signal", "kind"], sort=True):
+        style = {"lw": 2.5, "color": "k", "zorder": 3} if signal == chosen else (
+            {"lw": 1.2, "ls": "--"} if kind == "baseline" else {"lw": 0.8, "alpha": 0.7})
+        ax.step(g["coverage"], g["risk"], where="post", label=signal, **style)
+    ax.set(xlabel="coverage (fraction of pairs kept, most confident first)",
+           ylabel="risk (failure rate among kept pairs)", xlim=(0, 1), ylim=(0, None),
+           title="Risk-coverage on test pairs (lower is better)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -29,15 +29,25 @@ CARD_FORMAT = "fedct-model-card/1"
 CARD_FILE = "model_card.json"
 
 
+# Names the network ``build_from_arch`` builds; bumped when the layer layout changes, so a
+# model of an older layout is refused with a message instead of failing on its weights.
+NET = "fedct-bayesian-unet/2"  # full-resolution level, dropout after every block
+
+
 def architecture(n_classes: int, channels, strides, dropout: float,
-                 num_res_units: int) -> dict[str, Any]:
-    return {"n_classes": int(n_classes), "channels": list(channels), "strides": list(strides),
-            "dropout": float(dropout), "num_res_units": int(num_res_units)}
+                 num_res_units: int, norm: str = "instance") -> dict[str, Any]:
+    """Everything needed to rebuild the network (saved with its weights)."""
+    return {"net": NET, "n_classes": int(n_classes), "channels": list(channels),
+            "strides": list(strides), "dropout": float(dropout),
+            "num_res_units": int(num_res_units), "norm": norm}
 
 
 def build_from_arch(arch: Mapping[str, Any]) -> torch.nn.Module:
+    if arch.get("net") != NET:
+        raise FedctError(f"model architecture {arch.get('net', 'fedct-bayesian-unet/1')!r} is "
+                         f"not {NET!r}, the one this version builds; retrain the model")
     return build_bayesian_unet(arch["n_classes"], arch["channels"], arch["strides"],
-                               arch["dropout"], arch["num_res_units"])
+                               arch["dropout"], arch["num_res_units"], arch["norm"])
 
 
 def save_model(model: torch.nn.Module, path: Path, arch: Mapping[str, Any],
@@ -58,6 +68,9 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         raise FedctError(f"{path}: cannot load the model ({exc})") from exc
     if not isinstance(blob, dict) or "arch" not in blob or "card" not in blob:
         raise FedctError(f"{path}: not a fedct model (no architecture or model card)")
-    model = build_from_arch(blob["arch"])
+    try:
+        model = build_from_arch(blob["arch"])
+    except FedctError as exc:
+        raise FedctError(f"{path}: {exc}") from exc
     model.load_state_dict(blob["state_dict"])
     return model.eval(), blob["card"]

@@ -19,7 +19,6 @@ from typing import Literal
 
 import torch
 from monai.networks.blocks import Convolution
-from monai.networks.nets import UNet
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
@@ -62,77 +61,85 @@ class MCDropout(nn.Dropout):
         return (x * mask).mul_(1.0 / (1.0 - self.p))
 
 
-def _use_mc_dropout(model: nn.Module) -> None:
-    """Replace every ``nn.Dropout`` that MONAI built by an ``MCDropout`` of the same rate."""
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if type(child) is nn.Dropout:
-                setattr(parent, name, MCDropout(child.p))
+def _conv(in_ch: int, out_ch: int, norm: Norm, stride: int = 1) -> Convolution:
+    """3x3x3 convolution -> norm -> LeakyReLU (no dropout: that follows the whole block)."""
+    norm_layer = ("instance", {"affine": True}) if norm == "instance" else "batch"
+    # No bias: the norm that follows removes it.
+    return Convolution(3, in_ch, out_ch, strides=stride, kernel_size=3, norm=norm_layer,
+                       bias=False, act=("leakyrelu", {"negative_slope": 0.01, "inplace": True}),
+                       adn_ordering="NA")
 
 
-class BayesianUNet(UNet):
-    """MONAI ``UNet`` with dropout in every block and a dropout-free 3x3x3 classifier on top.
+class Block(nn.Module):
+    """Two 3x3x3 conv-norm-LeakyReLU layers (the first may stride to downsample), with a
+    residual connection when ``residual``, then dropout: one block of the U-Net."""
 
-    Why the top layer is changed: MONAI's top decoder layer maps straight to
-    ``out_channels`` and applies norm + dropout + activation to that map, so with
-    ``out_channels = n_classes`` a p = 0.5 dropout would hit a 2-9 channel bottleneck right
-    before the logits, injecting noise unrelated to the data that would dominate the MC
-    uncertainty. The lab's U-Net instead ends its last ``channels[0]``-wide decoder block
-    with dropout and predicts with a plain 3x3 convolution. So here the top decoder layer
-    is MONAI's transposed convolution + norm/dropout/PReLU at ``channels[0]`` features,
-    followed by a 3x3x3 convolution to ``n_classes`` logits. Every other block is MONAI's.
+    def __init__(self, in_ch: int, out_ch: int, stride: int, dropout: float, norm: Norm,
+                 residual: bool) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(_conv(in_ch, out_ch, norm, stride), _conv(out_ch, out_ch, norm))
+        self.skip: nn.Module | None = None
+        if residual:
+            self.skip = (nn.Identity() if in_ch == out_ch and stride == 1 else
+                         nn.Conv3d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False))
+        self.dropout = MCDropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.convs(x)
+        if self.skip is not None:
+            y = y + self.skip(x)
+        return self.dropout(y)
+
+
+class BayesianUNet(nn.Module):
+    """3D U-Net with a full-resolution level and dropout after every block.
+
+    Levels ``i = 0 .. L-1`` have ``channels[i]`` features; level 0 works at the input's
+    resolution (its first convolution has stride 1), level ``i`` at the input's size divided
+    by ``strides[0] * ... * strides[i-1]``. Encoder: one ``Block`` per level, the first
+    convolution of each block below level 0 strides down. Decoder: per level from the
+    bottom up, a transposed convolution with kernel = stride (no checkerboard overlap)
+    -> norm -> LeakyReLU to the finer level, concatenation with that level's encoder output (the
+    skip), and a ``Block``. Every encoder and decoder block ends with dropout (p = 0.5 in
+    the lab's Bayesian U-Net), so that MC sampling perturbs every scale; the logits come
+    from a plain 3x3x3 convolution of the full-resolution decoder block, with no dropout
+    after it (dropout on the 2-9 class channels would inject noise unrelated to the data).
     """
 
-    def __init__(
-        self,
-        n_classes: int,
-        channels: Sequence[int],
-        strides: Sequence[int],
-        dropout: float,
-        num_res_units: int,
-        norm: Norm,
-    ) -> None:
-        # Read by _get_up_layer while UNet.__init__ builds the network.
-        self.n_classes = n_classes
-        super().__init__(
-            spatial_dims=3,
-            in_channels=1,
-            out_channels=channels[0],
-            channels=tuple(channels),
-            strides=tuple(strides),
-            num_res_units=num_res_units,
-            dropout=dropout,
-            norm=norm,
-        )
-        _use_mc_dropout(self)
+    def __init__(self, n_classes: int, channels: Sequence[int], strides: Sequence[int],
+                 dropout: float, num_res_units: int, norm: Norm) -> None:
+        super().__init__()
+        residual = num_res_units > 0
+        self.encoder = nn.ModuleList()
+        in_ch = 1
+        for i, ch in enumerate(channels):
+            stride = 1 if i == 0 else int(strides[i - 1])
+            self.encoder.append(Block(in_ch, ch, stride, dropout, norm, residual))
+            in_ch = ch
+        self.up = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        norm_layer = ("instance", {"affine": True}) if norm == "instance" else "batch"
+        for i in reversed(range(len(channels) - 1)):
+            s = int(strides[i])
+            self.up.append(Convolution(3, channels[i + 1], channels[i], strides=s,
+                                       kernel_size=s, padding=0, output_padding=0,
+                                       norm=norm_layer, bias=False,
+                                       act=("leakyrelu", {"negative_slope": 0.01,
+                                                          "inplace": True}),
+                                       adn_ordering="NA", is_transposed=True))
+            self.decoder.append(Block(2 * channels[i], channels[i], 1, dropout, norm, residual))
+        self.classifier = nn.Conv3d(channels[0], n_classes, kernel_size=3, padding=1)
+        self.down_factor = math.prod(int(s) for s in strides)
 
-    def _get_up_layer(
-        self, in_channels: int, out_channels: int, strides: int, is_top: bool
-    ) -> nn.Module:
-        if not is_top:
-            return super()._get_up_layer(in_channels, out_channels, strides, is_top)
-        up = Convolution(
-            self.dimensions,
-            in_channels,
-            out_channels,
-            strides=strides,
-            kernel_size=self.up_kernel_size,
-            act=self.act,
-            norm=self.norm,
-            dropout=self.dropout,
-            bias=self.bias,
-            is_transposed=True,
-            adn_ordering=self.adn_ordering,
-        )
-        classifier = Convolution(
-            self.dimensions,
-            out_channels,
-            self.n_classes,
-            kernel_size=self.kernel_size,
-            bias=self.bias,
-            conv_only=True,
-        )
-        return nn.Sequential(up, classifier)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+        x = skips.pop()
+        for up, block in zip(self.up, self.decoder, strict=True):
+            x = block(torch.cat([up(x), skips.pop()], dim=1))
+        return self.classifier(x)
 
 
 def build_bayesian_unet(
@@ -145,22 +152,24 @@ def build_bayesian_unet(
 ) -> BayesianUNet:
     """Build the 3D Bayesian U-Net (1 input channel, ``n_classes`` logits).
 
-    MONAI 1.6's ``UNet`` builds every down, bottom and up block as conv -> norm ->
-    dropout -> PReLU (``ADN`` ordering "NDA"), so passing ``dropout`` places one
-    ``nn.Dropout`` in every block, as in the lab's network.
+    ``channels[0]`` is the full-resolution level: the input is never downsampled before
+    the first block, so boundaries are segmented at the grid's own resolution (a stride-2
+    first convolution caps Dice by what a half-resolution map upsampled can draw).
 
-    ``norm="instance"`` (default) because (a) training uses batches of 2 volumes, too few
-    for reliable batch statistics; (b) instance norm has no running statistics, so MC
-    sampling cannot corrupt them and FedAvg only averages weights, not per-site
-    statistics; (c) each scan is normalised by its own statistics, which removes a global
-    intensity offset between sites. ``"batch"`` is kept for ablations.
+    ``norm="instance"`` (default, with a learnt affine) because (a) training uses batches
+    of 2 volumes, too few for reliable batch statistics; (b) instance norm has no running
+    statistics, so MC sampling cannot corrupt them and FedAvg only averages weights, not
+    per-site statistics; (c) each scan is normalised by its own statistics, which removes a
+    global intensity offset between sites. The affine weights are what TENT-style test-time
+    adaptation and FedBN-style local layers act on. ``"batch"`` is kept for ablations.
 
     Args:
         n_classes: output classes including background (0).
-        channels: feature widths per resolution level.
-        strides: down-sampling strides between levels (``len(channels) - 1`` entries).
-        dropout: dropout probability in every block (0.5 in the lab's code).
-        num_res_units: residual units per block.
+        channels: feature widths per resolution level, full resolution first.
+        strides: down-sampling factor between consecutive levels (``len(channels) - 1``
+            entries); input sizes must be divisible by their product.
+        dropout: dropout probability after every block (0.5 in the lab's code).
+        num_res_units: 0 = plain two-convolution blocks; >= 1 = residual blocks.
         norm: normalisation layer type.
     """
     if n_classes < 2:

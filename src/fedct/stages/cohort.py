@@ -13,9 +13,11 @@ Selection rule, per study: the usable series with the most slices, then the thin
 slices, then the lowest SeriesNumber, then the smallest series key (deterministic).
 Split rule, per site: patients shuffled with a generator seeded by (seed, site); then
 ``test_fraction`` of them (at least one) to test, ``val_fraction`` (at least one when a
-site has three or more patients) to val, the rest to train. Held-out sites put every
-patient in test: they never train a model. Unlabelled sites keep their split but carry
-``labelled = False``; only label-free methods may use them.
+site has three or more patients) to val (checkpoint selection), ``calib_fraction`` (at
+least one when a site has four or more) to calib (the failure definition and the flag
+threshold of the uncertainty stage, which nothing else sees), the rest to train.
+Held-out sites put every patient in test: they never train a model. Unlabelled sites keep
+their split but carry ``labelled = False``; only label-free methods may use them.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def _site_rng(seed: int, site: str) -> np.random.Generator:
 
 
 def split_patients(chosen: pd.DataFrame, params: CohortParams) -> pd.DataFrame:
-    """Add ``split`` (train/val/test), ``role`` (train/holdout) and ``labelled``.
+    """Add ``split`` (train/val/calib/test), ``role`` (train/holdout) and ``labelled``.
 
     The split is by patient: all series of one patient land in the same split.
     """
@@ -75,7 +77,13 @@ def split_patients(chosen: pd.DataFrame, params: CohortParams) -> pd.DataFrame:
             if n >= 3:
                 n_val = max(1, n_val)
             n_val = min(n_val, n - n_test - 1) if n - n_test > 1 else 0
-            split = {p: ("test" if i < n_test else "val" if i < n_test + n_val else "train")
+            n_calib = int(round(params.calib_fraction * n))
+            if n >= 4 and params.calib_fraction > 0:
+                n_calib = max(1, n_calib)
+            n_calib = min(n_calib, max(0, n - n_test - n_val - 1))
+            bounds = np.cumsum([n_test, n_val, n_calib])
+            names = np.array(["test", "val", "calib", "train"])
+            split = {p: str(names[np.searchsorted(bounds, i, side="right")])
                      for i, p in enumerate(patients)}
         g = group.copy()
         g["split"] = g["patient_key"].map(split)
@@ -171,6 +179,7 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
             "n_patients": int(cohort["patient_key"].nunique()),
             "n_train": int((cohort["split"] == "train").sum()),
             "n_val": int((cohort["split"] == "val").sum()),
+            "n_calib": int((cohort["split"] == "calib").sum()),
             "n_test": int((cohort["split"] == "test").sum()),
             "n_labelled": int(cohort["has_label"].sum()),
         }

@@ -3,9 +3,10 @@
 Inputs: the cohort (``cohort.csv``, ``spec.json``, ``labels.json``, prepared ``cases/``).
 Output folder: ``model.pt`` and ``model_card.json`` (weights, architecture and card, so MC
 dropout works after loading), ``reference.json`` (mean structure volumes of the training
-set, for label-free volume checks), ``history.csv`` (per-epoch loss and validation Dice
-per structure), ``curves.png`` and ``metrics.json``. A checkpoint in ``checkpoint_dir``
-lets a killed run resume; it is only reused when params and training data are the same.
+set, for label-free volume checks), ``history.csv`` (at every validation pass: training
+loss, validation loss and Dice per structure), ``curves.png`` and ``metrics.json``. A
+checkpoint in ``checkpoint_dir`` lets a killed run resume; it is only reused when params
+and training data are the same.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
                           context="training")
         model, history = train_model(
             params, labels, train, val, ckpt, fp,
-            on_epoch=lambda row: mlrun.log_metrics(
-                {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])))
+            on_check=lambda row: mlrun.log_metrics(
+                {k: v for k, v in row.items() if k != "step"}, step=int(row["step"])))
         reference = reference_volumes([c["label"][0] for c in train], spacing, labels)
         (out_dir / "reference.json").write_text(json.dumps(
             {"structures": list(labels.structures.values()), "volume_ml": reference}, indent=1))
@@ -69,11 +70,14 @@ def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
                     "n_train": len(train), "n_val": len(val), "training": to_dict(params)})
         history.to_csv(out_dir / "history.csv", index=False)
         plot_curves(history, out_dir / "curves.png", name, labels)
-        final = history.dropna(subset=["val_dice_mean"]) if "val_dice_mean" in history else None
+        # The kept weights: best validation loss, or the last step without validation.
+        best = history.loc[history["val_loss"].idxmin()] if "val_loss" in history else None
         metrics = {"final_loss": float(history["loss"].iloc[-1]), "n_train": len(train),
-                   "n_val": len(val),
-                   "best_val_dice": float(final["val_dice_mean"].max())
-                   if final is not None and len(final) else float("nan")}
+                   "n_val": len(val), "steps": int(history["step"].iloc[-1]),
+                   "best_step": int((best if best is not None else history.iloc[-1])["step"]),
+                   "best_val_loss": float(best["val_loss"]) if best is not None else float("nan"),
+                   "best_val_dice": float(best["val_dice_mean"]) if best is not None
+                   else float("nan")}
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         mlrun.log_metrics(metrics)
         mlrun.log_artifact(out_dir / "curves.png")

@@ -1,30 +1,31 @@
 """``fedct uncertainty``: every model on every site; Dice/HD95 where labels exist,
-MC-dropout uncertainty always.
+MC-dropout uncertainty always, and the failure-detection protocol of
+``fedct.analysis.protocol`` with the baselines a sceptic would try.
 
-For each model (one per training site, plus pooled) and each evaluation case (the val
-and test cases of training sites, every case of held-out sites), T MC-dropout samples
-give the label-free failure signals of ``fedct.analysis.metrics.failure_signals`` per structure;
-where a label exists, Dice and HD95 per structure. Outputs (``OUT_DIR``):
+For each model (one per training site, plus pooled) and each evaluation case (the val,
+calib and test cases of training sites, every case of held-out sites), T MC-dropout
+samples give the label-free signals of ``fedct.analysis.metrics.failure_signals`` per
+structure; one deterministic pass and the image's noise level give the baselines of
+``fedct.analysis.baselines``. Outputs (``OUT_DIR``):
 
-- ``structures.csv``: one row per (model, case, structure): dice, hd95, every signal;
-- ``cases.csv``: one row per (model, case): mean Dice over structures, and each signal
-  averaged over structures the same way (a structure not predicted at all scores +inf
-  and makes its case +inf: a missing structure is a failure);
-- ``shift_dice.csv`` / ``shift_uncertainty.csv``: the shift matrices (train site x test
-  site) of mean test Dice and of the chosen label-free signal;
-- ``signals.csv``: every signal's Spearman correlation with Dice and its failure AUROC
-  (failure = Dice < ``failure_dice``), case level and structure level;
-- ``site_ranking.csv``: test sites ranked by label-free uncertainty (``ranking_signal``,
-  no labels used); ``site_ranks.csv``: each site's rank under every signal, for comparison;
-- ``threshold.json``: the signal ``predict`` uses and the threshold to flag at,
-  calibrated on validation cases only and then checked on test cases;
-- ``metrics.json`` and heatmap / scatter PNGs (DVC plots and MLflow artifacts).
+- ``structures.csv`` / ``cases.csv``: per (model, case, structure) and per (model, case):
+  dice, hd95, every signal and baseline, ``failed``;
+- ``signals.csv``: one row per (signal, level, subset): Spearman with Dice, failure AUROC
+  with its 95 % cluster-bootstrap interval, AURC; ``kind`` uncertainty or baseline;
+  subsets ``all`` and ``without_<most shifted site>``;
+- ``within_site.csv``, ``risk_coverage.csv`` (+ PNG), ``failure_sweep.csv``;
+- ``threshold.json``: the frozen signal, its flag threshold (calibration pairs only) and
+  the failure definition, for ``predict``;
+- ``site_ranking.csv``: the label-free ranking (equal pairs per site, median, interval);
+  ``site_ranks.csv``: each site's rank under every signal (mean), for comparison;
+- ``shift_dice.csv`` / ``shift_uncertainty.csv`` and heatmaps; ``metrics.json``.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -33,20 +34,40 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from fedct.analysis import protocol
+from fedct.analysis.baselines import BASELINES, header_rule
 from fedct.analysis.evaluate import evaluate_model
-from fedct.analysis.failure import (
-    SIGNALS,
-    aggregate_cases,
-    calibrate_threshold,
-    signal_table,
-)
-from fedct.analysis.metrics import failure_auroc
-from fedct.analysis.plots import heatmap, scatter
-from fedct.analysis.shift import shift_matrices, site_ranking, site_ranks
+from fedct.analysis.failure import SIGNALS, aggregate_cases, calibrate_threshold
+from fedct.analysis.plots import heatmap, risk_coverage_plot, scatter
+from fedct.analysis.shift import shift_matrices, site_ranks
+from fedct.analysis.stats import failure_sweep
 from fedct.config import UncertaintyParams, to_dict
 from fedct.data.cases import POOLED, evaluation_cases, read_cohort
 from fedct.devices import pick_device
 from fedct.errors import FedctError
+
+ARTIFACTS = ("signals.csv", "within_site.csv", "failure_sweep.csv", "risk_coverage.csv",
+             "shift_dice.csv", "shift_uncertainty.csv", "site_ranking.csv", "site_ranks.csv",
+             "threshold.json", "shift_dice.png", "shift_uncertainty.png",
+             "uncertainty_vs_dice.png", "risk_coverage.png")
+
+
+def _evaluate_all(params: UncertaintyParams, cohort_dir: Path, model_paths: list[Path],
+                  evaluate: pd.DataFrame, device: torch.device) -> pd.DataFrame:
+    # On CPU, one process per model with one thread each keeps both cores busy through
+    # the metric code as well; on a GPU one process owns the device.
+    workers = 1 if device.type == "cuda" else max(1, min(params.workers, len(model_paths)))
+    threads = max(1, torch.get_num_threads() // workers)
+    jobs = [(mp, cohort_dir, evaluate, params, threads, i % workers + 1)
+            for i, mp in enumerate(model_paths)]
+    if workers > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            results = list(tqdm(pool.map(evaluate_model, jobs), total=len(jobs),
+                                desc="uncertainty: models", position=0))
+    else:
+        results = [evaluate_model(j) for j in tqdm(jobs, desc="uncertainty: models")]
+    return pd.DataFrame([r for rows in results for r in rows])
 
 
 def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: Path) -> dict:
@@ -58,85 +79,111 @@ def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: 
         if getattr(params, key) not in SIGNALS:
             raise FedctError(f"uncertainty.{key}: {getattr(params, key)!r} is not one of "
                              f"{list(SIGNALS)}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     cohort = read_cohort(cohort_dir)
     evaluate = evaluation_cases(cohort)
     model_paths = sorted(p for p in models_dir.glob("*/model.pt"))
     if not model_paths:
         raise FedctError(f"{models_dir}: no */model.pt; run `fedct train` first")
+    out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(params.device)
-    # On CPU, one process per model with one thread each keeps both cores busy through
-    # the metric code as well; on a GPU one process owns the device.
-    workers = 1 if device.type == "cuda" else max(1, min(params.workers, len(model_paths)))
-    threads = max(1, torch.get_num_threads() // workers)
-    jobs = [(mp, cohort_dir, evaluate, params, threads, i % workers + 1)
-            for i, mp in enumerate(model_paths)]
+    chosen = params.signal
+    kinds = {**dict.fromkeys(SIGNALS, "uncertainty"), **dict.fromkeys(BASELINES, "baseline")}
     with tracking.start_run("uncertainty") as mlrun:
         mlrun.log_params({**to_dict(params), "n_models": len(model_paths),
                           "n_cases": len(evaluate), "device": str(device)})
-        if workers > 1:
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                results = list(tqdm(pool.map(evaluate_model, jobs), total=len(jobs),
-                                    desc="uncertainty: models", position=0))
-        else:
-            results = [evaluate_model(j) for j in tqdm(jobs, desc="uncertainty: models")]
-        structures = pd.DataFrame([r for rows in results for r in rows])
-        cases = aggregate_cases(structures)
+        structures = _evaluate_all(params, cohort_dir, model_paths, evaluate, device)
+        cases = aggregate_cases(structures, params.aggregation)
+        cases["header_rule"] = header_rule(cases, cohort)
+        # 1. Failure, relative to in-domain calibration Dice.
+        calib_split = protocol.calibration_split(cases)
+        if calib_split != "calib":
+            warnings.warn("uncertainty: the cohort has no labelled calib cases; the failure "
+                          "definition and flag threshold fall back to val cases, which also "
+                          "picked the checkpoints (raise cohort.calib_fraction)", stacklevel=1)
+        fail_at = protocol.failure_threshold(cases, params.failure_percentile, calib_split)
+        cases["failed"] = cases["dice"] < fail_at
+        structures["failed"] = structures["dice"] < fail_at
         structures.to_csv(out_dir / "structures.csv", index=False)
         cases.to_csv(out_dir / "cases.csv", index=False)
-        signals = signal_table(cases[cases["split"] == "test"],
-                               structures[structures["split"] == "test"], params.failure_dice)
-        signals.to_csv(out_dir / "signals.csv", index=False)
-        # The signal is fixed a priori (params); its threshold comes from validation only.
-        val = cases[(cases["split"] == "val")].dropna(subset=["dice"])
-        val_fail = val["dice"] < params.failure_dice
-        val_auroc = {s: failure_auroc(val[s], val_fail) for s in SIGNALS}
-        chosen = params.signal
-        in_domain = (val["model"] == val["site"]) | (val["model"] == POOLED)
-        threshold, rule = calibrate_threshold(val[chosen], val_fail, in_domain)
         test = cases[cases["split"] == "test"].dropna(subset=["dice"])
+        worst = protocol.most_shifted_site(test)
+        subsets = {"all": pd.Series(True, index=test.index),
+                   f"without_{worst}": test["site"] != worst}
+        # 2.-3. Every signal and baseline on the test pairs, overall and within sites.
+        signals = protocol.signal_table(
+            test, structures[structures["split"] == "test"].dropna(subset=["dice"]),
+            kinds, subsets, params.n_boot, params.seed)
+        signals.to_csv(out_dir / "signals.csv", index=False)
+        protocol.within_site(test, kinds).to_csv(out_dir / "within_site.csv", index=False)
+        curves = protocol.risk_coverage_table(test, kinds)
+        curves.to_csv(out_dir / "risk_coverage.csv", index=False)
+        risk_coverage_plot(curves, chosen, out_dir / "risk_coverage.png")
+        in_domain_calib = protocol.in_domain_calibration_dice(cases, calib_split)
+        failure_sweep(test["dice"], test[chosen], in_domain_calib,
+                      params.failure_sweep).to_csv(out_dir / "failure_sweep.csv", index=False)
+        # The flag threshold from calibration pairs only (never trained or selected on).
+        calib = cases[cases["split"] == calib_split].dropna(subset=["dice"])
+        threshold, rule = calibrate_threshold(calib[chosen], calib["failed"],
+                                              calib["model"] == calib["site"])
         flagged = test[chosen] >= threshold
-        failed = test["dice"] < params.failure_dice
+        # 4. Label-free shift: matrices and the balanced site ranking.
         dice_m, unc_m = shift_matrices(cases, chosen)
         dice_m.to_csv(out_dir / "shift_dice.csv")
         unc_m.to_csv(out_dir / "shift_uncertainty.csv")
-        ranking = site_ranking(cases, params.ranking_signal)
+        ranking = protocol.balanced_site_ranking(cases[cases["split"] == "test"],
+                                                 params.ranking_signal, params.seed,
+                                                 params.n_boot)
         ranking.to_csv(out_dir / "site_ranking.csv", index=False)
         site_ranks(cases).to_csv(out_dir / "site_ranks.csv")
         heatmap(dice_m, out_dir / "shift_dice.png", "Mean test Dice", "viridis")
         heatmap(unc_m, out_dir / "shift_uncertainty.png", f"Mean {chosen}", "magma", ".3g")
-        scatter(cases[cases["split"] == "test"], chosen, threshold, params.failure_dice,
-                 out_dir / "uncertainty_vs_dice.png")
-        case_sig = signals[(signals["level"] == "case") & (signals["signal"] == chosen)].iloc[0]
-        holdout = test[test["role"] == "holdout"]
-        local_h = holdout[holdout["model"] != POOLED]
-        pooled_h = holdout[holdout["model"] == POOLED]
+        scatter(test, chosen, threshold, fail_at, out_dir / "uncertainty_vs_dice.png")
         (out_dir / "threshold.json").write_text(json.dumps({
             "signal": chosen, "threshold": threshold, "rule": rule,
-            "aggregate": "mean over structures",
-            "failure_dice": params.failure_dice, "val_auroc": val_auroc}, indent=1))
-        metrics = {
-            "signal": chosen,
-            "spearman": float(case_sig["spearman"]),
-            "failure_auroc": float(case_sig["auroc"]),
-            "flag_sensitivity": float((flagged & failed).sum() / max(int(failed.sum()), 1)),
-            "flag_specificity": float((~flagged & ~failed).sum() / max(int((~failed).sum()), 1)),
-            "n_failed_test": int(failed.sum()),
-            "n_test_pairs": len(test),
-            "top_uncertain_site": str(ranking.iloc[0]["site"]) if len(ranking) else "",
-            "site_ranking": ",".join(ranking["site"].astype(str)),
-            "holdout_dice_pooled": float(pooled_h["dice"].mean()) if len(pooled_h) else np.nan,
-            "holdout_dice_local_mean": float(local_h["dice"].mean()) if len(local_h) else np.nan,
-            "insite_dice_local_mean": float(test[(test["model"] == test["site"])]["dice"].mean()),
-        }
+            "aggregate": params.aggregation, "failure_percentile": params.failure_percentile,
+            "failure_dice": fail_at, "calibrated_on": f"{calib_split} split pairs"}, indent=1))
+        metrics = _metrics(test, signals, ranking, params, fail_at, threshold,
+                           flagged, worst)
+        metrics["calibration_split"] = calib_split
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        mlrun.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float | int)})
+        mlrun.log_metrics({k: v for k, v in metrics.items()
+                           if isinstance(v, float | int) and not isinstance(v, bool)})
         mlrun.set_tags({"fedct.signal": chosen, "fedct.ranking_signal": params.ranking_signal,
                         "fedct.site_ranking": metrics["site_ranking"]})
-        for f in ("signals.csv", "shift_dice.csv", "shift_uncertainty.csv", "site_ranking.csv",
-                  "site_ranks.csv",
-                  "threshold.json", "shift_dice.png", "shift_uncertainty.png",
-                  "uncertainty_vs_dice.png"):
+        for f in ARTIFACTS:
             mlrun.log_artifact(out_dir / f)
     return metrics
+
+
+def _metrics(test: pd.DataFrame, signals: pd.DataFrame,
+             ranking: pd.DataFrame, params: UncertaintyParams, fail_at: float,
+             threshold: float, flagged: pd.Series, worst: str) -> dict:
+    def row(signal: str, subset: str) -> pd.Series:
+        s = signals[(signals["level"] == "case") & (signals["signal"] == signal)
+                    & (signals["subset"] == subset)]
+        return s.iloc[0]
+
+    chosen = params.signal
+    failed = test["failed"]
+    holdout = test[test["role"] == "holdout"]
+    local_h = holdout[holdout["model"] != POOLED]
+    pooled_h = holdout[holdout["model"] == POOLED]
+    out: dict = {"signal": chosen, "failure_dice": fail_at, "flag_threshold": threshold,
+                 "most_shifted_site": worst,
+                 "in_domain_dice": float(test[test["model"] == test["site"]]["dice"].mean()),
+                 "n_test_pairs": len(test), "n_failed_test": int(failed.sum())}
+    for subset, tag in (("all", "all"), (f"without_{worst}", "without_worst")):
+        r = row(chosen, subset)
+        out.update({f"auroc_{tag}": float(r["auroc"]), f"auroc_lo_{tag}": float(r["auroc_lo"]),
+                    f"auroc_hi_{tag}": float(r["auroc_hi"]), f"aurc_{tag}": float(r["aurc"]),
+                    f"spearman_{tag}": float(r["spearman"])})
+        for b in BASELINES:
+            out[f"aurc_{b}_{tag}"] = float(row(b, subset)["aurc"])
+    out.update({
+        "flag_sensitivity": float((flagged & failed).sum() / max(int(failed.sum()), 1)),
+        "flag_specificity": float((~flagged & ~failed).sum() / max(int((~failed).sum()), 1)),
+        "site_ranking": ",".join(ranking["site"].astype(str)),
+        "holdout_dice_pooled": float(pooled_h["dice"].mean()) if len(pooled_h) else np.nan,
+        "holdout_dice_local_mean": float(local_h["dice"].mean()) if len(local_h) else np.nan,
+    })
+    return out

@@ -10,7 +10,11 @@ Layout::
     ARCHIVE/<site>/<study folder>/<series folder>/IM00001.dcm   DICOM, as a PACS export
     LABELS/<SeriesInstanceUID>.nii.gz                            ground-truth masks
     LABELS/labels.json                                          label value -> structure
-    TRUTH/series.csv, files.csv, conditions.csv, patients.csv, phi.csv, montage.png
+    TRUTH/series.csv       one row per series; usable axial rows carry every factor:
+                           kVp, mAs, kernel MTF50, noise sigma (stored, clinical, 7 mm),
+                           contrast, metal, FOV, truncation, scan range, patient factors
+    TRUTH/factors_by_site.csv, summary.json (shift_sites: site -> factors),
+          conditions.csv, site_protocols.csv, files.csv, patients.csv, phi.csv, montage.png
 """
 
 from __future__ import annotations
@@ -40,16 +44,22 @@ from pydicom.uid import (
 from scipy import ndimage
 from tqdm import tqdm
 
-from fedct.synth.anatomy import N_CLASSES, STRUCTURES, Anatomy, hu_of, labels_of, render_slice
+from fedct.synth import physics
+from fedct.synth.anatomy import N_CLASSES, STRUCTURES, Anatomy, labels_of, render_slice
 from fedct.synth.anatomy import sample_anatomy as _sample_anatomy
 from fedct.synth.scanners import (
     BY_KEY,
     CONDITIONS,
+    SCOUT_N,
+    SCOUT_PIXEL_MM,
     SHIFT_SITES,
+    SITE_PROTOCOLS,
     SITES,
+    Acquisition,
     Condition,
     acquire,
     allocate,
+    draw_acquisition,
     scan_range,
     site_mix,
 )
@@ -72,7 +82,7 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(patients_per_site=3, matrix=24, length_mm=205.0, supersample=1,
-                    fine_dz_mm=1.0, reformat_slices=8),
+                    fine_dz_mm=4.0, reformat_slices=8),
     "demo": Profile(patients_per_site=8, matrix=96, length_mm=200.0, supersample=2,
                     fine_dz_mm=1.0),
     "study": Profile(patients_per_site=40, matrix=512, length_mm=400.0, supersample=1,
@@ -150,6 +160,9 @@ def _base_dataset(p: PatientPlan, cond: Condition, seed: int, rng_meta: dict) ->
     ds.BodyPartExamined = rng_meta["body_part"]
     ds.PatientPosition = "FFS"
     ds.KVP = f"{cond.kvp:g}"
+    if rng_meta.get("contrast", "none") != "none":
+        ds.ContrastBolusAgent = "IOPAMIDOL 370"
+        ds.ContrastBolusRoute = "IV"
     return ds
 
 
@@ -170,7 +183,6 @@ def _meta(p: PatientPlan) -> dict:
         "study_time": f"{int(rng.integers(7, 20)):02d}{int(rng.integers(0, 60)):02d}00",
         "station": int(rng.integers(1, 4)),
         "body_part": BODY_PART[int(rng.integers(len(BODY_PART)))],
-        "mas": float(rng.uniform(80, 250)),
     }
 
 
@@ -218,33 +230,65 @@ def _write(ds: Dataset, path: Path, compress: bool = False) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def render_volume(a: Anatomy, coords: np.ndarray, fine_z: np.ndarray, supersample: int,
-                  rng: np.random.Generator) -> np.ndarray:
-    """True HU on the fine z grid at the series' in-plane pixel centres ``coords``.
+def _grid(xs: np.ndarray, supersample: int) -> np.ndarray:
+    """Sub-sample centres of pixels centred at ``xs`` (increasing)."""
+    step = xs[1] - xs[0]
+    offs = (np.arange(supersample) - (supersample - 1) / 2) * step / supersample
+    return (xs[:, None] + offs[None, :]).ravel()
+
+
+def render_volume(a: Anatomy, xs: np.ndarray, ys: np.ndarray, fine_z: np.ndarray,
+                  slice_z: np.ndarray, thickness: float, supersample: int, kvp: float,
+                  contrast: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """True HU (n_fine, len(ys), len(xs)) at ``kvp`` and ``contrast``, and the labels
+    of each slice (n_slices, len(ys), len(xs)).
 
     Each pixel is the mean of ``supersample``^2 sub-samples (in-plane partial volume).
-    A smooth patient-specific texture (~6 HU) makes tissue non-uniform.
+    A smooth patient texture makes tissue non-uniform and marbles infiltrated muscle.
+    A voxel's label is the structure most of its sub-samples (in-plane and over the
+    slice's planes) lie in.
     """
-    step = coords[1] - coords[0]
-    offs = (np.arange(supersample) - (supersample - 1) / 2) * step / supersample
-    fine = (coords[:, None] + offs[None, :]).ravel()
-    xx, yy = np.meshgrid(fine, fine)  # rows = y, cols = x
-    n = len(coords)
-    vol = np.empty((len(fine_z), n, n), dtype=np.float32)
+    fx, fy = _grid(xs, supersample), _grid(ys, supersample)
+    side = np.where(fx >= 0, 1, -1)[None, :].repeat(len(fy), 0)
+    nx, ny, ss = len(xs), len(ys), supersample
+    tex = ndimage.gaussian_filter(rng.standard_normal((len(fine_z), ny, nx)).astype(np.float32),
+                                  (1.5, 1.0, 1.0))
+    tex /= max(float(tex.std()), 1e-6)
+    vol = np.empty((len(fine_z), ny, nx), dtype=np.float32)
+    sub_labels = np.empty((len(fine_z), ny * ss, nx * ss), dtype=np.uint8)
     for k, z in enumerate(fine_z):
-        hu = hu_of(a, render_slice(a, float(z), xx, yy))
-        vol[k] = hu.reshape(n, supersample, n, supersample).mean(axis=(1, 3))
-    tex = ndimage.gaussian_filter(rng.standard_normal(vol.shape).astype(np.float32), 2.0)
-    tex *= 6.0 / max(float(tex.std()), 1e-6)
-    body = vol > -900
-    vol[body] += tex[body]
-    return vol
+        tissue = render_slice(a, float(z), fx, fy)
+        t = np.repeat(np.repeat(tex[k], ss, 0), ss, 1)
+        hu = physics.hu_at(tissue, a, side, kvp, contrast, t)
+        vol[k] = hu.reshape(ny, ss, nx, ss).mean(axis=(1, 3))
+        sub_labels[k] = labels_of(tissue)
+    labels = np.empty((len(slice_z), ny, nx), dtype=np.uint8)
+    pixel_of = (np.arange(ny)[:, None, None, None] * nx
+                + np.arange(nx)[None, None, :, None]) + np.zeros((1, ny, ss, nx, ss), np.int64)
+    for k, zc in enumerate(slice_z):
+        dist = np.abs(fine_z - zc)
+        sel = (dist <= thickness / 2 + 1e-6) | (dist == dist.min())
+        lab = sub_labels[sel].reshape(-1, ny, ss, nx, ss).astype(np.int64)
+        votes = np.bincount((pixel_of * N_CLASSES + lab).ravel(),
+                            minlength=ny * nx * N_CLASSES).reshape(ny, nx, N_CLASSES)
+        labels[k] = votes.argmax(axis=-1)
+    return vol, labels
 
 
-def label_volume(a: Anatomy, coords: np.ndarray, slice_z: np.ndarray) -> np.ndarray:
-    """Ground-truth labels at each slice centre on the pixel grid, (n_slices, rows, cols)."""
-    xx, yy = np.meshgrid(coords, coords)
-    return np.stack([labels_of(render_slice(a, float(z), xx, yy)) for z in slice_z])
+def scout_volume(a: Anatomy, acq: Acquisition, slice_z: np.ndarray, step_mm: float = 0.0
+                 ) -> np.ndarray:
+    """True HU at each slice centre on the projector's body-covering grid; rendered
+    every ``step_mm`` (nearest plane reused in between: the body changes slowly)."""
+    c = (np.arange(SCOUT_N) - (SCOUT_N - 1) / 2) * SCOUT_PIXEL_MM
+    xs, ys = c + acq.iso[0], c + acq.iso[1]
+    side = np.where(xs >= 0, 1, -1)[None, :].repeat(SCOUT_N, 0)
+    zero = np.zeros((SCOUT_N, SCOUT_N), dtype=np.float32)
+    dz = float(slice_z[1] - slice_z[0]) if len(slice_z) > 1 else 1.0
+    every = max(1, int(round(step_mm / dz)))
+    planes = np.stack([physics.hu_at(render_slice(a, float(z), xs, ys), a, side, acq.kvp,
+                                     acq.contrast, zero) for z in slice_z[every // 2::every]])
+    idx = np.minimum(np.arange(len(slice_z)) // every, len(planes) - 1)
+    return planes[idx]
 
 
 def _patient(args: tuple) -> dict:
@@ -252,23 +296,53 @@ def _patient(args: tuple) -> dict:
     p, profile, seed, archive, labels_dir = args
     cond = BY_KEY[p.condition]
     rng = np.random.default_rng([p.seed, 1])
-    a = _sample_anatomy(rng, profile.length_mm)
+    a = _sample_anatomy(rng, SITE_PROTOCOLS[p.site].population)
     meta = _meta(p)
-    pixel = cond.fov_mm / profile.matrix
-    coords = (np.arange(profile.matrix) - (profile.matrix - 1) / 2.0) * pixel
-    z0, z1 = a.z0, a.z0 + a.length_mm
-    fine_z = np.arange(z0 + profile.fine_dz_mm / 2, z1, profile.fine_dz_mm)
+    # The scan starts at the iliac crest (give or take positioning) and runs the
+    # profile's extent towards the knee; slices contiguous.
+    z1 = a.frame * float(rng.uniform(0.0, 15.0))
     lo, hi = scan_range(p.site)
-    start, covered = z0 + lo * a.length_mm, (hi - lo) * a.length_mm
+    start, covered = z1 - hi * profile.length_mm, (hi - lo) * profile.length_mm
     n_sl = int(covered // cond.slice_thickness_mm)
-    # Feet-first scan from the start of the site's range upwards; slices contiguous.
     slice_z = start + cond.slice_thickness_mm * (np.arange(n_sl) + 0.5)
-    truth_vol = render_volume(a, coords, fine_z, profile.supersample,
-                              np.random.default_rng([p.seed, 2]))
-    img = acquire(truth_vol, fine_z, slice_z, cond, pixel, np.random.default_rng([p.seed, 3]))
+    # The localizer gives the patient's size, which sets the dose (AEC).
+    centred = Acquisition(cond.kvp, cond.mas, "none", cond.fov_mm, (0.0, 0.0), (0.0, 0.0),
+                          False)
+    pre = scout_volume(a, centred, slice_z[:: max(1, n_sl // 8)])
+    wed = float(physics.wed_mm(pre, SCOUT_PIXEL_MM).mean())
+    cols = np.nonzero((pre > -500).any(axis=(0, 1)))[0]
+    width = float(np.ptp(cols) + 1) * SCOUT_PIXEL_MM if len(cols) else 0.0
+    acq = draw_acquisition(p.site, cond, a.oa_side, wed, width, rng)
+    meta["contrast"] = acq.contrast
+    pixel = acq.fov_mm / profile.matrix
+    xs = acq.centre[0] + (np.arange(profile.matrix) - (profile.matrix - 1) / 2.0) * pixel
+    ys = acq.centre[1] + (np.arange(profile.matrix) - (profile.matrix - 1) / 2.0) * pixel
+    # Two planes per slice (partial volume along z), or the profile's step if finer.
+    dz = max(profile.fine_dz_mm, cond.slice_thickness_mm / 2)
+    fine_z = np.arange(start + dz / 2, z1, dz)
+    truth_vol, lab = render_volume(a, xs, ys, fine_z, slice_z, cond.slice_thickness_mm,
+                                   profile.supersample, acq.kvp, acq.contrast,
+                                   np.random.default_rng([p.seed, 2]))
+    scout = scout_volume(a, acq, slice_z, step_mm=10.0)
+    img, measured = acquire(truth_vol, fine_z, slice_z, cond, acq, xs, ys, scout,
+                            np.random.default_rng([p.seed, 3]))
+    truth_vol = np.minimum(truth_vol, 3071.0)
     study_dir = Path(archive) / p.site / f"ST{_hex(seed, p.site, p.index, 'study')}"
     base = _base_dataset(p, cond, seed, meta)
     rows: list[dict] = []
+    factors = dict(
+        kvp=acq.kvp, mas=acq.mas, contrast=acq.contrast, fov_mm=acq.fov_mm,
+        unilateral=acq.unilateral, recon_centre_x_mm=acq.centre[0],
+        table_offset_x_mm=round(acq.iso[0], 1), table_offset_y_mm=round(acq.iso[1], 1),
+        scan_top_mm=round(float(z1), 1),
+        scan_bottom_mm=round(float(slice_z[0] - cond.slice_thickness_mm / 2), 1),
+        kernel_mtf50_lp_cm=round(physics.mtf50_lp_cm(cond.recon_kernel), 2),
+        ir_strength=cond.ir_strength, hu_offset=cond.hu_offset,
+        metal=a.prosthesis_side != 0, prosthesis_side=a.prosthesis_side,
+        oa_side=a.oa_side, oa_severity=round(a.oa_severity, 3),
+        infiltration=round(a.infiltration, 3), fat_mm=round(a.fat_mm, 1),
+        muscle_scale=round(a.muscle_scale, 3), frame=round(a.frame, 3),
+        bone_density=round(a.bone_density, 3), **measured)
 
     def series(number: int) -> tuple[str, Path]:
         uid = _uid(seed, p.site, p.index, "series", number)
@@ -281,7 +355,7 @@ def _patient(args: tuple) -> dict:
                     vendor=cond.vendor, manufacturer=cond.manufacturer, model=cond.model,
                     kernel="\\".join(cond.kernel), condition=cond.key, n_slices=n,
                     slice_thickness_mm=thick, pixel_spacing_mm=pixel, usable=usable,
-                    shift=SHIFT_SITES.get(p.site, "") if usable else "",
+                    shift="+".join(SHIFT_SITES.get(p.site, ())) if usable else "",
                     path=str(folder.relative_to(archive)), **kw)
 
     # 1. Localizer (projection radiograph of the whole range).
@@ -293,8 +367,8 @@ def _patient(args: tuple) -> dict:
         ds.SeriesDescription = "Topogram 0.6 T20f" if cond.vendor == "SIEMENS" else "Scout"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
-        ds.ImagePositionPatient = [float(coords[0]), 0.0, float(z1)]
-        ds.PixelSpacing = [profile.fine_dz_mm, float(pixel)]
+        ds.ImagePositionPatient = [float(xs[0]), 0.0, float(fine_z[-1])]
+        ds.PixelSpacing = [float(dz), float(pixel)]
         _write(ds, folder / f"IM{j + 1:05d}.dcm")
     rows.append(row(uid, folder, "localizer", 1, False, 0.0, "coronal"))
 
@@ -310,25 +384,23 @@ def _patient(args: tuple) -> dict:
         ds.SliceThickness = f"{thick:g}"
         ds.SpacingBetweenSlices = f"{thick:g}"
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [float(coords[0]), float(coords[0]), round(float(z), 4)]
+        ds.ImagePositionPatient = [float(xs[0]), float(ys[0]), round(float(z), 4)]
         ds.SliceLocation = round(float(z), 4)
         ds.PixelSpacing = [round(float(pixel), 6), round(float(pixel), 6)]
-        ds.XRayTubeCurrent = int(meta["mas"] * 2)
-        ds.Exposure = int(meta["mas"])
+        ds.XRayTubeCurrent = int(round(acq.mas * 2))
+        ds.Exposure = int(round(acq.mas))
         ds.AcquisitionNumber = 1
         _write(ds, folder / f"IM{k + 1:05d}.dcm", compress=p.compress)
-    lab = label_volume(a, coords, slice_z)
     label_path = Path(labels_dir) / f"{uid}.nii.gz"
     limg = sitk.GetImageFromArray(lab.astype(np.uint8))
     limg.SetSpacing((float(pixel), float(pixel), float(thick)))
-    limg.SetOrigin((float(coords[0]), float(coords[0]), float(slice_z[0])))
+    limg.SetOrigin((float(xs[0]), float(ys[0]), float(slice_z[0])))
     sitk.WriteImage(limg, str(label_path), useCompression=True)
     volumes = {STRUCTURES[k]: float((lab == k).sum() * pixel * pixel * thick / 1000.0)
                for k in STRUCTURES}
     rows.append(row(uid, folder, "axial", n_sl, True, thick, "axial",
                     label=label_path.name, compressed=p.compress,
-                    noise_hu=cond.noise_hu, mtf_sigma_mm=cond.mtf_sigma_mm,
-                    sharpen=cond.sharpen, hu_offset=cond.hu_offset,
+                    **factors,
                     **{f"volume_ml_{k}": v for k, v in volumes.items()}))
 
     # 3. A thick axial recon (< 32 slices): archived, not usable for 3D AI.
@@ -345,7 +417,7 @@ def _patient(args: tuple) -> dict:
             ds.ConvolutionKernel = list(cond.kernel) if len(cond.kernel) > 1 else cond.kernel[0]
             ds.SliceThickness = f"{profile.thick_recon_mm:g}"
             ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-            ds.ImagePositionPatient = [float(coords[0]), float(coords[0]), round(float(z), 4)]
+            ds.ImagePositionPatient = [float(xs[0]), float(ys[0]), round(float(z), 4)]
             ds.PixelSpacing = [round(float(pixel), 6), round(float(pixel), 6)]
             _write(ds, folder / f"IM{k + 1:05d}.dcm")
         rows.append(row(uid, folder, "thick", len(tz), False, profile.thick_recon_mm, "axial"))
@@ -365,9 +437,9 @@ def _patient(args: tuple) -> dict:
             ds.SeriesDescription = f"{kind.upper()} MPR"
             ds.ImageType = ["DERIVED", "SECONDARY", "REFORMATTED"]
             ds.ImageOrientationPatient = iop
-            pos = [float(coords[0]), float(coords[c]), float(slice_z[-1])]
+            pos = [float(xs[0]), float(ys[c]), float(slice_z[-1])]
             if kind == "sagittal":
-                pos = [float(coords[c]), float(coords[0]), float(slice_z[-1])]
+                pos = [float(xs[c]), float(ys[0]), float(slice_z[-1])]
             ds.ImagePositionPatient = pos
             ds.PixelSpacing = [float(thick), round(float(pixel), 6)]
             ds.SliceThickness = f"{pixel:.3f}"
@@ -463,7 +535,11 @@ def generate(archive: Path, labels_dir: Path, truth: Path, profile_name: str = "
     pd.DataFrame(files).to_csv(truth / "files.csv", index=False)
     pd.DataFrame([r["patient"] for r in results]).to_csv(truth / "patients.csv", index=False)
     pd.DataFrame([r["phi"] for r in results]).to_csv(truth / "phi.csv", index=False)
-    pd.DataFrame([asdict(c) for c in CONDITIONS]).to_csv(truth / "conditions.csv", index=False)
+    pd.DataFrame([{**asdict(c), "mtf50_lp_cm": round(physics.mtf50_lp_cm(c.recon_kernel), 2)}
+                  for c in CONDITIONS]).to_csv(truth / "conditions.csv", index=False)
+    pd.DataFrame([{"site": k, **asdict(v)} for k, v in SITE_PROTOCOLS.items()]).to_csv(
+        truth / "site_protocols.csv", index=False)
+    _factor_summary(series_df).to_csv(truth / "factors_by_site.csv")
     summary = {
         "profile": profile_name,
         "seed": seed,
@@ -472,15 +548,29 @@ def generate(archive: Path, labels_dir: Path, truth: Path, profile_name: str = "
         "n_usable": int(series_df["usable"].sum()),
         "n_files": sum(1 for _ in archive.rglob("*") if _.is_file()),
         "n_classes": N_CLASSES,
-        "shift_sites": SHIFT_SITES,
+        "shift_sites": {k: list(v) for k, v in SHIFT_SITES.items()},
+        "shift_reasons": {k: SITE_PROTOCOLS[k].reason for k in SHIFT_SITES},
     }
     (truth / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
     return summary
 
 
+def _factor_summary(series: pd.DataFrame) -> pd.DataFrame:
+    """Per site: the mean of each acquisition and patient factor of the usable series."""
+    axial = series[series["usable"]]
+    num = ["kvp", "mas", "fov_mm", "kernel_mtf50_lp_cm", "slice_thickness_mm", "wed_mm",
+           "noise_sigma_hu", "noise_sigma_clinical_hu", "noise_sigma_7mm_hu",
+           "truncated_fraction", "infiltration", "oa_severity", "fat_mm", "muscle_scale"]
+    out = axial.groupby("site")[num].mean().round(3)
+    for col in ("metal", "unilateral"):
+        out[f"{col}_fraction"] = axial.groupby("site")[col].mean().round(3)
+    out["contrast"] = axial.groupby("site")["contrast"].agg(lambda v: ",".join(sorted(set(v))))
+    return out
+
+
 def montage(archive: Path, truth: Path, out_png: Path, level: float = 40, width: float = 400
             ) -> Path:
-    """One axial slice per site (mid-thigh of the first patient), one window: the shift."""
+    """One axial slice per site (hip level of the first patient), one window: the shift."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -501,7 +591,7 @@ def montage(archive: Path, truth: Path, out_png: Path, level: float = 40, width:
         r = axial.loc[site]
         ax.set_title(f"{site}: {r['vendor']} {r['kernel']} {r['slice_thickness_mm']:g}mm",
                      fontsize=9)
-    fig.suptitle(f"Mid-thigh, one patient per site, W{width:g}/L{level:g}")
+    fig.suptitle(f"Hip level (35 % up the stack), one patient per site, W{width:g}/L{level:g}")
     fig.tight_layout()
     fig.savefig(out_png, dpi=80)
     plt.close(fig)

@@ -10,15 +10,18 @@ from fedct.data.labels import LabelSet
 
 
 def plot_curves(history: pd.DataFrame, path: Path, title: str, labels: LabelSet) -> None:
-    """Training loss and validation Dice per structure against epoch (PNG)."""
+    """Training and validation loss, and validation Dice per structure, against epoch (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax[0].plot(history["epoch"], history["loss"])
-    ax[0].set(xlabel="epoch", ylabel="Dice + CE loss", title=f"{title}: training loss")
+    ax[0].plot(history["epoch"], history["loss"], label="training")
+    if "val_loss" in history:
+        ax[0].plot(history["epoch"], history["val_loss"], label="validation")
+        ax[0].legend(fontsize=7)
+    ax[0].set(xlabel="epoch", ylabel="Dice + CE loss", title=f"{title}: loss")
     if "val_dice_mean" in history:
         v = history.dropna(subset=["val_dice_mean"])
         for n in labels.structures.values():

@@ -1,8 +1,18 @@
-"""The training loop of one Bayesian U-Net, with checkpoint and resume.
+"""The training loop of one Bayesian U-Net: early stopping, checkpoint and resume.
 
-Training runs a fixed number of optimiser steps (``train.steps``), rounded up to whole
-epochs; the model with the best mean validation Dice (deterministic pass) is kept. Random
-crops, left-right flips and small intensity changes augment the training cases.
+Every model, local or pooled, trains until its validation loss (Dice + CE of a
+deterministic whole-volume pass over its validation cases) has not improved for
+``train.patience`` validation passes, and for at most ``train.steps`` optimiser steps; the
+weights of the best validation loss are kept. So each model is trained to its own
+convergence under one common cap, and a comparison of local with pooled models is not a
+comparison of how many updates each got. The learning rate follows a one-cycle schedule
+over the cap (warm-up to ``train.learning_rate``, cosine decay).
+
+Augmentation: each training case is padded by ``train.max_shift`` voxels per side and a
+random ``train.patch_size`` crop is taken, so the same anatomy appears at any position of
+the input and slice index no longer tells the network where it is (the phantom, like a
+real protocol, centres every scan on the same range); then left-right flips and small
+intensity changes. Validation and inference see the whole volume.
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +32,7 @@ from fedct.analysis.metrics import dice_per_structure
 from fedct.config import TrainParams, to_dict
 from fedct.data.labels import LabelSet
 from fedct.devices import pick_device
+from fedct.errors import FedctError
 from fedct.model.io import architecture, build_from_arch
 
 
@@ -34,23 +46,27 @@ def build_model(params: TrainParams, labels: LabelSet) -> torch.nn.Module:
     return build_from_arch(model_arch(params, labels))
 
 
-def _train_transforms(params: TrainParams):
+def train_transforms(params: TrainParams):
+    """Random translation (pad + crop), left-right flip, intensity jitter (MONAI, dict)."""
     from monai.transforms import (
+        BorderPadd,
         Compose,
         RandFlipd,
         RandScaleIntensityd,
         RandShiftIntensityd,
         RandSpatialCropd,
-        ToTensord,
     )
 
+    keys = ["image", "label"]
     return Compose([
-        RandSpatialCropd(keys=["image", "label"], roi_size=params.patch_size, random_size=False),
+        # Padding is air in the image (0 after the HU window) and background in the label.
+        BorderPadd(keys=keys, spatial_border=[s for s in params.max_shift for _ in (0, 1)],
+                   mode="constant", value=0),
+        RandSpatialCropd(keys=keys, roi_size=params.patch_size, random_size=False),
         # Left-right flip keeps every label valid (structures are bilateral).
-        RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=0),
+        RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
         RandScaleIntensityd(keys="image", factors=0.05, prob=0.5),
         RandShiftIntensityd(keys="image", offsets=0.02, prob=0.5),
-        ToTensord(keys=["image", "label"]),
     ])
 
 
@@ -71,18 +87,33 @@ def reference_volumes(label_maps: list[np.ndarray], spacing_mm: tuple[float, ...
             for k in labels.structures]
 
 
-def evaluate_dice(model: torch.nn.Module, cases: list[dict], device: torch.device,
-                  amp: bool, n_classes: int) -> np.ndarray:
-    """Deterministic (dropout off) Dice per structure, (n_cases, C - 1)."""
+def _loss_fn():
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def evaluate(model: torch.nn.Module, cases: list[dict], device: torch.device, amp: bool,
+             n_classes: int) -> tuple[float, np.ndarray]:
+    """Deterministic (dropout off) whole-volume pass: mean loss, Dice (n_cases, C - 1)."""
     model.eval()
-    out = []
+    loss_fn = _loss_fn()
+    losses, dice = [], []
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
                                                 enabled=amp and device.type == "cuda"):
         for c in cases:
-            logits = model(torch.as_tensor(c["image"])[None].to(device))
+            logits = model(torch.as_tensor(c["image"])[None].to(device)).float()
+            label = torch.as_tensor(c["label"])[None].to(device)
+            losses.append(float(loss_fn(logits, label)))
             seg = logits.argmax(1)[0].cpu()
-            out.append(dice_per_structure(seg, torch.as_tensor(c["label"][0]), n_classes))
-    return np.array(out)
+            dice.append(dice_per_structure(seg, torch.as_tensor(c["label"][0]), n_classes))
+    return float(np.mean(losses)), np.array(dice)
+
+
+def evaluate_dice(model: torch.nn.Module, cases: list[dict], device: torch.device,
+                  amp: bool, n_classes: int) -> np.ndarray:
+    """Deterministic (dropout off) Dice per structure, (n_cases, C - 1)."""
+    return evaluate(model, cases, device, amp, n_classes)[1]
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -91,79 +122,140 @@ def _nanmean(values: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else float("nan")
 
 
-def train_model(params: TrainParams, labels: LabelSet, train_cases: list[dict],
-                val_cases: list[dict], checkpoint: Path | None, fp: str, on_epoch=None
-                ) -> tuple[torch.nn.Module, pd.DataFrame]:
-    """The training loop; returns the best model (by validation Dice) and the history.
+def _seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
 
-    ``checkpoint`` (optional) is written after every epoch and resumed from when its
-    fingerprint equals ``fp``; ``on_epoch(row)`` sees each epoch's history row.
+
+def _batches(cases: list[dict], params: TrainParams, start_step: int
+             ) -> Iterator[dict[str, torch.Tensor]]:
+    """Training batches from step ``start_step`` on, each a function of (seed, step) only.
+
+    The case order of each epoch and every random transform are seeded by the seed and
+    the step, not by a running generator, so a resumed run draws exactly the batches the
+    uninterrupted run would have drawn.
     """
-    from monai.data import DataLoader, Dataset
-    from monai.losses import DiceCELoss
+    transform = train_transforms(params)
+    size = min(params.batch_size, len(cases))
+    per_epoch = -(-len(cases) // size)
+    step = start_step
+    while True:
+        epoch, k = divmod(step, per_epoch)
+        order = torch.randperm(len(cases), generator=torch.Generator().manual_seed(
+            _seed(params.seed, epoch)))
+        items = []
+        for i in order[k * size:(k + 1) * size].tolist():
+            transform.set_random_state(seed=_seed(params.seed, step, i))
+            items.append(transform(dict(cases[i])))
+        yield {key: torch.stack([torch.as_tensor(it[key]).as_subclass(torch.Tensor)
+                                 for it in items]) for key in ("image", "label")}
+        step += 1
+
+
+def check_shapes(params: TrainParams, shapes: list[tuple[int, ...]]) -> None:
+    """Patches and whole volumes must fit the network: a clear error, not a shape crash."""
+    factor = int(np.prod(params.strides))
+    for name, shape in [("train.patch_size", tuple(params.patch_size)),
+                        *(("a case", tuple(s)) for s in set(map(tuple, shapes)))]:
+        if any(int(n) % factor for n in shape):
+            raise FedctError(f"{name} {list(shape)}: every size must be divisible by "
+                             f"{factor}, the product of train.strides")
+    for s in set(map(tuple, shapes)):
+        room = [n + 2 * m for n, m in zip(s, params.max_shift, strict=True)]
+        if any(p > r for p, r in zip(params.patch_size, room, strict=True)):
+            raise FedctError(f"train.patch_size {list(params.patch_size)} exceeds a case of "
+                             f"{list(s)} voxels padded by train.max_shift ({room})")
+
+
+def steps_per_epoch(n_cases: int, batch_size: int) -> int:
+    return -(-n_cases // min(batch_size, n_cases))
+
+
+def train_model(params: TrainParams, labels: LabelSet, train_cases: list[dict],
+                val_cases: list[dict], checkpoint: Path | None, fp: str,
+                on_check: Callable[[dict], None] | None = None
+                ) -> tuple[torch.nn.Module, pd.DataFrame]:
+    """The training loop; returns the best model (by validation loss) and the history.
+
+    One history row per validation pass (every ``steps // val_checks`` steps, and at the
+    end): ``step``, ``epoch`` (steps / batches per epoch), mean training ``loss`` since the
+    previous row, ``lr``, ``val_loss``, ``val_dice_mean`` and ``val_dice_<structure>``.
+    Without validation cases the model trains for the whole cap and the last weights are
+    kept. ``checkpoint`` (optional) is written at every row and resumed from when its
+    fingerprint equals ``fp``; ``on_check(row)`` sees each row.
+    """
     from monai.utils import set_determinism
 
+    check_shapes(params, [c["image"].shape[1:] for c in train_cases + val_cases])
     set_determinism(seed=params.seed)
     torch.manual_seed(params.seed)
     device = pick_device(params.device)
     amp = params.amp and device.type == "cuda"
     model = build_model(params, labels).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=params.learning_rate, weight_decay=1e-5)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    ds = Dataset(train_cases, transform=_train_transforms(params))
-    gen = torch.Generator().manual_seed(params.seed)
-    loader = DataLoader(ds, batch_size=params.batch_size, shuffle=True, num_workers=0,
-                        generator=gen)
-    epochs = max(1, -(-params.steps // len(loader)))
-    val_every = max(1, epochs // max(1, params.val_checks))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    # One-cycle needs a warm-up and a decay phase of at least one step each.
+    total = max(4, params.steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.learning_rate,
+                                                total_steps=total, pct_start=max(0.25, 2 / total))
+    loss_fn = _loss_fn()
+    val_every = max(1, params.steps // max(1, params.val_checks))
+    per_epoch = steps_per_epoch(len(train_cases), params.batch_size)
     history: list[dict] = []
-    start, best, best_state = 0, -1.0, None
+    step, best, best_state, stale = 0, float("inf"), None, 0
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         if state.get("fingerprint") == fp:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
-            gen.set_state(state["gen"])
             torch.set_rng_state(state["torch_rng"])
-            start, best, best_state = state["epoch"], state["best"], state["best_state"]
-            history = state["history"]
-    for epoch in tqdm(range(start, epochs), desc="train: epochs", initial=start,
-                      total=epochs):
+            step, best, best_state = state["step"], state["best"], state["best_state"]
+            stale, history = state["stale"], state["history"]
+    done = step >= params.steps or (val_cases and stale >= params.patience > 0)
+    batches = _batches(train_cases, params, step)
+    losses: list[float] = []
+    bar = tqdm(total=params.steps, initial=step, desc="train: steps", disable=bool(done))
+    while not done:
         model.train()
+        batch = next(batches)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(batch["image"].to(device))
+            loss = loss_fn(logits.float(), batch["label"].to(device))
+        loss.backward()
+        opt.step()
+        if step + 1 < total:
+            sched.step()
+        losses.append(loss.detach().item())
+        step += 1
+        bar.update(1)
+        if step % val_every and step < params.steps:
+            continue
+        row: dict = {"step": step, "epoch": step / per_epoch, "loss": float(np.mean(losses)),
+                     "lr": opt.param_groups[0]["lr"]}
         losses = []
-        for batch in loader:
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(batch["image"].to(device))
-                loss = loss_fn(logits.float(), batch["label"].to(device))
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach().item())
-        sched.step()
-        row: dict = {"epoch": epoch + 1, "loss": float(np.mean(losses)),
-                     "lr": sched.get_last_lr()[0]}
-        last = epoch + 1 == epochs
-        if val_cases and ((epoch + 1) % val_every == 0 or last):
-            dice = evaluate_dice(model, val_cases, device, amp, labels.n_classes)
+        if val_cases:
+            row["val_loss"], dice = evaluate(model, val_cases, device, amp, labels.n_classes)
             row["val_dice_mean"] = _nanmean(dice)
             row.update({f"val_dice_{n}": _nanmean(dice[:, k - 1])
                         for k, n in labels.structures.items()})
-            if row["val_dice_mean"] > best:
-                best = row["val_dice_mean"]
+            if row["val_loss"] < best:
+                best, stale = row["val_loss"], 0
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            else:
+                stale += 1
         history.append(row)
-        if on_epoch is not None:
-            on_epoch(row)
+        done = step >= params.steps or bool(val_cases and stale >= params.patience > 0)
         if checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"fingerprint": fp, "epoch": epoch + 1, "model": model.state_dict(),
+            torch.save({"fingerprint": fp, "step": step, "model": model.state_dict(),
                         "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                        "best": best, "best_state": best_state, "history": history}, tmp)
+                        "torch_rng": torch.get_rng_state(), "best": best,
+                        "best_state": best_state, "stale": stale, "history": history}, tmp)
             os.replace(tmp, checkpoint)
+        if on_check is not None:
+            on_check(row)
+    bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     return model.cpu(), pd.DataFrame(history)
