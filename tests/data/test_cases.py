@@ -28,10 +28,10 @@ def test_training_cases_refuses_holdout_site() -> None:
         training_cases(cohort, "C")
 
 
-def test_evaluation_cases_are_val_and_test_only() -> None:
-    cohort = pd.DataFrame({"split": ["train", "val", "test", "test"],
-                           "series_key": ["a", "b", "c", "d"]})
-    assert list(evaluation_cases(cohort)["series_key"]) == ["b", "c", "d"]
+def test_evaluation_cases_are_every_case_not_trained_on() -> None:
+    cohort = pd.DataFrame({"split": ["train", "val", "calib", "test", "test"],
+                           "series_key": ["a", "b", "e", "c", "d"]})
+    assert list(evaluation_cases(cohort)["series_key"]) == ["b", "e", "c", "d"]
 
 
 def test_case_round_trip_and_clear_errors(tmp_path: Path) -> None:

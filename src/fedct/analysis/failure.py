@@ -48,7 +48,7 @@ def aggregate_cases(structures: pd.DataFrame, aggregation: str = "mean") -> pd.D
     """One row per (model, case): mean Dice and HD95, signals by ``aggregation`` over structures.
 
     The mean matches how case Dice is formed; a max lets one small, always-uncertain
-    structure (gluteus medius at coarse sampling) dominate every case.
+    structure (a thin muscle at coarse sampling) dominate every case.
     """
     keys = ["model", "site", "series_key", "split", "role"]
     case_level = [c for c in CASE_SCORES if c in structures]

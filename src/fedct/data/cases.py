@@ -69,5 +69,5 @@ def training_cases(cohort: pd.DataFrame, site: str) -> pd.DataFrame:
 
 
 def evaluation_cases(cohort: pd.DataFrame) -> pd.DataFrame:
-    """Val and test cases of training sites, all (test) cases of held-out sites."""
-    return cohort[cohort["split"].isin(["val", "test"])].reset_index(drop=True)
+    """Val, calib and test cases of training sites, all (test) cases of held-out sites."""
+    return cohort[cohort["split"].isin(["val", "calib", "test"])].reset_index(drop=True)
