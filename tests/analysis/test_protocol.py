@@ -92,7 +92,7 @@ def test_header_rule_counts_fields_the_model_never_trained_on() -> None:
         "role": ["train", "train", "train", "holdout"], "split": ["train", "test", "train", "test"],
         "vendor": ["GE", "GE", "SIEMENS", "GE"], "model": ["X", "X", "Y", "X"],
         "kernel": ["STANDARD", "STANDARD", "Br40", "BONE"],
-        "slice_thickness": [1.0, 1.0, 1.0, 5.0]})
+        "thickness_class": ["thin", "thin", "thin", "thick"]})
     pairs = pd.DataFrame({"model": ["A", "A", "B", "pooled"],
                           "series_key": ["a2", "c1", "c1", "c1"]})
     assert list(header_rule(pairs, cohort)) == [0.0, 2.0, 4.0, 2.0]

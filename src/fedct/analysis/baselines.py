@@ -21,14 +21,8 @@ from scipy import ndimage
 from fedct.data.cases import POOLED
 
 BASELINES = ("header_rule", "deterministic_max_softmax", "noise_estimate")
+# Columns of cohort.csv; thickness_class is the catalogue's (thin / medium / thick).
 HEADER_FIELDS = ("vendor", "model", "kernel", "thickness_class")
-# Thin / medium / thick slices, as the catalogue classes them.
-_THICKNESS_EDGES_MM = (1.5, 3.0)
-
-
-def thickness_class(mm: pd.Series) -> pd.Series:
-    cls = np.digitize(mm.to_numpy(dtype=float), _THICKNESS_EDGES_MM, right=True)
-    return pd.Series(np.array(["thin", "medium", "thick"])[cls], index=mm.index)
 
 
 def training_conditions(cohort: pd.DataFrame, model_site: str) -> dict[str, set]:
@@ -36,7 +30,6 @@ def training_conditions(cohort: pd.DataFrame, model_site: str) -> dict[str, set]
     c = cohort[(cohort["role"] == "train") & (cohort["split"] == "train")]
     if model_site != POOLED:
         c = c[c["site"] == model_site]
-    c = c.assign(thickness_class=thickness_class(c["slice_thickness"]))
     return {f: set(c[f].astype(str)) for f in HEADER_FIELDS}
 
 
@@ -46,7 +39,6 @@ def header_rule(pairs: pd.DataFrame, cohort: pd.DataFrame) -> pd.Series:
     ``pairs`` has ``model`` and ``series_key``; ``cohort`` the header columns of each case.
     """
     info = cohort.set_index("series_key")
-    info = info.assign(thickness_class=thickness_class(info["slice_thickness"]))
     seen = {m: training_conditions(cohort, m) for m in pairs["model"].unique()}
     scores = []
     for model, key in zip(pairs["model"], pairs["series_key"], strict=True):

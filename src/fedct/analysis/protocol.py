@@ -81,11 +81,11 @@ def signal_table(test: pd.DataFrame, structures: pd.DataFrame | None,
     for subset, mask in subsets.items():
         pairs = test[mask]
         for signal, kind in kinds.items():
-            lo_est = _auroc_interval(pairs, signal, n_boot, seed)
+            auroc, lo, hi = _auroc_interval(pairs, signal, n_boot, seed)
             rows.append({"signal": signal, "kind": kind, "level": "case", "subset": subset,
                          "n": len(pairs), "n_failed": int(pairs["failed"].sum()),
                          "spearman": spearman(pairs[signal], pairs["dice"]),
-                         "auroc": lo_est[0], "auroc_lo": lo_est[1], "auroc_hi": lo_est[2],
+                         "auroc": auroc, "auroc_lo": lo, "auroc_hi": hi,
                          "aurc": aurc(pairs[signal], pairs["failed"])})
         if structures is None:
             continue

@@ -162,14 +162,15 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
             label = sitk.ReadImage(str(lab_path)) if lab_path is not None else None
             has_label.append(label is not None)
             case = prepare_case(image, label, spec)
-            if label_set is not None and "label" in case and case["label"].max() >= len(
-                    label_set.names):
+            if (label_set is not None and "label" in case
+                    and case["label"].max() >= label_set.n_classes):
                 raise FedctError(f"{lab_path}: label value {int(case['label'].max())} is not "
                                  f"in {Path(labels_dir) / 'labels.json'}")
             save_case(case_path(out_dir, row.series_key), case)
         cohort["has_label"] = has_label
         cols = ["series_key", "study_key", "patient_key", "site", "vendor", "model", "kernel",
-                "slice_thickness", "n_slices", "split", "role", "labelled", "has_label"]
+                "slice_thickness", "thickness_class", "n_slices", "split", "role", "labelled",
+                "has_label"]
         cohort = cohort[cols].sort_values(["site", "split", "series_key"]).reset_index(drop=True)
         cohort.to_csv(out_dir / "cohort.csv", index=False)
         counts = cohort.groupby(["site", "split"]).size().unstack(fill_value=0)
