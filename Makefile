@@ -13,7 +13,7 @@ PROFILE ?= demo
 # memory mapped makes CPU training and batched MC dropout ~1.3x faster (benchmarks/).
 DEMO_ENV ?= MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736
 
-.PHONY: demo test venv lint bench clean-demo lock
+.PHONY: demo test venv lint bench clean-demo lock mlflow-server
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -56,3 +56,14 @@ bench: venv
 
 clean-demo:
 	rm -rf data outputs mlruns mlflow.db
+
+# A shared MLflow server: PostgreSQL backend store (database created if missing), artifacts
+# in MLFLOW_ARTIFACTS, on loopback until Ctrl-C (which stops it by its PID). Clients:
+#   export MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)
+MLFLOW_PG ?= postgresql+psycopg2://postgres@127.0.0.1:5432
+MLFLOW_DB ?= fedct_mlflow
+MLFLOW_PORT ?= 5000
+MLFLOW_ARTIFACTS ?= mlartifacts
+mlflow-server: venv
+	$(BIN)/python -m fedct.server --pg $(MLFLOW_PG) --database $(MLFLOW_DB) \
+	  --artifacts $(MLFLOW_ARTIFACTS) --port $(MLFLOW_PORT)

@@ -144,3 +144,94 @@ def uncertainty(cohort_dir: Path, models_dir: Path, out_dir: Path, params_file: 
 
     metrics = stage.run(_load(params_file).uncertainty, cohort_dir, models_dir, out_dir)
     click.echo(metrics)
+
+
+@main.command()
+@click.argument("cohort_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("models_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Round checkpoints: a killed federation resumes from here.")
+@PARAMS
+def federate(cohort_dir: Path, models_dir: Path, out_dir: Path, checkpoint_dir: Path | None,
+             params_file: Path) -> None:
+    """Federated models of the training sites (one-shot, FedAvg, FedProx on Flower) and
+    the label-free, uncertainty-guided methods for the held-out sites."""
+    from fedct.stages import federate as stage
+
+    params = _load(params_file)
+    metrics = stage.run(params.federate, params.train, cohort_dir, models_dir, out_dir,
+                        checkpoint_dir)
+    click.echo(metrics)
+
+
+@main.command()
+@click.argument("cohort_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("models_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("federated_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--threshold", "threshold_file", default=None,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The uncertainty stage's threshold.json (flag threshold of the signal).")
+@PARAMS
+def evaluate(cohort_dir: Path, models_dir: Path, federated_dir: Path, out_dir: Path,
+             threshold_file: Path | None, params_file: Path) -> None:
+    """Every local, pooled and federated model on the held-out sites' test cases: Dice,
+    HD95 and the failure signal, with cluster-bootstrap intervals and paired differences."""
+    from fedct.stages import evaluate as stage
+
+    params = _load(params_file)
+    metrics = stage.run(params.evaluate, params.uncertainty, cohort_dir, models_dir,
+                        federated_dir, out_dir, threshold_file)
+    click.echo(stage.summary_line(metrics))
+
+
+@main.command()
+@click.argument("evaluate_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("federated_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("uncertainty_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@PARAMS
+def promote(evaluate_dir: Path, federated_dir: Path, uncertainty_dir: Path, out_dir: Path,
+            params_file: Path) -> None:
+    """Register the federated candidate; alias it champion only if it beats the locals."""
+    from fedct.stages import promote as stage
+
+    stage.run(_load(params_file).promote, evaluate_dir, federated_dir, uncertainty_dir,
+              out_dir)
+
+
+@main.command()
+@click.argument("outputs_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--out", "out_file", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="The HTML file to write.")
+def report(outputs_dir: Path, out_file: Path) -> None:
+    """The study report of OUTPUTS_DIR as one static HTML file (logged to MLflow)."""
+    from fedct.stages import report as stage
+
+    result = stage.run(outputs_dir, out_file)
+    missing = f"; not available: {', '.join(result.missing)}" if result.missing else ""
+    click.echo(f"wrote {out_file} ({len(result.sections)} sections){missing}")
+
+
+@main.command()
+@click.argument("model_uri")
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--mc-samples", type=click.IntRange(min=2), default=None,
+              help="MC-dropout samples [default: the model card's].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1...")
+@click.option("--uncertainty", type=click.Choice(["entropy", "variance", "mutual_information"]),
+              default="entropy", show_default=True, help="Voxel uncertainty map to write.")
+def predict(model_uri: str, input_path: Path, out_dir: Path, mc_samples: int | None,
+            device: str, uncertainty: str) -> None:
+    """Segment INPUT (DICOM series folder or NIfTI) with MODEL_URI (models:/name@alias,
+    models:/name/version, runs:/... or a model folder): label map, uncertainty, report,
+    DICOM SEG."""
+    from fedct.inference import predict as command
+
+    report = command.run(model_uri, input_path, out_dir, mc_samples, device, uncertainty)
+    flag = report["failure"]["flag"]
+    click.echo(f"wrote {', '.join(v for v in report['outputs'].values() if v)} to {out_dir}; "
+               f"failure flag: {'none (no threshold)' if flag is None else flag}")

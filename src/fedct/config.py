@@ -152,12 +152,83 @@ class UncertaintyParams:
 
 
 @dataclass(frozen=True)
+class FederateParams:
+    """``fedct federate``: federated models of the training sites, and label-free methods."""
+
+    # Clients: training sites with a local model (one SuperNode each in the simulation).
+    sites: tuple[str, ...] = ("A", "B", "D", "E")
+    # one_shot: average of the local models from ``train``; fedavg / fedprox: multi-round
+    # on Flower; uw_merge, tent (per held-out target site) and self_train: label-free.
+    methods: tuple[str, ...] = ("one_shot", "fedavg", "fedprox", "uw_merge", "tent",
+                                "self_train")
+    # Site weights of every average: training cases (``cases``) or ``equal``.
+    weighting: Literal["cases", "equal"] = "cases"
+    rounds: int = 4
+    # Optimiser steps per client per round: rounds x local_steps = train.steps, so each
+    # client does as many steps as a local model's cap.
+    local_steps: int = 60
+    # A round completes when at least this many clients reply (a failed client rejoins).
+    min_clients: int = 3
+    proximal_mu: float = 0.01      # FedProx: mu / 2 ||w - w_global||^2
+    # Label-free methods read the target's images, never its labels.
+    mc_samples: int = 10
+    mc_batch: int = 10
+    uw_signal: str = "sample_disagreement"  # uw_merge: uncertainty of each site model
+    uw_rule: Literal["softmax", "inverse"] = "softmax"
+    uw_temperature: float = 0.1
+    tent_steps: int = 10           # TENT on the FedAvg model: norm affine parameters only
+    tent_lr: float = 0.001
+    pseudo_p_min: float = 0.75     # self_train (DPL): keep voxels with mean p > p_min
+    pseudo_std_max: float = 0.05   # and MC std < std_max
+    self_train_rounds: int = 1     # further FedAvg rounds with the pseudo-labelled sites
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """``fedct evaluate``: every candidate (local, pooled, federated) on the held-out sites.
+
+    The failure signal and its aggregation are ``uncertainty.signal`` and
+    ``uncertainty.aggregation`` (frozen there); MC dropout as in ``uncertainty``.
+    """
+
+    mc_samples: int = 10
+    mc_batch: int = 10
+    # Cluster-bootstrap resamples (sites, then cases) of every interval and paired difference.
+    n_boot: int = 1000
+    seed: int = 0
+    # CPU: models evaluated in parallel processes (ignored on a GPU).
+    workers: int = 2
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class PromoteParams:
+    """``fedct promote``: register the federated candidate; alias it only if it wins."""
+
+    model_name: str = "fedct-seg"   # the registered model consumers load
+    candidate: str = "fedavg"       # the federated model put forward (an evaluate model)
+    alias: str = "champion"
+    # Promote only when the lower bound of the 95 % paired cluster-bootstrap interval of
+    # (candidate - best local) mean held-out Dice exceeds ``margin``, and no held-out
+    # site's mean difference is below -``site_tolerance``.
+    margin: float = 0.0
+    site_tolerance: float = 0.05
+    n_boot: int = 1000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Params:
     synth: SynthParams = field(default_factory=SynthParams)
     catalogue: CatalogueParams = field(default_factory=CatalogueParams)
     cohort: CohortParams = field(default_factory=CohortParams)
     train: TrainParams = field(default_factory=TrainParams)
     uncertainty: UncertaintyParams = field(default_factory=UncertaintyParams)
+    federate: FederateParams = field(default_factory=FederateParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    promote: PromoteParams = field(default_factory=PromoteParams)
 
 
 T = TypeVar("T")

@@ -10,11 +10,15 @@ tagged with the stage name and the git commit; nothing is autologged.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from fedct.errors import FedctError
 
 EXPERIMENT = "fedct"
 
@@ -27,6 +31,11 @@ def _git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def git_commit() -> str:
+    """The commit of the working tree (registry evidence, run tags)."""
+    return _git_commit()
 
 
 def _git_dirty() -> bool:
@@ -130,9 +139,10 @@ class Run:
 
 
 @contextlib.contextmanager
-def start_run(stage: str, run_name: str | None = None, tags: Mapping[str, str] | None = None
-              ) -> Iterator[Run]:
-    """Open one explicit MLflow run for a pipeline stage."""
+def start_run(stage: str, run_name: str | None = None, tags: Mapping[str, str] | None = None,
+              nested: bool = False) -> Iterator[Run]:
+    """Open one explicit MLflow run for a pipeline stage (``nested``: a child of the
+    active run, e.g. one per federated method or per site)."""
     configure()
     mlflow = _mlflow()
     all_tags = {
@@ -141,11 +151,293 @@ def start_run(stage: str, run_name: str | None = None, tags: Mapping[str, str] |
         "fedct.git_dirty": str(_git_dirty()).lower(),
     }
     all_tags.update(tags or {})
-    with mlflow.start_run(run_name=run_name or stage, tags=all_tags) as run:
+    with mlflow.start_run(run_name=run_name or stage, tags=all_tags, nested=nested) as run:
         yield Run(run)
+
+
+# --- model registry: evidence, champion alias, refusals (aliases only, never stages) ---------
+
+EVIDENCE_TAG = "fedct.evidence"
+DECISION_TAG = "fedct.decision"
+
+
+def evidence_hash(evidence: Mapping[str, str]) -> str:
+    """sha256 of the canonical JSON of ``evidence`` (sorted keys, no whitespace)."""
+    import hashlib
+    import json
+
+    canon = json.dumps({str(k): str(v) for k, v in evidence.items()}, sort_keys=True,
+                       separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def _registry() -> Any:
+    configure()
+    return _mlflow().MlflowClient()
+
+
+def _not_found(exc: Exception) -> bool:
+    return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _check_name(name: str) -> None:
+    if "'" in name:  # it goes into a search filter string
+        raise ValueError(f"registered model name {name!r} contains a quote")
+
+
+def _search_versions(client: Any, name: str) -> list[Any]:
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(f"name='{name}'", page_token=token)
+        versions += list(page)
+        token = page.token
+        if not token:
+            return sorted(versions, key=lambda v: int(v.version))
+
+
+def list_versions(name: str) -> list[str]:
+    """Versions of registered model ``name``, ascending; [] when it does not exist."""
+    _check_name(name)
+    return [str(v.version) for v in _search_versions(_registry(), name)]
+
+
+def version_tags(name: str, version: str) -> dict[str, str]:
+    """Tags of one model version (evidence, decision, reasons)."""
+    client = _registry()
+    return dict(client.get_model_version(name, str(version)).tags)
+
+
+def register_with_evidence(model_uri: str, name: str, evidence: Mapping[str, str]) -> str:
+    """Register ``model_uri`` as a version of ``name`` carrying ``evidence``; idempotent.
+
+    ``evidence`` maps short keys (git commit, dvc.lock md5 of archive, catalogue, cohort
+    and models, the comparison table's hash) to strings. Each becomes a version tag
+    ``fedct.evidence.<key>``, and ``fedct.evidence`` holds ``evidence_hash``. If a version
+    of ``name`` already carries that hash it is returned and nothing is created, so a rerun
+    on the same evidence adds no version (whatever run the model was logged in).
+    """
+    import re
+
+    _check_name(name)
+    bad = [k for k in evidence if not re.fullmatch(r"[A-Za-z0-9_.\-/]+", str(k))]
+    if bad:
+        raise ValueError(f"evidence keys must be letters, digits, '_.-/': {bad}")
+    client = _registry()
+    digest = evidence_hash(evidence)
+    for version in _search_versions(client, name):
+        if version.tags.get(EVIDENCE_TAG) == digest:
+            return str(version.version)
+    tags = {EVIDENCE_TAG: digest, **{f"{EVIDENCE_TAG}.{k}": str(v)[:5000]
+                                     for k, v in evidence.items()}}
+    return str(_mlflow().register_model(model_uri, name, tags=tags).version)
+
+
+def get_alias(name: str, alias: str = "champion") -> str | None:
+    """The version ``alias`` points at, or None (no such alias or no such model)."""
+    client = _registry()
+    try:
+        model = client.get_registered_model(name)
+    except Exception as exc:  # MlflowException, over REST or SQL alike
+        if _not_found(exc):
+            return None
+        raise
+    # A missing alias is INVALID_PARAMETER_VALUE in get_model_version_by_alias, like many
+    # other errors; the model's alias map says it plainly.
+    version = dict(model.aliases).get(alias)
+    return None if version is None else str(version)
+
+
+def set_champion(name: str, version: str, alias: str = "champion",
+                 reasons: list[str] | tuple[str, ...] = ()) -> None:
+    """Point ``alias`` at ``version`` and tag the version ``fedct.decision=promoted``."""
+    client = _registry()
+    client.set_model_version_tag(name, str(version), DECISION_TAG, "promoted")
+    client.set_model_version_tag(name, str(version), f"{DECISION_TAG}.reasons",
+                                 "\n".join(reasons)[:5000])
+    client.set_registered_model_alias(name, alias, str(version))
+
+
+def record_refusal(name: str, version: str, reasons: list[str] | tuple[str, ...]) -> None:
+    """Tag ``version`` ``fedct.decision=refused`` with the gate's reasons; aliases stay.
+
+    The current champion (if any) keeps its alias: a refused candidate never moves it.
+    """
+    client = _registry()
+    client.set_model_version_tag(name, str(version), DECISION_TAG, "refused")
+    client.set_model_version_tag(name, str(version), f"{DECISION_TAG}.reasons",
+                                 "\n".join(reasons)[:5000])
 
 
 def load_torch_model(uri: str) -> Any:
     """Load a logged torch model (e.g. ``models:/fedct-pooled@champion``)."""
     configure()
     return _mlflow().pytorch.load_model(uri)
+
+
+# --- fedct models as MLflow models (predict's side of the registry) -------------------------
+#
+# A fedct model is a folder holding ``model.pt`` (weights + architecture + card) and
+# ``model_card.json`` (fedct.model.io.save_model). It is logged as an ``mlflow.pyfunc``
+# model whose artifacts are exactly these two files, so a consumer gets them back as files
+# (``download_model``) and rebuilds the network through ``fedct.model.io.load_model``, with
+# its dropout layers intact for MC sampling. (MLflow 3's default torch.export form drops
+# dropout and fixes the input shape; the pickled torch flavour loses the card.)
+
+MODEL_FILE = "model.pt"
+MODEL_CARD_FILE = "model_card.json"  # = fedct.model.io.CARD_FILE (not imported: no torch here)
+_PYFUNC_CLASS: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggedModel:
+    """Where ``log_fedct_model`` put a model: ``models:/name/version`` when registered,
+    else MLflow's own model URI; ``version`` is None when not registered."""
+
+    model_uri: str
+    version: str | None
+
+
+def _fedct_pyfunc() -> Any:
+    """The ``mlflow.pyfunc.PythonModel`` of fedct models, built on first use.
+
+    Built lazily (``import fedct.tracking`` must not import mlflow) and published as
+    ``fedct.tracking.FedctModel`` through the module ``__getattr__`` below, so that the
+    logged model pickles the class by reference, not by value.
+    """
+    global _PYFUNC_CLASS
+    if _PYFUNC_CLASS is not None:
+        return _PYFUNC_CLASS
+    from mlflow.pyfunc import PythonModel
+
+    class FedctModel(PythonModel):
+        """A fedct Bayesian U-Net. ``predict``: a preprocessed image ``(X, Y, Z)`` or
+        ``(1, X, Y, Z)`` (normalised as the card's ``preprocessing`` says) -> MC-dropout
+        softmax samples ``(T, C, X, Y, Z)``, T from ``params["mc_samples"]`` or the card."""
+
+        def load_context(self, context: Any) -> None:
+            from fedct.model.io import load_model
+
+            self.model, self.card = load_model(Path(context.artifacts["model"]))
+            card_path = Path(context.artifacts["card"])
+            if card_path.is_file():  # the logged card wins: promotion may add to it
+                self.card = json.loads(card_path.read_text())
+
+        # No type hints: MLflow would read them as an input schema it cannot express.
+        def predict(self, context, model_input, params=None):
+            import numpy as np
+            import torch
+
+            from fedct.model.mc import mc_predict
+
+            params = params or {}
+            image = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+            if image.ndim == 3:
+                image = image[None]
+            failure = self.card.get("failure") or {}
+            n = int(params.get("mc_samples") or failure.get("mc_samples")
+                    or self.card.get("mc_samples") or 10)
+            probs = mc_predict(self.model, image, n, seed=params.get("seed", 0))
+            return probs.numpy()
+
+    FedctModel.__module__ = __name__
+    FedctModel.__qualname__ = "FedctModel"
+    _PYFUNC_CLASS = FedctModel
+    return FedctModel
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: unpickling finds ``FedctModel`` here
+    if name == "FedctModel":
+        return _fedct_pyfunc()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _fedct_files(folder: Path) -> tuple[Path, Path] | None:
+    """``(model.pt, model_card.json)`` in a downloaded MLflow model (they sit in its
+    ``artifacts/``); None when either is missing."""
+    for pt in sorted(Path(folder).rglob(MODEL_FILE)):
+        card = pt.parent / MODEL_CARD_FILE
+        if card.is_file():
+            return pt, card
+    return None
+
+
+def log_fedct_model(run: Run, model_dir: Path, artifact_path: str = "model",
+                    registered_name: str | None = None) -> LoggedModel:
+    """Log the fedct model in ``model_dir`` to ``run`` (the active run) as a pyfunc model.
+
+    Its artifacts are ``model.pt`` and ``model_card.json`` as ``fedct.model.io.save_model``
+    wrote them; with ``registered_name`` it is also registered (a new version).
+    """
+    mlflow = _mlflow()
+    from mlflow import pyfunc
+
+    model_dir = Path(model_dir)
+    pt, card = model_dir / MODEL_FILE, model_dir / MODEL_CARD_FILE
+    missing = [p.name for p in (pt, card) if not p.is_file()]
+    if missing:
+        raise FedctError(f"{model_dir}: not a fedct model folder (no {', '.join(missing)})")
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != run.run_id:
+        raise ValueError(f"log_fedct_model: run {run.run_id} is not the active MLflow run")
+    info = pyfunc.log_model(
+        name=artifact_path,
+        python_model=_fedct_pyfunc()(),
+        artifacts={"model": str(pt), "card": str(card)},
+        registered_model_name=registered_name,
+        pip_requirements=["torch", "monai", "fedct"],
+    )
+    version = info.registered_model_version
+    if registered_name and version is not None:
+        return LoggedModel(f"models:/{registered_name}/{version}", str(version))
+    return LoggedModel(info.model_uri, None)
+
+
+def _set_tracking_uri() -> str:
+    """The tracking URI of ``configure`` without creating an experiment (a read)."""
+    mlflow = _mlflow()
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(f"sqlite:///{Path('mlflow.db').resolve()}")
+    return mlflow.get_tracking_uri()
+
+
+def download_model(uri: str, dst: Path) -> Path:
+    """The local folder holding ``model.pt`` + ``model_card.json`` of a fedct model.
+
+    ``uri``: ``models:/name@alias``, ``models:/name/version``, ``runs:/<run>/<path>`` or
+    any other MLflow artifact URI (downloaded into ``dst``), or a local folder (returned
+    as it is, nothing copied). A missing model, version or alias is a FedctError naming
+    the URI.
+    """
+    local = Path(uri)
+    if ":/" not in uri or local.exists():
+        if local.is_file() and local.name == MODEL_FILE:
+            local = local.parent
+        if not local.is_dir():
+            raise FedctError(f"{uri}: no such model folder (or use models:/name@alias)")
+        if not ((local / MODEL_FILE).is_file() and (local / MODEL_CARD_FILE).is_file()):
+            raise FedctError(f"{uri}: no {MODEL_FILE} with {MODEL_CARD_FILE} beside it")
+        return local
+    mlflow = _mlflow()
+    from mlflow.exceptions import MlflowException
+
+    tracking_uri = _set_tracking_uri()
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+    except MlflowException as exc:
+        reason = (exc.message or str(exc)).strip().splitlines()[0][:200]
+        # MLflow 3.17 answers a missing alias with INVALID_PARAMETER_VALUE, the rest of
+        # "not found" with RESOURCE_DOES_NOT_EXIST.
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in reason:
+            raise FedctError(f"{uri}: no such model, version or alias in the MLflow "
+                             f"registry at {tracking_uri} ({reason})") from exc
+        raise FedctError(f"{uri}: cannot get the model from MLflow at {tracking_uri} "
+                         f"({reason})") from exc
+    except OSError as exc:
+        raise FedctError(f"{uri}: cannot download the model ({exc})") from exc
+    found = _fedct_files(Path(path))
+    if found is None:
+        raise FedctError(f"{uri}: the MLflow model has no {MODEL_FILE} with "
+                         f"{MODEL_CARD_FILE} (not logged by tracking.log_fedct_model)")
+    return found[0].parent

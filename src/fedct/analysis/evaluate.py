@@ -1,8 +1,16 @@
 """One model on the evaluation cases with MC dropout: the per-structure records, with the
-case-level baselines (one deterministic pass, an image noise estimate) beside them."""
+case-level baselines (one deterministic pass, an image noise estimate) beside them.
+``evaluate_models`` runs it for many models (the uncertainty and evaluate stages)."""
 
 from __future__ import annotations
 
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -44,3 +52,39 @@ def evaluate_model(args: tuple) -> list[dict]:
                                                   prep["hu_max"])}
         rows.extend({**r, **extra} for r in records)
     return rows
+
+
+def evaluate_models(params: Any, cohort_dir: Path, model_paths: Sequence[Path],
+                    cases: pd.DataFrame | Sequence[pd.DataFrame], device: torch.device,
+                    names: Sequence[str] | None = None, desc: str = "uncertainty"
+                    ) -> pd.DataFrame:
+    """``evaluate_model`` for every model: one per-structure record table.
+
+    ``params`` needs ``mc_samples``, ``mc_batch``, ``seed``, ``workers`` and ``device``.
+    ``cases``: the cohort rows every model is evaluated on, or one such table per model
+    (e.g. a model adapted to one target site, on that site's cases only). ``names`` (one
+    per model) replaces the ``model`` column, which is otherwise the card's ``site``. On
+    CPU, one process per model with one thread each keeps the cores busy through the
+    metric code as well; on a GPU one process owns the device.
+    """
+    if names is not None and len(names) != len(model_paths):
+        raise ValueError(f"need one name per model, got {len(names)} for {len(model_paths)}")
+    per_model = [cases] * len(model_paths) if isinstance(cases, pd.DataFrame) else list(cases)
+    if len(per_model) != len(model_paths):
+        raise ValueError(f"need one case table per model, got {len(per_model)} for "
+                         f"{len(model_paths)}")
+    workers = 1 if device.type == "cuda" else max(1, min(params.workers, len(model_paths)))
+    threads = max(1, torch.get_num_threads() // workers)
+    jobs = [(mp, cohort_dir, c, params, threads, i % workers + 1)
+            for i, (mp, c) in enumerate(zip(model_paths, per_model, strict=True))]
+    if workers > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            results = list(tqdm(pool.map(evaluate_model, jobs), total=len(jobs),
+                                desc=f"{desc}: models", position=0))
+    else:
+        results = [evaluate_model(j) for j in tqdm(jobs, desc=f"{desc}: models")]
+    if names is not None:
+        results = [[{**r, "model": name} for r in rows]
+                   for name, rows in zip(names, results, strict=True)]
+    return pd.DataFrame([r for rows in results for r in rows])

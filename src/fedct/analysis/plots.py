@@ -75,3 +75,34 @@ def risk_coverage_plot(curves: pd.DataFrame, chosen: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def interval_bars(table: pd.DataFrame, path: Path, title: str, ylabel: str) -> None:
+    """Grouped bars with 95 % interval whiskers (PNG): one group per ``candidate``, one
+    bar per ``site`` (columns ``candidate, site, dice, lo, hi``, e.g.
+    ``fedct.analysis.heldout.dice_by_site``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    candidates = list(dict.fromkeys(table["candidate"]))
+    sites = list(dict.fromkeys(table["site"]))
+    width = 0.8 / max(len(sites), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.9 * len(candidates)), 4.0))
+    for k, site in enumerate(sites):
+        g = table[table["site"] == site].set_index("candidate").reindex(candidates)
+        x = np.arange(len(candidates)) + (k - (len(sites) - 1) / 2) * width
+        est = g["dice"].to_numpy(dtype=float)
+        err = np.vstack([est - g["lo"].to_numpy(dtype=float),
+                         g["hi"].to_numpy(dtype=float) - est])
+        ax.bar(x, est, width, label=str(site))
+        ax.errorbar(x, est, yerr=np.nan_to_num(err), fmt="none", ecolor="k", lw=0.8,
+                    capsize=2)
+    ax.set_xticks(range(len(candidates)), candidates, rotation=30, ha="right")
+    ax.set(ylabel=ylabel, ylim=(0, 1))
+    ax.set_title(title, fontsize=9)
+    ax.legend(title="held-out site", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

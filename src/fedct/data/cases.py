@@ -37,6 +37,15 @@ def load_case(path: Path) -> dict[str, np.ndarray]:
         raise FedctError(f"{path}: cannot read the prepared case ({exc})") from exc
 
 
+def load_image(path: Path) -> np.ndarray:
+    """Only the image of a prepared case: its label is never read (label-free methods)."""
+    try:
+        with np.load(path) as z:
+            return z["image"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise FedctError(f"{path}: cannot read the prepared image ({exc})") from exc
+
+
 def read_cohort(cohort_dir: Path) -> pd.DataFrame:
     path = Path(cohort_dir) / "cohort.csv"
     if not path.is_file():

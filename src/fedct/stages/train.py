@@ -83,5 +83,5 @@ def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
         mlrun.log_artifact(out_dir / "curves.png")
         mlrun.log_artifact(out_dir / "history.csv")
         mlrun.log_artifact(out_dir / "model_card.json")
-        mlrun.log_torch_model(model, name="model", registered_name=name)
+        tracking.log_fedct_model(mlrun, out_dir, registered_name=name)
     return metrics

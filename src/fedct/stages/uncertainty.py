@@ -24,19 +24,16 @@ structure; one deterministic pass and the image's noise level give the baselines
 from __future__ import annotations
 
 import json
-import multiprocessing
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from fedct.analysis import protocol
 from fedct.analysis.baselines import BASELINES, header_rule
-from fedct.analysis.evaluate import evaluate_model
+from fedct.analysis.evaluate import evaluate_models
 from fedct.analysis.failure import SIGNALS, aggregate_cases, calibrate_threshold
 from fedct.analysis.plots import heatmap, risk_coverage_plot, scatter
 from fedct.analysis.shift import shift_matrices, site_ranks
@@ -54,20 +51,7 @@ ARTIFACTS = ("signals.csv", "within_site.csv", "failure_sweep.csv", "risk_covera
 
 def _evaluate_all(params: UncertaintyParams, cohort_dir: Path, model_paths: list[Path],
                   evaluate: pd.DataFrame, device: torch.device) -> pd.DataFrame:
-    # On CPU, one process per model with one thread each keeps both cores busy through
-    # the metric code as well; on a GPU one process owns the device.
-    workers = 1 if device.type == "cuda" else max(1, min(params.workers, len(model_paths)))
-    threads = max(1, torch.get_num_threads() // workers)
-    jobs = [(mp, cohort_dir, evaluate, params, threads, i % workers + 1)
-            for i, mp in enumerate(model_paths)]
-    if workers > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            results = list(tqdm(pool.map(evaluate_model, jobs), total=len(jobs),
-                                desc="uncertainty: models", position=0))
-    else:
-        results = [evaluate_model(j) for j in tqdm(jobs, desc="uncertainty: models")]
-    return pd.DataFrame([r for rows in results for r in rows])
+    return evaluate_models(params, cohort_dir, model_paths, evaluate, device)
 
 
 def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: Path) -> dict:

@@ -291,20 +291,35 @@ def scout_volume(a: Anatomy, acq: Acquisition, slice_z: np.ndarray, step_mm: flo
     return planes[idx]
 
 
-def _patient(args: tuple) -> dict:
-    """Generate one patient's study; returns truth rows. Runs in a worker process."""
-    p, profile, seed, archive, labels_dir = args
-    cond = BY_KEY[p.condition]
-    rng = np.random.default_rng([p.seed, 1])
-    a = _sample_anatomy(rng, SITE_PROTOCOLS[p.site].population)
-    meta = _meta(p)
+@dataclass(frozen=True)
+class ScanPlan:
+    """Where one axial scan lies and how it is acquired: every draw made before imaging.
+
+    ``z1`` (mm) is the top of the scan, ``start`` its bottom edge, ``covered`` its extent.
+    """
+
+    z1: float
+    start: float
+    covered: float
+    acq: Acquisition
+
+
+def _slice_centres(start: float, covered: float, thickness_mm: float) -> np.ndarray:
+    """Centres (mm) of the contiguous slices that fit in ``covered`` from ``start``."""
+    n_sl = int(covered // thickness_mm)
+    return start + thickness_mm * (np.arange(n_sl) + 0.5)
+
+
+def draw_scan(a: Anatomy, cond: Condition, site: str, profile: Profile,
+              rng: np.random.Generator) -> ScanPlan:
+    """Scan range, localizer-based dose (AEC), contrast, field of view and centring."""
     # The scan starts at the iliac crest (give or take positioning) and runs the
     # profile's extent towards the knee; slices contiguous.
     z1 = a.frame * float(rng.uniform(0.0, 15.0))
-    lo, hi = scan_range(p.site)
+    lo, hi = scan_range(site)
     start, covered = z1 - hi * profile.length_mm, (hi - lo) * profile.length_mm
-    n_sl = int(covered // cond.slice_thickness_mm)
-    slice_z = start + cond.slice_thickness_mm * (np.arange(n_sl) + 0.5)
+    slice_z = _slice_centres(start, covered, cond.slice_thickness_mm)
+    n_sl = len(slice_z)
     # The localizer gives the patient's size, which sets the dose (AEC).
     centred = Acquisition(cond.kvp, cond.mas, "none", cond.fov_mm, (0.0, 0.0), (0.0, 0.0),
                           False)
@@ -312,21 +327,72 @@ def _patient(args: tuple) -> dict:
     wed = float(physics.wed_mm(pre, SCOUT_PIXEL_MM).mean())
     cols = np.nonzero((pre > -500).any(axis=(0, 1)))[0]
     width = float(np.ptp(cols) + 1) * SCOUT_PIXEL_MM if len(cols) else 0.0
-    acq = draw_acquisition(p.site, cond, a.oa_side, wed, width, rng)
-    meta["contrast"] = acq.contrast
+    acq = draw_acquisition(site, cond, a.oa_side, wed, width, rng)
+    return ScanPlan(z1, start, covered, acq)
+
+
+@dataclass(frozen=True)
+class AxialScan:
+    """One simulated axial series in memory (what the archive writes as DICOM + NIfTI).
+
+    ``image`` (n_slices, rows, cols) float32 HU as the scanner stores it; ``labels``
+    uint8 of the same shape; ``truth`` the true HU on the fine planes ``fine_z``;
+    ``xs``/``ys`` column/row centres and ``slice_z`` slice centres (mm, LPS).
+    """
+
+    image: np.ndarray
+    labels: np.ndarray
+    truth: np.ndarray
+    xs: np.ndarray
+    ys: np.ndarray
+    slice_z: np.ndarray
+    fine_z: np.ndarray
+    dz: float
+    pixel: float
+    thickness: float
+    measured: dict
+
+
+def simulate_axial(a: Anatomy, cond: Condition, plan_: ScanPlan, profile: Profile,
+                   seed: int, noise_seed: int | None = None) -> AxialScan:
+    """Render the phantom and acquire it under ``cond`` and ``plan_.acq``.
+
+    ``seed`` seeds the patient's tissue texture and, unless ``noise_seed`` is given, the
+    scanner's noise (a rescan of the same patient differs only in ``noise_seed``).
+    """
+    acq, thick = plan_.acq, cond.slice_thickness_mm
+    slice_z = _slice_centres(plan_.start, plan_.covered, thick)
     pixel = acq.fov_mm / profile.matrix
     xs = acq.centre[0] + (np.arange(profile.matrix) - (profile.matrix - 1) / 2.0) * pixel
     ys = acq.centre[1] + (np.arange(profile.matrix) - (profile.matrix - 1) / 2.0) * pixel
     # Two planes per slice (partial volume along z), or the profile's step if finer.
-    dz = max(profile.fine_dz_mm, cond.slice_thickness_mm / 2)
-    fine_z = np.arange(start + dz / 2, z1, dz)
-    truth_vol, lab = render_volume(a, xs, ys, fine_z, slice_z, cond.slice_thickness_mm,
-                                   profile.supersample, acq.kvp, acq.contrast,
-                                   np.random.default_rng([p.seed, 2]))
+    dz = max(profile.fine_dz_mm, thick / 2)
+    fine_z = np.arange(plan_.start + dz / 2, plan_.z1, dz)
+    truth_vol, lab = render_volume(a, xs, ys, fine_z, slice_z, thick, profile.supersample,
+                                   acq.kvp, acq.contrast, np.random.default_rng([seed, 2]))
     scout = scout_volume(a, acq, slice_z, step_mm=10.0)
     img, measured = acquire(truth_vol, fine_z, slice_z, cond, acq, xs, ys, scout,
-                            np.random.default_rng([p.seed, 3]))
-    truth_vol = np.minimum(truth_vol, 3071.0)
+                            np.random.default_rng([seed if noise_seed is None else noise_seed,
+                                                   3]))
+    return AxialScan(img, lab, np.minimum(truth_vol, 3071.0), xs, ys, slice_z, fine_z,
+                     float(dz), float(pixel), float(thick), measured)
+
+
+def _patient(args: tuple) -> dict:
+    """Generate one patient's study; returns truth rows. Runs in a worker process."""
+    p, profile, seed, archive, labels_dir = args
+    cond = BY_KEY[p.condition]
+    rng = np.random.default_rng([p.seed, 1])
+    a = _sample_anatomy(rng, SITE_PROTOCOLS[p.site].population)
+    meta = _meta(p)
+    plan_ = draw_scan(a, cond, p.site, profile, rng)
+    acq, z1, start, covered = plan_.acq, plan_.z1, plan_.start, plan_.covered
+    meta["contrast"] = acq.contrast
+    scan = simulate_axial(a, cond, plan_, profile, p.seed)
+    img, lab, truth_vol, measured = scan.image, scan.labels, scan.truth, scan.measured
+    xs, ys, slice_z, fine_z, dz, pixel = (scan.xs, scan.ys, scan.slice_z, scan.fine_z,
+                                          scan.dz, scan.pixel)
+    n_sl = len(slice_z)
     study_dir = Path(archive) / p.site / f"ST{_hex(seed, p.site, p.index, 'study')}"
     base = _base_dataset(p, cond, seed, meta)
     rows: list[dict] = []

@@ -134,6 +134,7 @@ SITE_PROTOCOLS: dict[str, SiteProtocol] = {
 }
 # fmt: on
 UNILATERAL_FOV_MM = 260.0
+UNILATERAL_CENTRE_MM = 95.0  # |x| of the hip a unilateral reconstruction is centred on
 
 # CT exam counts by vendor and site, 2018-03 to 2025-12 (the source study's table).
 EXAM_COUNTS: dict[str, dict[str, int]] = {
@@ -247,7 +248,7 @@ def draw_acquisition(site: str, cond: Condition, oa_side: int, wed: float, width
     unilateral = bool(rng.random() < proto.unilateral)
     if unilateral:
         side = oa_side or int(rng.choice([-1, 1]))
-        centre, fov = (side * 95.0, 0.0), UNILATERAL_FOV_MM
+        centre, fov = (side * UNILATERAL_CENTRE_MM, 0.0), UNILATERAL_FOV_MM
     else:
         centre = (iso[0], iso[1])
         fov = float(min(max(cond.fov_mm, 10.0 * np.ceil((width + 20.0) / 10.0)),

@@ -88,9 +88,10 @@ def reference_volumes(label_maps: list[np.ndarray], spacing_mm: tuple[float, ...
 
 
 def _loss_fn():
-    from monai.losses import DiceCELoss
+    """DiceCE; voxels labelled ``losses.IGNORE_INDEX`` (unconfident pseudo-labels) ignored."""
+    from fedct.training.losses import MaskedDiceCELoss
 
-    return DiceCELoss(to_onehot_y=True, softmax=True)
+    return MaskedDiceCELoss()
 
 
 def evaluate(model: torch.nn.Module, cases: list[dict], device: torch.device, amp: bool,
@@ -151,6 +152,40 @@ def _batches(cases: list[dict], params: TrainParams, start_step: int
         step += 1
 
 
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer,
+               batch: dict[str, torch.Tensor], loss_fn: Callable, device: torch.device,
+               amp: bool, penalty: Callable[[], torch.Tensor] | None = None) -> float:
+    """One optimiser step on ``batch``; returns the data loss (without ``penalty``).
+
+    The one training step of fedct: ``train_model`` and federated local updates
+    (``fedct.training.local``) both call it. ``penalty()`` (e.g. FedProx's proximal term)
+    is added to the loss before the backward pass.
+    """
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(batch["image"].to(device))
+        loss = loss_fn(logits.float(), batch["label"].to(device))
+    total = loss if penalty is None else loss + penalty()
+    total.backward()
+    opt.step()
+    return loss.detach().item()
+
+
+def make_optimizer(model: torch.nn.Module, params: TrainParams) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=params.learning_rate, weight_decay=1e-5)
+
+
+def one_cycle(opt: torch.optim.Optimizer, params: TrainParams, total_steps: int
+              ) -> tuple[torch.optim.lr_scheduler.OneCycleLR, int]:
+    """The one-cycle schedule over ``total_steps`` and the number of steps it may take."""
+    # One-cycle needs a warm-up and a decay phase of at least one step each.
+    total = max(4, total_steps)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=params.learning_rate, total_steps=total,
+        pct_start=max(0.25, 2 / total)), total
+
+
 def check_shapes(params: TrainParams, shapes: list[tuple[int, ...]]) -> None:
     """Patches and whole volumes must fit the network: a clear error, not a shape crash."""
     factor = int(np.prod(params.strides))
@@ -191,11 +226,8 @@ def train_model(params: TrainParams, labels: LabelSet, train_cases: list[dict],
     device = pick_device(params.device)
     amp = params.amp and device.type == "cuda"
     model = build_model(params, labels).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=params.learning_rate, weight_decay=1e-5)
-    # One-cycle needs a warm-up and a decay phase of at least one step each.
-    total = max(4, params.steps)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.learning_rate,
-                                                total_steps=total, pct_start=max(0.25, 2 / total))
+    opt = make_optimizer(model, params)
+    sched, total = one_cycle(opt, params, params.steps)
     loss_fn = _loss_fn()
     val_every = max(1, params.steps // max(1, params.val_checks))
     per_epoch = steps_per_epoch(len(train_cases), params.batch_size)
@@ -215,17 +247,9 @@ def train_model(params: TrainParams, labels: LabelSet, train_cases: list[dict],
     losses: list[float] = []
     bar = tqdm(total=params.steps, initial=step, desc="train: steps", disable=bool(done))
     while not done:
-        model.train()
-        batch = next(batches)
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(batch["image"].to(device))
-            loss = loss_fn(logits.float(), batch["label"].to(device))
-        loss.backward()
-        opt.step()
+        losses.append(train_step(model, opt, next(batches), loss_fn, device, amp))
         if step + 1 < total:
             sched.step()
-        losses.append(loss.detach().item())
         step += 1
         bar.update(1)
         if step % val_every and step < params.steps:

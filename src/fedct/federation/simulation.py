@@ -1,0 +1,248 @@
+"""Run a federation in Flower's simulation runtime (ray), one SuperNode per training site.
+
+``run_federation`` starts ``python -m fedct.federation.simulation`` in a process group of its
+own. That child runs ``flwr.simulation.run_simulation`` with the ServerApp and ClientApp of
+:mod:`fedct.federation.flower_app`, ray sized for a small machine (one CPU per client, two
+for ray), ray's ``_temp_dir`` and ``FLWR_HOME`` in a scratch folder of ours, Flower's and
+ray's telemetry off, and nothing installed at run time. The parent follows the rounds in the
+server's ``history.json`` and calls ``on_round`` for each (so MLflow logging stays in the
+stage's process). However the run ends (done, failed, or the parent interrupted), the child's
+process group and every process that carries this run's marker in its environment (ray's
+raylet, GCS, agents and workers) are killed by PID, and the scratch folder is removed.
+
+Why a child process: ``run_simulation`` ignores SIGTERM and SIGINT while it waits on its
+message timeouts, and ray's agents outlive a killed driver (``/work/shared/FEDERATION.md``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from fedct.config import TrainParams
+from fedct.data.cases import read_cohort, training_cases
+from fedct.errors import FedctError
+
+MARKER = "FEDCT_FEDERATION_RUN"  # environment variable that tags every process of a run
+RUN_LINE = "fedct federation run "  # the log's line naming a run's marker value
+ERROR_FILE = "error.txt"
+LOG_FILE = "federation.log"
+SHUTDOWN_GRACE_S = 3.0  # how long a finished simulation may take to stop ray
+
+
+def backend_config(ray_dir: Path, num_cpus: int = 2, client_gpus: float = 0.0) -> dict:
+    """Ray settings: one CPU per client, ``num_cpus`` for ray (2 suits a 2-core machine).
+
+    ``client_gpus`` is each client's share of a GPU (0: clients see no GPU, since ray hides
+    the devices from an actor that asked for none; 0.5: two clients share one GPU).
+    """
+    return {"client_resources": {"num_cpus": 1, "num_gpus": float(client_gpus)},
+            "init_args": {"num_cpus": num_cpus, "log_to_driver": False,
+                          "_temp_dir": str(ray_dir)}}
+
+
+def default_client_gpus(n_sites: int, num_cpus: int) -> float:
+    """A GPU share that lets every concurrently running client use the one GPU, or 0."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0.0
+    return 1.0 / max(1, min(n_sites, num_cpus))
+
+
+def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainParams,
+                   rounds: int, local_steps: int, mu: float = 0.0, min_clients: int = 1,
+                   init_model: Path | None = None, out_dir: Path = Path("federation"),
+                   checkpoint_dir: Path | None = None,
+                   on_round: Callable[[dict], None] | None = None, seed: int = 0, *,
+                   site_weights: Mapping[str, float] | None = None,
+                   fault: tuple[str, int] | None = None, kill_after_round: int = 0,
+                   keep_updates: bool = False,
+                   timeout_s: float = 3600.0, num_cpus: int = 2,
+                   client_gpus: float | None = None) -> tuple[list[dict], Path]:
+    """Federate ``sites`` for ``rounds`` rounds; the history and the final model's path.
+
+    Each site trains ``local_steps`` steps per round on its own training split (FedProx
+    when ``mu`` > 0); updates are merged weighted by training cases (or ``site_weights``).
+    A round succeeds when at least ``min_clients`` sites reply; a failed site is recorded
+    and asked again next round. ``checkpoint_dir`` (default ``out_dir/checkpoint``) holds
+    the checkpoint of the last finished round: a run with the same settings resumes from it.
+    ``on_round(record)`` is called once per round, in order (rounds restored from a
+    checkpoint included), with the record described in
+    :func:`fedct.federation.flower_app.run_server`. ``fault=(site, round)`` makes that
+    site fail in that round and ``kill_after_round`` kills the simulation (SIGKILL) once
+    that round is checkpointed (fault injection for tests); ``keep_updates`` keeps each
+    round's client updates in ``checkpoint_dir/updates``. ``timeout_s`` bounds the waits
+    for replies and for sites to connect. ``num_cpus`` is what ray may use (clients run
+    concurrently up to it); ``client_gpus`` each client's GPU share (default: the GPU
+    split among concurrent clients when CUDA is available, else 0).
+
+    Output in ``out_dir``: ``model.pt`` and ``model_card.json`` (``fedct.model.io``),
+    ``history.json`` and ``federation.log`` (Flower's and ray's output).
+    """
+    from fedct.federation.flower_app import HISTORY, MODEL, FederationConfig, run_config
+
+    out_dir = Path(out_dir).resolve()
+    checkpoint_dir = Path(checkpoint_dir).resolve() if checkpoint_dir else out_dir / "checkpoint"
+    cfg = FederationConfig(
+        sites=tuple(sites), train_params=train_params, rounds=rounds, local_steps=local_steps,
+        mu=mu, min_clients=min_clients, seed=seed, cohort_dir=str(Path(cohort_dir).resolve()),
+        init_model=str(Path(init_model).resolve()) if init_model else "",
+        checkpoint_dir=str(checkpoint_dir), out_dir=str(out_dir),
+        site_weights=dict(site_weights) if site_weights else None, timeout=timeout_s,
+        fail_site=fault[0] if fault else "", fail_round=fault[1] if fault else 0,
+        kill_after_round=kill_after_round, keep_updates=keep_updates)
+    rc = run_config(cfg)
+    # Refuse bad settings and missing data before starting anything.
+    FederationConfig.from_run_config(rc).fingerprint()
+    cohort = read_cohort(Path(cohort_dir))
+    for site in sites:
+        training_cases(cohort, site)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (out_dir / MODEL, out_dir / HISTORY, out_dir / ERROR_FILE,
+                  checkpoint_dir / HISTORY):
+        stale.unlink(missing_ok=True)
+    if not (checkpoint_dir / "federation.pt").exists():
+        shutil.rmtree(checkpoint_dir / "updates", ignore_errors=True)
+    # Short path: ray's socket paths must stay under the 107 bytes of AF_UNIX.
+    scratch = Path(tempfile.mkdtemp(prefix="fedct-fl-"))
+    run_id = uuid.uuid4().hex
+    job = scratch / "job.json"
+    job.write_text(json.dumps({"run_config": rc, "num_supernodes": len(sites),
+                               "backend_config": backend_config(
+                                   scratch / "ray", num_cpus,
+                                   default_client_gpus(len(sites), num_cpus)
+                                   if client_gpus is None else client_gpus),
+                               "error_file": str(out_dir / ERROR_FILE)}))
+    env = {**os.environ, MARKER: run_id, "FLWR_HOME": str(scratch / "flwr"),
+           "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_DEDUP_LOGS": "0",
+           # Flower starts some of its helpers by name: the venv's bin comes first.
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    seen = 0
+    proc = None
+    try:
+        with open(out_dir / LOG_FILE, "ab") as log:
+            # The marker names this run's processes (``run_processes``) for whoever looks.
+            log.write(f"{RUN_LINE}{run_id}\n".encode())
+            log.flush()
+            proc = subprocess.Popen([sys.executable, "-m", "fedct.federation.simulation",
+                                     str(job)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            done_at = None
+            while True:
+                finished = proc.poll() is not None
+                seen = _dispatch(checkpoint_dir / HISTORY, seen, on_round)
+                if finished:
+                    break
+                # The server writes the final history last; past it only ray's shutdown
+                # remains, which _stop cuts short if it lingers.
+                if done_at is None and (out_dir / HISTORY).exists():
+                    done_at = time.monotonic()
+                if done_at is not None and time.monotonic() - done_at > SHUTDOWN_GRACE_S:
+                    break
+                time.sleep(0.5)
+    finally:
+        _stop(proc, run_id)
+        shutil.rmtree(scratch, ignore_errors=True)
+    err = out_dir / ERROR_FILE
+    if err.exists() or not (out_dir / HISTORY).exists():
+        reason = err.read_text().strip() if err.exists() else \
+            f"exit code {proc.returncode}; see {out_dir / LOG_FILE}"
+        raise FedctError(f"federation failed: {reason}")
+    history = json.loads((out_dir / HISTORY).read_text())
+    _dispatch_list(history, seen, on_round)
+    return history, out_dir / MODEL
+
+
+def _dispatch(path: Path, seen: int, on_round: Callable[[dict], None] | None) -> int:
+    """Call ``on_round`` for the records of ``path`` after the first ``seen``."""
+    try:
+        history = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):  # not written yet (it is replaced atomically)
+        return seen
+    return _dispatch_list(history, seen, on_round)
+
+
+def _dispatch_list(history: list[dict], seen: int,
+                   on_round: Callable[[dict], None] | None) -> int:
+    for record in history[seen:]:
+        if on_round is not None:
+            on_round(record)
+        seen += 1
+    return seen
+
+
+def run_processes(run_id: str) -> list:
+    """This user's processes tagged with ``run_id`` (the child and all it started)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.pid != os.getpid() and p.environ().get(MARKER) == run_id:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return found
+
+
+def _stop(proc: subprocess.Popen | None, run_id: str) -> None:
+    """Kill the child's process group and every process of the run, by PID; reap them."""
+    import psutil
+
+    if proc is not None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+    for _ in range(3):
+        left = run_processes(run_id)
+        if not left:
+            return
+        for p in left:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(left, timeout=5)
+    left = run_processes(run_id)
+    if left:
+        raise FedctError(f"federation: processes {[p.pid for p in left]} would not stop")
+
+
+def _child(job_path: str) -> int:
+    """The child process: run the simulation; write a one-line reason on failure."""
+    job = json.loads(Path(job_path).read_text())
+    err = Path(job["error_file"])
+    try:
+        from flwr.simulation import run_simulation
+
+        from fedct.federation.flower_app import make_client_app, make_server_app
+
+        run_simulation(server_app=make_server_app(job["run_config"]),
+                       client_app=make_client_app(job["run_config"]),
+                       num_supernodes=job["num_supernodes"],
+                       backend_config=job["backend_config"])
+    except Exception as exc:  # noqa: BLE001 - the reason goes to the parent as one line
+        cause = exc
+        while cause.__cause__ is not None and not isinstance(cause, FedctError):
+            cause = cause.__cause__
+        err.write_text(f"{type(cause).__name__}: {cause}".replace("\n", " ")[:2000])
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1]))

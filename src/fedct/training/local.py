@@ -1,0 +1,102 @@
+"""A site's local update in a federated round: ``steps`` optimiser steps from given weights.
+
+The same batches (random crops, flips, intensity jitter), loss (Dice + CE), optimiser
+(AdamW) and training step as :func:`fedct.training.loop.train_model`; only the length and
+the starting weights differ. Every random draw is seeded by ``round_seed`` (see
+:func:`round_seed`: a function of the federation seed, the round and the site), so a round
+re-run after a crash reproduces the same update.
+
+Learning rate: with ``total_steps`` the one-cycle schedule of ``train_model`` is laid over
+the whole federation (``total_steps`` = rounds x local steps) and this update takes its
+steps ``start_step .. start_step + steps - 1``, so a federation sees the learning rates a
+pooled model of the same length would; without it, the constant ``params.learning_rate``.
+The optimiser state starts afresh each round (it is not sent between sites).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from fedct.config import TrainParams
+from fedct.devices import pick_device
+from fedct.errors import FedctError
+from fedct.federation.aggregate import proximal_term
+from fedct.training.loop import (
+    _batches,
+    _loss_fn,
+    check_shapes,
+    make_optimizer,
+    one_cycle,
+    train_step,
+)
+
+
+def round_seed(seed: int, server_round: int, site: str) -> int:
+    """The seed of ``site``'s update in ``server_round`` of a federation seeded ``seed``."""
+    key = f"{int(seed)}/{int(server_round)}/{site}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little")
+
+
+def local_update(model: torch.nn.Module, train_cases: list[dict], params: TrainParams,
+                 steps: int, round_seed: int,
+                 global_state: dict[str, torch.Tensor] | None = None, mu: float = 0.0,
+                 start_step: int = 0, total_steps: int | None = None,
+                 loss_fn: Callable | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Train ``model`` for ``steps`` steps on ``train_cases``; its new state and metrics.
+
+    ``global_state`` (optional) is loaded first; the weights the update starts from are the
+    global weights, and ``mu > 0`` adds FedProx's proximal term ``mu / 2 * ||w - w_g||^2``
+    to every step's loss. ``train_cases`` are dicts with ``image`` float32 (1, X, Y, Z) and
+    ``label`` uint8 (1, X, Y, Z), as ``fedct.data.cases.load_case`` returns them.
+    ``loss_fn(logits, label)`` replaces the training loop's Dice + CE (e.g. a loss that
+    ignores unlabelled voxels of pseudo-labelled cases).
+
+    Returns the state dict (CPU tensors) and ``{"loss": mean data loss over the steps,
+    "steps", "n_cases", "seconds", "lr_last"}``. ``model`` is trained in place.
+    """
+    if steps < 1:
+        raise FedctError(f"local update: steps must be >= 1, got {steps}")
+    if not train_cases:
+        raise FedctError("local update: no training cases")
+    if total_steps is not None and not 0 <= start_step < total_steps:
+        raise FedctError(f"local update: start step {start_step} outside the schedule of "
+                         f"{total_steps} steps")
+    check_shapes(params, [c["image"].shape[1:] for c in train_cases])
+    device = pick_device(params.device)
+    amp = params.amp and device.type == "cuda"
+    if global_state is not None:
+        model.load_state_dict(global_state)
+    model.to(device)
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    penalty = (lambda: proximal_term(model.named_parameters(), anchor, mu)) if mu > 0 else None
+    opt = make_optimizer(model, params)
+    sched, total = (one_cycle(opt, params, total_steps) if total_steps is not None
+                    else (None, 0))
+    if sched is not None:
+        with warnings.catch_warnings():  # fast-forwarding before any optimiser step
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(min(start_step, total - 1)):
+                sched.step()
+    loss_fn = _loss_fn() if loss_fn is None else loss_fn
+    t0 = time.perf_counter()
+    losses = []
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(round_seed)  # dropout masks
+        batches = _batches(train_cases, dataclasses.replace(params, seed=round_seed), 0)
+        for i in range(steps):
+            losses.append(train_step(model, opt, next(batches), loss_fn, device, amp, penalty))
+            if sched is not None and start_step + i + 1 < total:
+                sched.step()
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return state, {"loss": float(np.mean(losses)), "steps": float(steps),
+                   "n_cases": float(len(train_cases)),
+                   "seconds": time.perf_counter() - t0, "lr_last": opt.param_groups[0]["lr"]}

@@ -1,0 +1,237 @@
+"""The ServerApp's rounds and the ClientApp's handlers, on an in-process grid (no ray).
+
+``LocalGrid`` stands in for Flower's Grid: every message goes straight to the ClientApp
+with the node's Context, and an exception becomes an error reply, as in Flower. The real
+simulation runs in ``test_simulation.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedct.errors import FedctError
+from fedct.federation.flower_app import (
+    CHECKPOINT,
+    HISTORY,
+    FedctAvg,
+    FederationConfig,
+    make_client_app,
+    run_config,
+    run_server,
+)
+from fedct.model.io import load_model
+from tests.federation.conftest import PARAMS
+
+
+class LocalGrid:
+    """Nodes 100, 101, ... run ``client_app`` in this process; partition i = node 100 + i."""
+
+    def __init__(self, rc: dict, n: int) -> None:
+        self.app = make_client_app()
+        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i,
+                                          node_config={"partition-id": i, "num-partitions": n},
+                                          state=RecordDict(), run_config=dict(rc))
+                         for i in range(n)}
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None) -> list[Message]:
+        replies = []
+        for m in messages:
+            self.sent.append(m)
+            try:
+                replies.append(self.app(m, self.contexts[m.metadata.dst_node_id]))
+            except Exception as exc:  # noqa: BLE001 - Flower turns it into an error reply
+                replies.append(Message(Error(code=0, reason=str(exc)), reply_to=m))
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Flower stamps messages with the running task's identity; set one for the test."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
+
+
+def _config(cohort: Path, tmp: Path, **kw) -> FederationConfig:
+    base = dict(sites=("A", "B"), train_params=PARAMS, rounds=2, local_steps=2, mu=0.0,
+                min_clients=1, seed=1, cohort_dir=str(cohort),
+                checkpoint_dir=str(tmp / "ckpt"), out_dir=str(tmp / "out"), keep_updates=True)
+    base.update(kw)
+    return FederationConfig(**base)
+
+
+def _run(cfg: FederationConfig, seen: list | None = None) -> list[dict]:
+    rc = run_config(cfg)
+    return run_server(LocalGrid(rc, len(cfg.sites)), FederationConfig.from_run_config(rc),
+                      on_round=None if seen is None else seen.append)
+
+
+def test_rounds_merge_the_client_updates_weighted_by_training_cases(
+        fed_cohort: Path, tmp_path: Path) -> None:
+    cfg = _config(fed_cohort, tmp_path)
+    seen: list[dict] = []
+    history = _run(cfg, seen)
+    assert [r["round"] for r in history] == [1, 2] and seen == history
+    r2 = history[-1]
+    assert r2["weights"] == {"A": pytest.approx(0.4), "B": pytest.approx(0.6)}
+    assert r2["failed"] == [] and r2["clients"] == 2
+    assert set(r2["sites"]) == {"A", "B"} and r2["sites"]["B"]["n_train"] == 3
+    assert 0 <= r2["val_dice_mean"] <= 1 and r2["bytes_sent"] > r2["bytes_received"] > 0
+    # The final model is 2/5 of A's and 3/5 of B's last update.
+    upd = Path(cfg.checkpoint_dir) / "updates" / "round-2"
+    a, b = torch.load(upd / "A.pt"), torch.load(upd / "B.pt")
+    model, card = load_model(Path(cfg.out_dir) / "model.pt")
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.4 * a[k] + 0.6 * b[k], msg=k)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the sites did differ
+    assert card["site"] == "federated" and card["federation"]["n_train"] == {"A": 2, "B": 3}
+    assert card["labels"] == {"0": "background", "1": "muscle", "2": "femur"}
+    assert json.loads((Path(cfg.out_dir) / HISTORY).read_text()) == json.loads(
+        json.dumps(history))
+
+
+def test_a_failing_site_is_recorded_and_rejoins(fed_cohort: Path, tmp_path: Path) -> None:
+    cfg = _config(fed_cohort, tmp_path, fail_site="B", fail_round=1)
+    history = _run(cfg)
+    r1, r2 = history
+    assert r1["clients"] == 1 and r1["weights"] == {"A": 1.0}
+    assert [f["site"] for f in r1["failed"]] == ["B"]
+    assert "fault injection" in r1["failed"][0]["reason"]
+    assert r2["clients"] == 2 and r2["failed"] == []
+    # Below the minimum the round, and the federation, stop with a reason.
+    strict = _config(fed_cohort, tmp_path / "strict", fail_site="B", fail_round=1,
+                     min_clients=2)
+    with pytest.raises(FedctError, match="fewer than the minimum of 2"):
+        _run(strict)
+
+
+def test_resume_skips_finished_rounds_and_ends_as_if_never_stopped(
+        fed_cohort: Path, tmp_path: Path) -> None:
+    full = _run(_config(fed_cohort, tmp_path / "full"))
+    cfg = _config(fed_cohort, tmp_path / "killed")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_round_1(record: dict) -> None:
+        if record["round"] == 1:
+            raise Killed
+
+    rc = run_config(cfg)
+    with pytest.raises(Killed):
+        run_server(LocalGrid(rc, 2), cfg, on_round=kill_after_round_1)
+    assert torch.load(Path(cfg.checkpoint_dir) / CHECKPOINT, weights_only=False)["round"] == 1
+    grid = LocalGrid(rc, 2)
+    resumed = run_server(grid, cfg)
+    assert [r["attempt"] for r in resumed] == [1, 2]
+    trained = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert {int(m.content["config"]["server-round"]) for m in trained} == {2}
+    a, _ = load_model(Path(cfg.out_dir) / "model.pt")
+    b, _ = load_model(tmp_path / "full" / "out" / "model.pt")
+    for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(va, vb, msg=ka)
+    assert resumed[1]["val_dice_mean"] == pytest.approx(full[1]["val_dice_mean"])
+    # Other settings: the checkpoint is not resumed.
+    other = dataclasses.replace(cfg, seed=2)
+    grid = LocalGrid(run_config(other), 2)
+    assert [r["attempt"] for r in run_server(grid, other)] == [1, 1]
+
+
+def test_fedprox_sends_mu_and_starts_from_a_given_model(fed_cohort: Path,
+                                                        tmp_path: Path) -> None:
+    first = _config(fed_cohort, tmp_path / "a", rounds=1)
+    _run(first)
+    init = Path(first.out_dir) / "model.pt"
+    cfg = _config(fed_cohort, tmp_path / "b", rounds=1, mu=0.5, init_model=str(init))
+    grid = LocalGrid(run_config(cfg), 2)
+    run_server(grid, cfg)
+    train = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert {float(m.content["config"]["proximal-mu"]) for m in train} == {0.5}
+    start, _ = load_model(init)
+    sent = train[0].content["arrays"].to_torch_state_dict()
+    for k, v in start.state_dict().items():
+        torch.testing.assert_close(sent[k], v, msg=k)
+    _, card = load_model(Path(cfg.out_dir) / "model.pt")
+    assert card["federation"]["method"] == "fedprox"
+
+
+def test_fixed_site_weights_replace_case_counts(fed_cohort: Path, tmp_path: Path) -> None:
+    cfg = _config(fed_cohort, tmp_path, rounds=1, site_weights={"A": 3.0, "B": 1.0})
+    assert _run(cfg)[0]["weights"] == {"A": 0.75, "B": 0.25}
+
+
+def test_aggregation_does_not_depend_on_reply_order() -> None:
+    from flwr.app import ArrayRecord, MetricRecord
+
+    def reply(idx: int, n: int, value: float, node: int) -> Message:
+        req = Message(RecordDict(), dst_node_id=node, message_type="train")
+        content = RecordDict({"arrays": ArrayRecord({"w": torch.full((3,), value),
+                                                     "n": torch.tensor(idx + 1)}),
+                              "metrics": MetricRecord({"num-examples": n, "site-index": idx,
+                                                       "train-loss": 1.0})})
+        return Message(content, reply_to=req)
+
+    replies = [reply(0, 1, 0.1, 10), reply(1, 2, 0.7, 11), reply(2, 3, 0.3, 12)]
+    s = FedctAvg(sites=("A", "B", "C"), min_clients=2)
+    fwd, _ = s.aggregate_train(1, replies)
+    bwd, _ = s.aggregate_train(1, replies[::-1])
+    w = fwd.to_torch_state_dict()["w"]
+    assert torch.equal(w, bwd.to_torch_state_dict()["w"])
+    torch.testing.assert_close(w, torch.full((3,), (0.1 + 1.4 + 0.9) / 6))
+    assert int(fwd.to_torch_state_dict()["n"]) == 3  # integer buffer: the maximum
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"sites": "A,A"}, "distinct"),
+    ({"min-clients": 3}, "min-clients 3"),
+    ({"proximal-mu": -1.0}, "proximal-mu"),
+    ({"rounds": 0}, "rounds"),
+    ({"train-params": "{not json"}, "run config"),
+    ({"site-weights": json.dumps({"A": 1.0})}, "site-weights"),
+])
+def test_bad_run_config_is_refused(fed_cohort: Path, tmp_path: Path, change, match) -> None:
+    rc = {**run_config(_config(fed_cohort, tmp_path)), **change}
+    with pytest.raises(FedctError, match=match):
+        FederationConfig.from_run_config(rc)
+    rc = run_config(_config(fed_cohort, tmp_path))
+    del rc["sites"]
+    with pytest.raises(FedctError, match="'sites' is missing"):
+        FederationConfig.from_run_config(rc)
+
+
+def test_a_client_reads_only_its_own_site(fed_cohort: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedct.data.cases as cases
+
+    opened: list[str] = []
+    real = cases.load_case
+    monkeypatch.setattr(cases, "load_case", lambda p: (opened.append(Path(p).stem), real(p))[1])
+    cfg = _config(fed_cohort, tmp_path, rounds=1)
+    grid = LocalGrid({**run_config(cfg), "cohort-dir": str(tmp_path / "not-here")}, 2)
+    # A deployed node names its site and its data folder in its node config.
+    grid.contexts[100].node_config = {"site": "B", "cohort-dir": str(fed_cohort)}
+    grid.contexts = {100: grid.contexts[100]}
+    # Site A never connects: after the timeout the federation goes on without it.
+    history = run_server(grid, dataclasses.replace(cfg, timeout=1.0))
+    assert history[0]["weights"] == {"B": 1.0}
+    assert opened and {k.split("-")[0] for k in opened} == {"B"}
+
+
+def test_a_corrupt_checkpoint_is_named(fed_cohort: Path, tmp_path: Path) -> None:
+    cfg = _config(fed_cohort, tmp_path, rounds=1)
+    (Path(cfg.checkpoint_dir)).mkdir(parents=True)
+    (Path(cfg.checkpoint_dir) / CHECKPOINT).write_bytes(b"not a checkpoint")
+    with pytest.raises(FedctError, match="cannot read the federation checkpoint"):
+        _run(cfg)

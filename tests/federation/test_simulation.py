@@ -1,0 +1,120 @@
+"""Flower's simulation (ray) end to end: two sites, two rounds, a failing site, a killed run.
+
+Each run starts ray and Flower in a child process (about 35 s on 2 cores, most of it
+starting ray and importing torch in its workers) and must leave no process behind. That a
+resumed federation ends with the weights of an uninterrupted one is shown, round by round
+and without ray, in ``test_flower_app.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from fedct.errors import FedctError
+from fedct.federation.simulation import LOG_FILE, MARKER, RUN_LINE, run_federation
+from fedct.model.io import load_model
+from fedct.model.mc import mc_predict
+from tests.federation.conftest import PARAMS
+
+
+def _leftovers(out: Path) -> list[psutil.Process]:
+    """Live processes of the runs logged in ``out``, and live children of this process."""
+    log = out / LOG_FILE
+    runs = {line[len(RUN_LINE):].strip() for line in log.read_text(errors="replace")
+            .splitlines() if line.startswith(RUN_LINE)} if log.exists() else set()
+    found = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and p.environ().get(MARKER) in runs:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
+            continue
+    kids = [c for c in psutil.Process().children(recursive=True)
+            if c.status() != psutil.STATUS_ZOMBIE]
+    return found + kids
+
+
+def _federate(cohort: Path, out: Path, **kw):
+    args = dict(sites=["A", "B"], train_params=PARAMS, rounds=2, local_steps=2, mu=0.0,
+                min_clients=1, out_dir=out, seed=1, timeout_s=120.0)
+    args.update(kw)
+    return run_federation(cohort, **args)
+
+
+@pytest.mark.slow
+def test_a_killed_two_site_federation_resumes_and_merges_the_last_updates(
+        fed_cohort: Path, tmp_path: Path) -> None:
+    # The simulation process is SIGKILLed right after checkpointing round 1 ...
+    with pytest.raises(FedctError, match="exit code -9"):
+        _federate(fed_cohort, tmp_path, kill_after_round=1)
+    assert _leftovers(tmp_path) == []  # ray's orphans were found and killed too
+    assert not (tmp_path / "model.pt").exists()
+    # ... and the next run trains round 2 only.
+    seen: list[dict] = []
+    history, model_path = _federate(fed_cohort, tmp_path, keep_updates=True,
+                                    on_round=seen.append)
+    assert [(r["round"], r["attempt"]) for r in history] == [(1, 1), (2, 2)]
+    assert seen == history
+    assert all(r["clients"] == 2 and r["failed"] == [] for r in history)
+    assert all(r["bytes_sent"] > 0 and r["bytes_received"] > 0 for r in history)
+    updates = tmp_path / "checkpoint" / "updates"
+    assert sorted(p.name for p in updates.iterdir()) == ["round-2"]
+    a, b = torch.load(updates / "round-2" / "A.pt"), torch.load(updates / "round-2" / "B.pt")
+    model, card = load_model(model_path)
+    # Site A has 2 training cases, B 3: the global model is 2/5 A + 3/5 B.
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.4 * a[k] + 0.6 * b[k], msg=k)
+    assert card["federation"]["sites"] == ["A", "B"]
+    # MC dropout survives saving: two samples of the loaded model differ.
+    samples = mc_predict(model, torch.rand(1, 1, 16, 16, 8), n_samples=2, batch=2, seed=0)
+    assert samples.shape[0] == 2 and not torch.equal(samples[0], samples[1])
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_site_failing_mid_round_is_recorded_and_rejoins(fed_cohort: Path,
+                                                         tmp_path: Path) -> None:
+    history, _ = _federate(fed_cohort, tmp_path, fault=("B", 1))
+    r1, r2 = history
+    assert r1["clients"] == 1 and list(r1["weights"]) == ["A"]
+    assert [f["site"] for f in r1["failed"]] == ["B"]
+    assert "fault injection" in r1["failed"][0]["reason"]
+    assert r2["clients"] == 2 and r2["failed"] == []
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_too_few_clients_stop_the_federation_with_a_reason(fed_cohort: Path,
+                                                          tmp_path: Path) -> None:
+    with pytest.raises(FedctError, match="fewer than the minimum of 2"):
+        _federate(fed_cohort, tmp_path, rounds=1, min_clients=2, fault=("A", 1))
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_an_interrupted_caller_leaves_no_process(fed_cohort: Path, tmp_path: Path) -> None:
+    class Interrupted(Exception):
+        pass
+
+    def stop(record: dict) -> None:
+        raise Interrupted  # e.g. the stage's MLflow logging fails, or Ctrl-C
+
+    with pytest.raises(Interrupted):
+        _federate(fed_cohort, tmp_path, on_round=stop)
+    assert _leftovers(tmp_path) == []
+
+
+def test_bad_settings_are_refused_before_anything_starts(fed_cohort: Path,
+                                                         tmp_path: Path) -> None:
+    with pytest.raises(FedctError, match="no labelled training cases for site 'C'"):
+        _federate(fed_cohort, tmp_path, sites=["A", "C"])
+    with pytest.raises(FedctError, match="initial model not found"):
+        _federate(fed_cohort, tmp_path, init_model=tmp_path / "nope.pt")
+    with pytest.raises(FedctError, match="min-clients 3"):
+        _federate(fed_cohort, tmp_path, min_clients=3)
+    assert not (tmp_path / "federation.log").exists()

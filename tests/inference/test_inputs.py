@@ -1,0 +1,96 @@
+"""Reading the image to segment: a DICOM series in slice order, a NIfTI volume, and one
+clear error per bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from fedct.errors import FedctError
+from fedct.inference.inputs import read_input
+from tests.dicom.writers import truncate_copy
+from tests.inference.conftest import N_SLICES, SLICE_MM, phantom, write_series
+
+
+def test_dicom_series_is_read_in_slice_order_in_hu(dicom_series: Path) -> None:
+    inp = read_input(dicom_series)
+    assert inp.kind == "dicom" and inp.image.GetSize() == (16, 16, N_SLICES)
+    assert inp.image.GetOrigin()[2] == pytest.approx(100.0)  # the lowest slice first
+    assert inp.image.GetSpacing()[2] == pytest.approx(SLICE_MM)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(inp.image), phantom())
+    z = [float(ds.ImagePositionPatient[2]) for ds in inp.datasets]
+    assert z == sorted(z) and len(z) == N_SLICES
+    assert all("PixelData" not in ds for ds in inp.datasets)  # headers only
+
+
+def test_nifti_volume_keeps_its_geometry(nifti_volume: Path) -> None:
+    inp = read_input(nifti_volume)
+    ref = sitk.ReadImage(str(nifti_volume))
+    assert inp.kind == "volume" and inp.datasets == []
+    assert inp.image.GetSize() == ref.GetSize()
+    np.testing.assert_allclose(inp.image.GetDirection(), ref.GetDirection())
+    np.testing.assert_allclose(inp.image.GetOrigin(), ref.GetOrigin())
+
+
+def test_non_ct_series_is_refused_naming_a_file(tmp_path: Path) -> None:
+    write_series(tmp_path / "MR", modality="MR")
+    with pytest.raises(FedctError, match=r"IM\d+\.dcm: Modality MR; fedct segments CT only"):
+        read_input(tmp_path / "MR")
+
+
+def test_short_series_is_refused(tmp_path: Path) -> None:
+    write_series(tmp_path / "thick", n_slices=31)
+    with pytest.raises(FedctError, match="thick: 31 slices, fewer than 32"):
+        read_input(tmp_path / "thick")
+
+
+def test_short_nifti_is_refused(tmp_path: Path) -> None:
+    image = sitk.GetImageFromArray(phantom(20).astype(np.float32))
+    sitk.WriteImage(image, str(tmp_path / "short.nii.gz"))
+    with pytest.raises(FedctError, match="short.nii.gz: 20 slices, fewer than 32"):
+        read_input(tmp_path / "short.nii.gz")
+
+
+def test_corrupt_file_is_named(dicom_series: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "cut"
+    shutil.copytree(dicom_series, folder)
+    victim = folder / "IM00007.dcm"
+    truncate_copy(victim, victim, victim.stat().st_size - 40)
+    with pytest.raises(FedctError, match=r"IM00007\.dcm: truncated"):
+        read_input(folder)
+
+
+def test_unreadable_nifti_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "junk.nii.gz"
+    bad.write_bytes(b"not an image at all" * 10)
+    with pytest.raises(FedctError, match="junk.nii.gz: cannot read the volume"):
+        read_input(bad)
+
+
+def test_folder_without_dicom(tmp_path: Path) -> None:
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("export log\n")
+    with pytest.raises(FedctError, match="notes: no DICOM image files"):
+        read_input(tmp_path / "notes")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FedctError, match="empty: no DICOM image files"):
+        read_input(tmp_path / "empty")
+
+
+def test_folder_with_two_series(tmp_path: Path) -> None:
+    write_series(tmp_path / "two" / "a")
+    write_series(tmp_path / "two" / "b")
+    with pytest.raises(FedctError, match="two: holds 2 series"):
+        read_input(tmp_path / "two")
+
+
+def test_other_files_and_missing_paths(tmp_path: Path) -> None:
+    (tmp_path / "scan.png").write_bytes(b"png")
+    with pytest.raises(FedctError, match="scan.png: expected a DICOM series folder or a NIfTI"):
+        read_input(tmp_path / "scan.png")
+    with pytest.raises(FedctError, match="nothing: no such file or folder"):
+        read_input(tmp_path / "nothing")

@@ -1,0 +1,179 @@
+"""``fedct predict`` end to end: outputs on the input's grid, the report, the SEG, the flag,
+the registry path (``models:/name@alias``) and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from click.testing import CliRunner
+
+from fedct import tracking
+from fedct.cli import main
+from fedct.inference import predict
+from tests.dicom.writers import FAKE_PATIENTS
+from tests.inference.conftest import make_model
+
+
+@pytest.fixture(scope="module")
+def dicom_run(dicom_series: Path, model_dir: Path, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("out_dicom")
+    return out, predict.run(str(model_dir), dicom_series, out)
+
+
+def _same_grid(a: sitk.Image, b: sitk.Image) -> None:
+    assert a.GetSize() == b.GetSize()
+    for get in ("GetOrigin", "GetSpacing", "GetDirection"):
+        np.testing.assert_allclose(getattr(a, get)(), getattr(b, get)(), atol=1e-5)
+
+
+def _check_outputs(out: Path, report: dict, reference: sitk.Image) -> np.ndarray:
+    seg = sitk.ReadImage(str(out / predict.SEGMENTATION))
+    unc = sitk.ReadImage(str(out / predict.UNCERTAINTY))
+    _same_grid(seg, reference)
+    _same_grid(unc, reference)
+    arr = sitk.GetArrayFromImage(seg)
+    u = sitk.GetArrayFromImage(unc)
+    assert u.dtype == np.float32 and (u >= 0).all() and u.max() > 0
+    hu = sitk.GetArrayFromImage(reference)
+    voxel_ml = float(np.prod(reference.GetSpacing())) / 1000
+    assert json.loads((out / predict.REPORT).read_text()) == report
+    for s in report["structures"]:
+        mask = arr == s["label"]
+        assert s["voxels"] == int(mask.sum())
+        assert s["volume_ml"] == pytest.approx(mask.sum() * voxel_ml)
+        if mask.any():
+            assert s["mean_hu"] == pytest.approx(float(hu[mask].mean()), rel=1e-5)
+            assert s["mean_uncertainty"] == pytest.approx(float(u[mask].mean()), rel=1e-4)
+    assert report["input"]["size"] == list(reference.GetSize())
+    return arr
+
+
+def test_dicom_input(dicom_run, dicom_series: Path) -> None:
+    out, report = dicom_run
+    # The input's grid as SimpleITK's own DICOM series reader sees it.
+    series = sitk.ImageSeriesReader()
+    series.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(dicom_series)))
+    reference = series.Execute()
+    arr = _check_outputs(out, report, reference)
+    predicted = {s["name"] for s in report["structures"] if s["predicted"]}
+    assert predicted  # the untrained tiny model predicts something
+    seg = hd.seg.segread(out / predict.SEG_DICOM)
+    names = {d.SegmentLabel for d in seg.SegmentSequence}
+    assert names == predicted == {report["model"]["labels"][str(k)]
+                                  for k in np.unique(arr) if k > 0}
+    assert report["failure"]["flag"] is None
+    assert report["mc_samples"] == 10 and report["outputs"]["dicom_seg"] == predict.SEG_DICOM
+
+
+def test_report_holds_no_patient_identifier(dicom_run) -> None:
+    out, _ = dicom_run
+    text = (out / predict.REPORT).read_text()
+    for value in FAKE_PATIENTS[0].values():
+        assert value not in text
+    assert "1.2." not in text  # no UID either
+
+
+def test_nifti_input(nifti_volume: Path, model_dir: Path, tmp_path: Path) -> None:
+    report = predict.run(str(model_dir), nifti_volume, tmp_path, mc_samples=3,
+                         uncertainty="variance")
+    _check_outputs(tmp_path, report, sitk.ReadImage(str(nifti_volume)))
+    assert report["mc_samples"] == 3 and report["uncertainty_map"]["kind"] == "variance"
+    assert "dicom_seg" not in report["outputs"] and not (tmp_path / "segmentation.dcm").exists()
+
+
+@pytest.mark.parametrize("threshold, flag", [(0.0, True), (1e9, False)])
+def test_flag_follows_the_card_threshold(nifti_volume: Path, tmp_path: Path,
+                                         threshold: float, flag: bool) -> None:
+    model = make_model(tmp_path / "m", failure={"signal": "max_softmax_deficit",
+                                                "threshold": threshold,
+                                                "aggregation": "mean"})
+    report = predict.run(str(model), nifti_volume, tmp_path / "out", mc_samples=3)
+    assert report["failure"]["flag"] is flag and report["failure"]["threshold"] == threshold
+    assert "calibrated with 10 MC samples, scored with 3" in report["failure"]["note"]
+
+
+def test_cli_predicts_from_the_registry_alias(dicom_series: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # the SQLite store puts artifacts under ./mlruns
+    model = make_model(tmp_path / "A", failure={"signal": "sample_disagreement",
+                                                "threshold": 0.0})
+    with tracking.start_run("promote") as run:
+        logged = tracking.log_fedct_model(run, model, registered_name="fedct-seg")
+    MlflowClient().set_registered_model_alias("fedct-seg", "champion", logged.version)
+    result = CliRunner().invoke(main, ["predict", "models:/fedct-seg@champion",
+                                       str(dicom_series), "-o", str(tmp_path / "out"),
+                                       "--mc-samples", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "failure flag: True" in result.output
+    report = json.loads((tmp_path / "out" / predict.REPORT).read_text())
+    assert report["model"]["uri"] == "models:/fedct-seg@champion"
+    assert report["failure"]["flag"] is True
+    assert (tmp_path / "out" / predict.SEG_DICOM).is_file()
+
+
+def test_cli_errors_are_one_line(dicom_series: Path, model_dir: Path, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    missing = runner.invoke(main, ["predict", "models:/nope@champion", str(dicom_series),
+                                   "-o", str(tmp_path / "out")])
+    assert missing.exit_code == 1
+    # MLflow's own INFO lines (a fresh store) may precede it; the error is one line.
+    errors = [line for line in missing.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in missing.output
+    assert errors[0].startswith("Error: models:/nope@champion: no such model")
+    assert not (tmp_path / "out").exists()
+    short = tmp_path / "short"
+    short.mkdir()
+    bad = runner.invoke(main, ["predict", str(model_dir), str(short), "-o", str(tmp_path / "o")])
+    assert bad.exit_code == 1 and "short: no DICOM image files" in bad.output
+
+
+def test_orientation_of_the_input_does_not_change_the_segmentation(
+        dicom_series: Path, model_dir: Path, dicom_run, tmp_path: Path) -> None:
+    """The same physical volume stored RAS (as NIfTI from dcm2niix often is) gives the
+    same segmentation as the LPS DICOM series: the network always sees LPS."""
+    from fedct.inference.inputs import read_input
+
+    ras = sitk.DICOMOrient(read_input(dicom_series).image, "RAS")
+    sitk.WriteImage(ras, str(tmp_path / "ras.nii.gz"))
+    report = predict.run(str(model_dir), tmp_path / "ras.nii.gz", tmp_path / "out")
+    seg = sitk.ReadImage(str(tmp_path / "out" / predict.SEGMENTATION))
+    np.testing.assert_allclose(seg.GetDirection(), ras.GetDirection())
+    lps = sitk.DICOMOrient(seg, "LPS")
+    out, dicom_report = dicom_run
+    expected = sitk.ReadImage(str(out / predict.SEGMENTATION))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(lps), sitk.GetArrayFromImage(expected))
+    assert report["failure"]["score"] == pytest.approx(dicom_report["failure"]["score"])
+
+
+@pytest.mark.slow
+def test_series_of_the_synthetic_archive(tiny_archive, model_dir: Path, tmp_path: Path) -> None:
+    """A usable RLE-compressed series of the synthetic archive is segmented; its thick
+    series and dose report are refused; no identifier of phi.csv reaches the report."""
+    import pandas as pd
+
+    from fedct.errors import FedctError
+
+    series = pd.read_csv(tiny_archive["truth"] / "series.csv")
+    rle = series[series["usable"] & (series["compressed"] == True)].iloc[0]  # noqa: E712
+    report = predict.run(str(model_dir), tiny_archive["archive"] / rle["path"], tmp_path)
+    assert report["input"]["size"][2] == rle["n_slices"]
+    seg = hd.seg.segread(tmp_path / predict.SEG_DICOM)
+    assert {d.SegmentLabel for d in seg.SegmentSequence} == {
+        s["name"] for s in report["structures"] if s["predicted"]}
+    text = (tmp_path / predict.REPORT).read_text()
+    phi = pd.read_csv(tiny_archive["truth"] / "phi.csv", dtype=str)
+    for value in phi[["name", "patient_id", "birth_date", "accession"]].to_numpy().ravel():
+        assert value not in text
+    for kind, message in (("thick", "fewer than 32"), ("dose_sr", "Modality SR")):
+        path = series[series["kind"] == kind].iloc[0]["path"]
+        with pytest.raises(FedctError, match=message):
+            predict.run(str(model_dir), tiny_archive["archive"] / path, tmp_path / kind)

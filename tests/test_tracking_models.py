@@ -1,0 +1,132 @@
+"""fedct models in MLflow: logged as pyfunc with model.pt + model_card.json, registered,
+found again by alias, version, run or folder; a missing one is a one-line FedctError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedct import tracking
+from fedct.errors import FedctError
+from fedct.model.io import load_model
+from fedct.model.unet import dropout_modules
+from tests.inference.conftest import make_model
+
+NAME = "fedct-seg"
+
+
+@pytest.fixture(autouse=True)
+def _artifacts_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the SQLite store puts run artifacts under ./mlruns
+
+
+@pytest.fixture
+def registered(tmp_path: Path) -> tuple[Path, tracking.LoggedModel, str]:
+    """A tiny model logged, registered as NAME and aliased ``champion``; and its run id."""
+    from mlflow import MlflowClient
+
+    folder = make_model(tmp_path / "A", failure={"signal": "entropy", "threshold": 0.5})
+    with tracking.start_run("promote") as run:
+        logged = tracking.log_fedct_model(run, folder, registered_name=NAME)
+        run_id = run.run_id
+    MlflowClient().set_registered_model_alias(NAME, "champion", logged.version)
+    return folder, logged, run_id
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    return all((a / f).read_bytes() == (b / f).read_bytes()
+               for f in (tracking.MODEL_FILE, tracking.MODEL_CARD_FILE))
+
+
+def test_logged_model_comes_back_as_the_same_files_by_alias_version_and_run(
+        registered, tmp_path: Path) -> None:
+    folder, logged, run_id = registered
+    assert logged.model_uri == f"models:/{NAME}/1" and logged.version == "1"
+    for i, uri in enumerate((f"models:/{NAME}@champion", f"models:/{NAME}/1",
+                             f"runs:/{run_id}/model")):
+        got = tracking.download_model(uri, tmp_path / f"dl{i}")
+        assert got.is_relative_to(tmp_path / f"dl{i}")
+        assert _same_files(folder, got), uri
+    model, card = load_model(got / tracking.MODEL_FILE)
+    assert card["site"] == "A" and any(m.p == 0.5 for m in dropout_modules(model))
+
+
+def test_a_second_log_adds_a_version(registered, tmp_path: Path) -> None:
+    folder, _, _ = registered
+    with tracking.start_run("promote") as run:
+        assert tracking.log_fedct_model(run, folder, registered_name=NAME).version == "2"
+        unregistered = tracking.log_fedct_model(run, folder, artifact_path="plain")
+    assert unregistered.version is None
+    assert _same_files(folder, tracking.download_model(unregistered.model_uri, tmp_path / "u"))
+
+
+def test_pyfunc_loads_with_mc_dropout(registered) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking._set_tracking_uri())
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    assert type(model.unwrap_python_model()).__qualname__ == "FedctModel"
+    x = np.random.default_rng(0).random((8, 8, 8), dtype=np.float32)
+    probs = model.predict(x, params=None)
+    assert probs.shape == (10, 3, 8, 8, 8)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    # Dropout samples: the T samples differ (a dropout-free export would repeat one).
+    assert float(torch.as_tensor(probs).var(dim=0).max()) > 1e-6
+    # The logged card (with the promotion's threshold) is the one the model carries.
+    assert model.unwrap_python_model().card["failure"]["threshold"] == 0.5
+
+
+@pytest.mark.parametrize("uri", ["models:/nope@champion", f"models:/{NAME}@nope",
+                                 f"models:/{NAME}/7"])
+def test_a_missing_model_or_alias_is_one_line_naming_the_uri(registered, uri: str,
+                                                              tmp_path: Path) -> None:
+    with pytest.raises(FedctError) as err:
+        tracking.download_model(uri, tmp_path / "dl")
+    assert str(err.value).startswith(f"{uri}: no such model") and "\n" not in str(err.value)
+
+
+def test_a_missing_alias_in_a_file_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    # MLflow 3.17 keeps the file store behind an opt-in (maintenance mode).
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "filestore").as_uri())
+    with pytest.raises(FedctError, match=r"^models:/nope@champion: no such model.*nope"):
+        tracking.download_model("models:/nope@champion", tmp_path / "dl")
+
+
+def test_a_torch_flavour_model_is_refused_for_its_missing_card(tmp_path: Path) -> None:
+    with tracking.start_run("train") as run:
+        uri = run.log_torch_model(torch.nn.Linear(1, 1), "model").model_uri
+    with pytest.raises(FedctError, match="no model.pt with model_card.json"):
+        tracking.download_model(uri, tmp_path / "dl")
+
+
+def test_local_folders(tmp_path: Path) -> None:
+    folder = make_model(tmp_path / "B")
+    assert tracking.download_model(str(folder), tmp_path / "unused") == folder
+    assert tracking.download_model(str(folder / "model.pt"), tmp_path / "unused") == folder
+    assert not (tmp_path / "unused").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FedctError, match="empty: no model.pt"):
+        tracking.download_model(str(tmp_path / "empty"), tmp_path / "dl")
+    with pytest.raises(FedctError, match="missing: no such model folder"):
+        tracking.download_model(str(tmp_path / "missing"), tmp_path / "dl")
+    # A folder of models is not a model: no guessing which one was meant.
+    with pytest.raises(FedctError, match=r": no model.pt with model_card.json"):
+        tracking.download_model(str(tmp_path), tmp_path / "dl")
+
+
+def test_a_malformed_uri_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(FedctError, match=r"^models:/: cannot get the model from MLflow"):
+        tracking.download_model("models:/", tmp_path / "dl")
+
+
+def test_log_refuses_a_folder_without_a_model(tmp_path: Path) -> None:
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "model.pt").write_bytes(b"x")
+    with tracking.start_run("promote") as run, pytest.raises(
+            FedctError, match=r"half: not a fedct model folder \(no model_card.json\)"):
+        tracking.log_fedct_model(run, tmp_path / "half")

@@ -1,0 +1,98 @@
+"""Local updates of a federated round: the training loop's step, seeded, FedProx-anchored."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fedct.errors import FedctError
+from fedct.training.local import local_update, round_seed
+from fedct.training.loop import build_model, train_model
+from tests.training.test_loop import LABELS, PARAMS, _cases
+
+
+def _distance(a: dict, b: dict) -> float:
+    return sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in a
+               if a[k].is_floating_point())
+
+
+def _fresh(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(PARAMS, LABELS)
+
+
+def test_update_equals_the_training_loop_on_the_same_schedule() -> None:
+    # Without dropout both draw no other random numbers: the same batches, loss, optimiser
+    # and learning rates must give the same weights.
+    params = dataclasses.replace(PARAMS, dropout=0.0, steps=5)
+    loop_model, _ = train_model(params, LABELS, _cases(4), [], None, "fp")
+    torch.manual_seed(params.seed)
+    model = build_model(params, LABELS)
+    state, metrics = local_update(model, _cases(4), params, steps=5, round_seed=params.seed,
+                                  total_steps=5)
+    for k, v in loop_model.state_dict().items():
+        torch.testing.assert_close(state[k], v, msg=k)
+    assert metrics["steps"] == 5 and metrics["n_cases"] == 4 and metrics["loss"] > 0
+
+
+def test_update_is_seeded_by_the_round_seed_and_starts_from_the_global_state() -> None:
+    glob = _fresh(1).state_dict()
+    seed = round_seed(5, 2, "A")
+    a, _ = local_update(_fresh(7), _cases(4), PARAMS, 3, seed, global_state=glob)
+    b, _ = local_update(_fresh(8), _cases(4), PARAMS, 3, seed, global_state=glob)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)  # other start model, same global
+    c, _ = local_update(_fresh(7), _cases(4), PARAMS, 3, round_seed(5, 3, "A"),
+                        global_state=glob)
+    assert _distance(a, c) > 0
+    assert len({round_seed(5, 2, "A"), round_seed(5, 2, "B"), round_seed(5, 3, "A"),
+                round_seed(6, 2, "A")}) == 4
+    # The caller's global RNG is left as it was.
+    model = _fresh(7)
+    torch.manual_seed(3)
+    expected = torch.rand(1)
+    torch.manual_seed(3)
+    local_update(model, _cases(2), PARAMS, 1, seed, global_state=glob)
+    assert torch.equal(torch.rand(1), expected)
+
+
+def test_proximal_term_keeps_the_update_near_the_global_weights() -> None:
+    glob = _fresh(1).state_dict()
+    params = dataclasses.replace(PARAMS, learning_rate=3e-2)
+    free, _ = local_update(_fresh(), _cases(4), params, 6, 11, global_state=glob, mu=0.0)
+    prox, _ = local_update(_fresh(), _cases(4), params, 6, 11, global_state=glob, mu=50.0)
+    assert 0 < _distance(prox, glob) < 0.5 * _distance(free, glob)
+
+
+def test_schedule_position_sets_the_learning_rate() -> None:
+    glob = _fresh(1).state_dict()
+    _, early = local_update(_fresh(), _cases(2), PARAMS, 1, 1, glob, start_step=0,
+                            total_steps=20)
+    _, late = local_update(_fresh(), _cases(2), PARAMS, 1, 1, glob, start_step=18,
+                           total_steps=20)
+    _, const = local_update(_fresh(), _cases(2), PARAMS, 1, 1, glob)
+    assert late["lr_last"] < early["lr_last"] < PARAMS.learning_rate
+    assert const["lr_last"] == PARAMS.learning_rate
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(FedctError, match="steps must be"):
+        local_update(_fresh(), _cases(2), PARAMS, 0, 1)
+    with pytest.raises(FedctError, match="no training cases"):
+        local_update(_fresh(), [], PARAMS, 1, 1)
+    with pytest.raises(FedctError, match="outside the schedule"):
+        local_update(_fresh(), _cases(2), PARAMS, 1, 1, start_step=5, total_steps=5)
+
+
+def test_a_given_loss_replaces_dice_ce() -> None:
+    glob = _fresh(1).state_dict()
+    seen: list[tuple] = []
+
+    def loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        seen.append((tuple(logits.shape), tuple(label.shape)))
+        return logits.sum() * 0 + 7.0
+
+    _, m = local_update(_fresh(), _cases(2), PARAMS, 2, 1, glob, loss_fn=loss)
+    assert m["loss"] == 7.0 and seen == [((2, 3, 16, 16, 8), (2, 1, 16, 16, 8))] * 2
