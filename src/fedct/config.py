@@ -107,7 +107,7 @@ class TrainParams:
     patch_size: tuple[int, int, int] = (64, 48, 16)
     max_shift: tuple[int, int, int] = (4, 4, 8)
     # Peak learning rate of the one-cycle schedule (AdamW).
-    learning_rate: float = 0.003
+    learning_rate: float = 0.01
     dropout: float = 0.5
     # Feature widths per level; channels[0] is the full-resolution level.
     channels: tuple[int, ...] = (8, 16, 32, 64)

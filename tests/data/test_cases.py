@@ -24,6 +24,11 @@ def test_training_cases_refuses_holdout_site() -> None:
                            "split": ["train", "val", "test"], "has_label": [True] * 3,
                            "series_key": ["a", "b", "c"]})
     assert list(training_cases(cohort, "pooled")["series_key"]) == ["a", "b"]
+    two = pd.concat([cohort, cohort.assign(site="B", series_key=["d", "e", "f"])
+                     .iloc[:2]], ignore_index=True)
+    assert list(training_cases(two, "pooled")["series_key"]) == ["a", "b", "d", "e"]
+    # Pooled over the federated sites only.
+    assert list(training_cases(two, "pooled", ["B"])["series_key"]) == ["d", "e"]
     with pytest.raises(FedctError, match="'C'"):
         training_cases(cohort, "C")
 

@@ -9,6 +9,7 @@ labelled, ``label`` uint8 (1, X, Y, Z).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -66,11 +67,16 @@ def cohort_labels(cohort_dir: Path) -> LabelSet:
     return read_labels(Path(cohort_dir) / "labels.json")
 
 
-def training_cases(cohort: pd.DataFrame, site: str) -> pd.DataFrame:
-    """Labelled train/val cases of ``site`` (or of every training site for the pooled model)."""
+def training_cases(cohort: pd.DataFrame, site: str,
+                   pooled_sites: Sequence[str] | None = None) -> pd.DataFrame:
+    """Labelled train/val cases of ``site``; for the pooled model, of ``pooled_sites`` (the
+    sites whose local models are federated, so pooled and federated models see the same
+    data), or of every training site when it is None."""
     c = cohort[(cohort["role"] == "train") & cohort["has_label"].astype(bool)]
     if site != POOLED:
         c = c[c["site"] == site]
+    elif pooled_sites is not None:
+        c = c[c["site"].isin(list(pooled_sites))]
     if c.empty or not (c["split"] == "train").any():
         raise FedctError(f"train: no labelled training cases for site {site!r} in the cohort "
                          f"(sites with training data: {sorted(set(cohort['site']))})")

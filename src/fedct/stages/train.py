@@ -41,7 +41,9 @@ def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
     cohort = read_cohort(cohort_dir)
     labels = cohort_labels(cohort_dir)
     spec = read_spec(cohort_dir)
-    cases = training_cases(cohort, site)
+    # Pooled: centralised training on the sites that train local models (train.sites),
+    # the same data the federated models of those sites see.
+    cases = training_cases(cohort, site, [s for s in params.sites if s != POOLED])
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [case_path(cohort_dir, k) for k in cases["series_key"]]
     loaded = [load_case(f) for f in tqdm(files, desc=f"train {site}: load")]
