@@ -31,8 +31,8 @@ class SynthParams:
     profile: Profile = "demo"
     # The report seed: never used while the protocol's choices were made. Results in the
     # README come from it; ``dev_seeds`` are the seeds the choices were made on.
-    seed: int = 4099
-    dev_seeds: tuple[int, ...] = (2026,)
+    seed: int = 5101
+    dev_seeds: tuple[int, ...] = (2026, 4099)
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,8 @@ class CohortParams:
     """``fedct cohort``: series selection and patient-level splits."""
 
     # Report seed of the patient split; ``dev_seeds``: the splits used while developing.
-    seed: int = 101
-    dev_seeds: tuple[int, ...] = (7,)
+    seed: int = 313
+    dev_seeds: tuple[int, ...] = (7, 101)
     val_fraction: float = 0.125
     # Calibration cases: never trained on and never used to pick a checkpoint, so the
     # failure definition and the flag threshold are set on data that nothing else saw.

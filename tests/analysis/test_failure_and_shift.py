@@ -93,3 +93,30 @@ def test_site_ranks_cover_every_signal() -> None:
     ranks = site_ranks(cases)
     assert list(ranks.columns) == list(SIGNALS)
     assert ranks.loc["G", "variance"] == 1 and ranks.loc["A", "entropy"] == 1
+
+
+def test_a_missing_structure_scores_the_worst_value_and_ranks_by_how_many() -> None:
+    """case_records caps bounded signals at their worst value instead of +inf, so a case
+    missing one structure scores below one missing two, and case means stay finite."""
+    from fedct.analysis.failure import SIGNAL_WORST
+
+    def probs_missing(n_missing: int) -> torch.Tensor:
+        p = torch.full((4, N_CLASSES, 8, 8, 4), 0.01)
+        p[:, 0] = 1.0
+        for k in range(1, N_CLASSES - n_missing):  # predicted structures: a block each
+            p[:, :, 2 * k - 2:2 * k, :, :] = 0.01
+            p[:, k, 2 * k - 2:2 * k, :, :] = 0.97
+        return p / p.sum(1, keepdim=True)
+
+    case = pd.Series({"site": "A", "series_key": "k", "split": "test", "role": "train"})
+    scores = {}
+    for n in (1, 2):
+        rows = pd.DataFrame(case_records("A", case, probs_missing(n), None, [1.0] * 3,
+                                         (1.0, 1.0, 1.0), LABELS))
+        for signal, worst in SIGNAL_WORST.items():
+            values = rows[signal].to_numpy()
+            assert np.isfinite(values).all(), signal
+            assert (values[-n:] == pytest.approx(worst(N_CLASSES))), signal
+        assert np.isinf(rows["volume_deviation"].to_numpy()[-1])  # unbounded: stays +inf
+        scores[n] = aggregate_cases(rows)["sample_disagreement"].iloc[0]
+    assert scores[1] < scores[2]

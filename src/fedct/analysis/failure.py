@@ -3,6 +3,8 @@ each signal's agreement with Dice, and the flag threshold. Pure table logic."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import torch
@@ -23,11 +25,33 @@ SIGNALS = ("variance", "entropy", "mutual_information", "boundary_entropy",
            "volume_deviation", "unassigned_mass", "max_softmax_deficit", "sample_disagreement")
 
 
+# The worst value of each bounded signal for a C-class network. A structure the model
+# does not predict at all scores +inf in ``failure_signals``; it is set to this worst
+# value instead, so that a case missing one structure still ranks below a case missing
+# three, and the mean over structures stays finite (the site ranking and AURC need
+# finite, ordered scores). ``volume_deviation`` is unbounded and keeps +inf.
+SIGNAL_WORST = {
+    "variance": lambda c: 0.25,  # the variance of a probability is at most 1/4
+    "entropy": math.log,
+    "mutual_information": math.log,
+    "boundary_entropy": math.log,
+    "unassigned_mass": lambda c: 1.0,
+    "max_softmax_deficit": lambda c: 1.0 - 1.0 / c,
+    "sample_disagreement": lambda c: 1.0,
+}
+
+
+def cap_missing(signals: dict[str, np.ndarray], n_classes: int) -> dict[str, np.ndarray]:
+    """``signals`` with each bounded one capped at its worst value (missing structures)."""
+    return {name: (np.minimum(v, SIGNAL_WORST[name](n_classes)) if name in SIGNAL_WORST
+                   else v) for name, v in signals.items()}
+
+
 def case_records(model_site: str, case: pd.Series, probs: torch.Tensor,
                  label: np.ndarray | None, reference_ml: list[float],
                  spacing: tuple[float, ...], labels: LabelSet) -> list[dict]:
     """Per-structure rows for one (model, case); ``probs`` (T, C, X, Y, Z)."""
-    signals = failure_signals(probs, reference_ml, spacing)
+    signals = cap_missing(failure_signals(probs, reference_ml, spacing), labels.n_classes)
     seg = argmax_segmentation(predictive_mean(probs))
     if label is not None:
         lab = torch.as_tensor(label[0])

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedct.analysis.failure import SIGNALS
+from fedct.analysis.failure import SIGNAL_WORST, SIGNALS
 from fedct.analysis.metrics import argmax_segmentation, failure_signals, predictive_mean
 from fedct.config import TrainParams
 from fedct.federation.aggregate import weighted_average
@@ -51,15 +51,7 @@ Aggregation = Literal["mean", "max"]
 # look as uncertain as possible on that structure rather than removing the model
 # altogether. ``volume_deviation`` is unbounded and needs each model's reference volumes,
 # so it is not offered.
-_WORST: dict[str, Callable[[int], float]] = {
-    "variance": lambda c: 0.25,  # variance of a probability over T samples is <= 1/4
-    "entropy": math.log,
-    "mutual_information": math.log,
-    "boundary_entropy": math.log,
-    "unassigned_mass": lambda c: 1.0,
-    "max_softmax_deficit": lambda c: 1.0 - 1.0 / c,
-    "sample_disagreement": lambda c: 1.0,
-}
+_WORST = SIGNAL_WORST  # bounded signals and their worst values (analysis.failure)
 WEIGHT_SIGNALS = tuple(s for s in SIGNALS if s in _WORST)
 
 
