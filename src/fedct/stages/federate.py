@@ -29,6 +29,7 @@ site for the multi-round methods, and each model logged with its card.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import time
@@ -173,8 +174,6 @@ def _multi_round(name: str, mu: float, params: FederateParams, train: TrainParam
 
 def _federated_train_params(train: TrainParams, params: FederateParams) -> TrainParams:
     """The clients' training settings: ``train``'s, on the federation's device."""
-    import dataclasses
-
     return dataclasses.replace(train, device=params.device)
 
 
@@ -329,8 +328,9 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                 derived, kept = _self_train_cohort(cohort, cohort_dir, teacher, targets,
                                                    params, sites, out_dir / "self_train")
                 clients = sites + tuple(sorted(targets))
+                fine_tune = dataclasses.replace(train, learning_rate=params.self_train_lr)
                 path, history = _multi_round(
-                    "self_train", 0.0, params, train, derived, clients,
+                    "self_train", 0.0, params, fine_tune, derived, clients,
                     out_dir / "self_train", checkpoint_dir, mlrun, init_model=fedavg_path,
                     rounds=params.self_train_rounds, min_clients=params.min_clients)
                 _finish_card(path, base_card, "self_train", clients=list(clients),

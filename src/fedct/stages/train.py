@@ -11,6 +11,7 @@ and training data are the same.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -32,6 +33,14 @@ from fedct.training.curves import plot_curves
 from fedct.training.loop import fingerprint, model_arch, reference_volumes, train_model
 
 
+def pooled_params(params: TrainParams, cases) -> TrainParams:
+    """Matched epochs: the pooled model's step cap is ``train.steps`` times the number of
+    pooled sites, so it sees each training case as often as a local model sees its own
+    (and as a federated client does over all rounds) instead of a quarter as often."""
+    n_sites = max(1, int(cases["site"].nunique()))
+    return dataclasses.replace(params, steps=params.steps * n_sites)
+
+
 def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
         checkpoint_dir: Path | None = None) -> dict:
     """Train the model of ``site`` (a site letter or ``pooled``); log to MLflow."""
@@ -43,7 +52,10 @@ def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
     spec = read_spec(cohort_dir)
     # Pooled: centralised training on the sites that train local models (train.sites),
     # the same data the federated models of those sites see.
-    cases = training_cases(cohort, site, [s for s in params.sites if s != POOLED])
+    pooled_sites = [s for s in params.sites if s != POOLED]
+    cases = training_cases(cohort, site, pooled_sites)
+    if site == POOLED:
+        params = pooled_params(params, cases)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [case_path(cohort_dir, k) for k in cases["series_key"]]
     loaded = [load_case(f) for f in tqdm(files, desc=f"train {site}: load")]
