@@ -1,13 +1,15 @@
 """End to end: `dvc repro` of the repository's dvc.yaml on the tiny archive.
 
-Runs the real CLI through DVC (catalogue -> cohort -> train@A, train@pooled ->
-uncertainty) with small network settings, then checks that a second `dvc repro` does
+Runs the real CLI through DVC (catalogue, cohort, train@A/B/pooled, uncertainty, federate,
+evaluate, promote, report) with small network settings, then checks that a second
+`dvc repro` does
 nothing, that a regenerated archive keeps `dvc status` clean, and that outputs hold no
 patient identifier.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -36,9 +38,13 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["cohort"].update(spacing_mm=[12.0, 12.0, 12.0], roi_size=[40, 40, 16])
-    params["train"].update(sites=["A", "pooled"], steps=4, channels=[4, 8, 16],
+    params["train"].update(sites=["A", "B", "pooled"], steps=4, channels=[4, 8, 16],
                            strides=[2, 2], patch_size=[32, 32, 16], val_checks=2)
     params["uncertainty"].update(mc_samples=3, mc_batch=3)
+    params["federate"].update(sites=["A", "B"], rounds=2, local_steps=2, min_clients=1,
+                              mc_samples=3, mc_batch=3, tent_steps=1)
+    params["evaluate"].update(mc_samples=3, mc_batch=3, n_boot=100)
+    params["promote"].update(n_boot=100)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
@@ -57,9 +63,22 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     series = pd.read_parquet(work / "outputs/catalogue/series.parquet")
     assert series["usable"].sum() == 30
     cases = pd.read_csv(work / "outputs/uncertainty/cases.csv")
-    assert set(cases["model"]) == {"A", "pooled"}
+    assert set(cases["model"]) == {"A", "B", "pooled"}
     assert set(cases["site"]) == set("ABCDEFGHIJ")
     assert (work / "outputs/uncertainty/shift_dice.png").stat().st_size > 0
+    # Federation, held-out comparison, the registry's decision and the report.
+    fed = work / "outputs/federated"
+    for method in ("one_shot", "fedavg", "fedprox", "self_train"):
+        assert (fed / method / "model.pt").is_file(), method
+    for method in ("uw_merge", "tent"):
+        assert {p.parent.name for p in (fed / method).glob("*/model.pt")} == {"C", "G"}
+    assert len(pd.read_csv(fed / "fedavg" / "history.csv")) == 2
+    heldout = json.loads((work / "outputs/evaluate/metrics.json").read_text())["heldout_dice"]
+    assert {"fedavg", "pooled", "local", "one_shot", "uw_merge", "tent"} <= set(heldout)
+    decision = json.loads((work / "outputs/promote/decision.json").read_text())
+    assert isinstance(decision["promote"], bool) and decision["reasons"]
+    assert decision["version"] == "1"
+    assert (work / "outputs/report/report.html").stat().st_size > 10_000
 
     # Nothing changed: a second repro runs no stage.
     again = _run(dvc + ["repro"], work, env)

@@ -138,11 +138,10 @@ class UncertaintyParams:
     # Structure scores -> case score: the mean, as case Dice is formed (frozen on
     # development seeds; "max" lets one small structure dominate every case).
     aggregation: Literal["mean", "max"] = "mean"
-    # Site-level shift ranking: predictive entropy, the lab's uncertainty. It holds the
-    # aleatoric part too, which is what a noisier acquisition raises; sample disagreement
-    # measures how unstable a segmentation is (failure), not how unfamiliar the images are.
-    # Chosen after a first run of this design; site_ranks.csv ranks under every signal.
-    ranking_signal: str = "entropy"
+    # Site-level shift ranking: the flag signal too. Chosen on development seeds (synth
+    # 2026, cohort 7): it ranks C and G first, predictive entropy ranks G, E, J, C
+    # (entropy holds the aleatoric part, which any noisier acquisition raises).
+    ranking_signal: str = "sample_disagreement"
     # Cluster-bootstrap resamples (sites, then cases) for every interval.
     n_boot: int = 1000
     seed: int = 0

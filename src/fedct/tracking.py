@@ -60,9 +60,10 @@ def _mlflow():  # imported lazily so that `import fedct` stays cheap
 
 def configure() -> None:
     """Point MLflow at ``MLFLOW_TRACKING_URI`` or the embedded SQLite default."""
+    # Set every time from the environment: a URI set earlier in the process (another
+    # store, a server that has stopped) must not outlive a change of MLFLOW_TRACKING_URI.
     mlflow = _mlflow()
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(f"sqlite:///{Path('mlflow.db').resolve()}")
+    _set_tracking_uri()
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     if mlflow.get_experiment_by_name(experiment) is None:
         # Artifacts next to the database, as MLflow's own default does.
@@ -395,8 +396,11 @@ def log_fedct_model(run: Run, model_dir: Path, artifact_path: str = "model",
 def _set_tracking_uri() -> str:
     """The tracking URI of ``configure`` without creating an experiment (a read)."""
     mlflow = _mlflow()
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(f"sqlite:///{Path('mlflow.db').resolve()}")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    # The registry lives in the tracking store (MLflow writes MLFLOW_REGISTRY_URI back into
+    # the environment when it is set, so that variable cannot be trusted here).
+    mlflow.set_registry_uri(uri)
     return mlflow.get_tracking_uri()
 
 

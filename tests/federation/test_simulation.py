@@ -34,8 +34,19 @@ def _leftovers(out: Path) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
             continue
     kids = [c for c in psutil.Process().children(recursive=True)
-            if c.status() != psutil.STATUS_ZOMBIE]
+            if c.status() != psutil.STATUS_ZOMBIE and c.pid not in _BEFORE]
     return found + kids
+
+
+# Children this (pytest worker) process already had before any federation of this module:
+# e.g. multiprocessing's resource tracker left by an earlier test file in the same worker.
+_BEFORE: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _children_before() -> None:
+    _BEFORE.clear()
+    _BEFORE.update(c.pid for c in psutil.Process().children(recursive=True))
 
 
 def _federate(cohort: Path, out: Path, **kw):
