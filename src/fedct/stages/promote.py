@@ -98,7 +98,8 @@ def run(params: PromoteParams, evaluate_dir: Path, federated_dir: Path,
     if failure is not None:
         card["failure"] = {"signal": failure.get("signal"),
                            "threshold": failure.get("threshold"),
-                           "aggregation": failure.get("aggregation"),
+                           "aggregation": failure.get("aggregation",
+                                                      failure.get("aggregate")),
                            "rule": failure.get("rule")}
     (model_dir / "model_card.json").write_text(json.dumps(card, indent=1, default=str))
     comparison = out_dir / "comparison.csv"
