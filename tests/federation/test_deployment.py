@@ -37,9 +37,11 @@ from tests.federation.conftest import PARAMS
 ROUNDS = 1
 
 
-def _live_children() -> list[psutil.Process]:
+def _live_children(before: set[int] = frozenset()) -> list[psutil.Process]:
+    """Live children of this process that were not there ``before`` (an earlier test file
+    in the same pytest worker may have left multiprocessing's resource tracker)."""
     return [c for c in psutil.Process().children(recursive=True)
-            if c.status() != psutil.STATUS_ZOMBIE]
+            if c.status() != psutil.STATUS_ZOMBIE and c.pid not in before]
 
 
 def test_the_app_bundle_ships_config_only_and_its_defaults_parse() -> None:
@@ -89,6 +91,7 @@ def test_credentials_are_what_flower_loads(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_tls_federation_of_two_registered_hospitals_refuses_an_unregistered_node(
         fed_cohort: Path, tmp_path: Path) -> None:
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
     tls = make_tls(tmp_path / "pki")
     keys = {s: make_node_key(tmp_path / "keys", f"hospital-{s}") for s in "AB"}
     rogue = make_node_key(tmp_path / "keys", "rogue")
@@ -138,7 +141,7 @@ def test_tls_federation_of_two_registered_hospitals_refuses_an_unregistered_node
         dep.stop()
     print(f"deployment timings (s): {times}")
     assert dep.leftovers() == []
-    assert _live_children() == []
+    assert _live_children(before) == []
     history = json.loads((out / "history.json").read_text())
     assert [r["round"] for r in history] == list(range(1, ROUNDS + 1))
     assert all(r["clients"] == 2 and r["failed"] == [] for r in history)
