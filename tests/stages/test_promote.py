@@ -128,3 +128,12 @@ def test_cli_prints_the_verdict(layout, tmp_path, monkeypatch):
                                        str(layout["promote"]), "--params", str(params)])
     assert result.exit_code == 0, result.output
     assert "PROMOTED" in result.output
+
+
+def test_a_missing_threshold_is_an_error_not_a_card_without_a_flag(layout, tmp_path):
+    (layout["uncertainty"] / "threshold.json").unlink()
+    with pytest.raises(FedctError, match="threshold.json: not found"):
+        _run(layout, 0.05, tmp_path)
+    (layout["uncertainty"] / "threshold.json").write_text("{not json")
+    with pytest.raises(FedctError, match="threshold.json: not readable JSON"):
+        _run(layout, 0.05, tmp_path)

@@ -136,7 +136,8 @@ class FederationConfig:
         key = {"sites": self.sites, "params": to_dict(self.train_params),
                "rounds": self.rounds, "local_steps": self.local_steps, "mu": self.mu,
                "seed": self.seed, "weights": self.site_weights,
-               "init": [init.name, init.stat().st_size] if self.init_model else None}
+               "init": hashlib.sha256(init.read_bytes()).hexdigest() if self.init_model
+               else None}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

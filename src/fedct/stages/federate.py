@@ -154,6 +154,9 @@ def _multi_round(name: str, mu: float, params: FederateParams, train: TrainParam
         min_clients=min(min_clients or params.min_clients, len(sites)),
         init_model=init_model, out_dir=out, checkpoint_dir=checkpoint_dir / name,
         on_round=on_round, seed=params.seed, site_weights=site_weights_)
+    # The checkpoint serves a killed run only: a finished one must not be reused when the
+    # cohort changes under the same settings.
+    shutil.rmtree(checkpoint_dir / name, ignore_errors=True)
     table = _history_table(history)
     table.to_csv(out / "history.csv", index=False)
     # One child run per site, with its per-round metrics.
@@ -217,6 +220,7 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
     """Every method of ``federate.methods``; the stage metrics (also ``metrics.json``)."""
     from fedct import tracking
     from fedct.federation.label_free import (
+        WEIGHT_SIGNALS,
         merge_for_target,
         scores_to_weights,
         target_uncertainty,
@@ -241,6 +245,16 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
     amp = device.type == "cuda"
     needs_targets = {"uw_merge", "tent", "self_train"} & set(params.methods)
     targets = _target_images(cohort, cohort_dir) if needs_targets else {}
+    if needs_targets and not targets:
+        raise FedctError(f"{cohort_dir / 'cohort.csv'}: no held-out site for the label-free "
+                         f"methods {sorted(needs_targets)} (cohort.holdout_sites)")
+    if "uw_merge" in params.methods and params.uw_signal not in WEIGHT_SIGNALS:
+        raise FedctError(f"federate.uw_signal {params.uw_signal!r}: choose one of "
+                         f"{list(WEIGHT_SIGNALS)}")
+    # Every federated card carries the clients' mean structure volumes (label-free volume
+    # checks in evaluate and predict), not one site's.
+    base_card = {**base_card, "reference_ml": _mean_reference(
+        [locals_[s][1] for s in sites], [weights[s] for s in sites])}
     fedavg_path = out_dir / "fedavg" / "model.pt"
     with tracking.start_run("federate", run_name="federate") as parent:
         parent.log_params({**to_dict(params), "n_train": n_train})
@@ -252,9 +266,7 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                                           [weights[s] for s in sites])
                 model = locals_[sites[0]][0]
                 model.load_state_dict(merged)
-                card = _card(base_card, "one_shot", clients=list(sites), weights=weights,
-                             reference_ml=_mean_reference([locals_[s][1] for s in sites],
-                                                          [weights[s] for s in sites]))
+                card = _card(base_card, "one_shot", clients=list(sites), weights=weights)
                 path = _save(model, out_dir / "one_shot", arch, card)
                 mlrun.log_params({"weights": weights})
                 tracking.log_fedct_model(mlrun, path.parent)
@@ -302,12 +314,12 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                                  clients=list(sites), weights=w, scores=scores,
                                  signal=params.uw_signal)
                     path = _save(model, out_dir / "uw_merge" / target, arch, card)
+                    tracking.log_fedct_model(mlrun, path.parent, artifact_path=f"model-{target}")
                     mlrun.log_metrics({f"{target}.weight.{s}": v for s, v in w.items()})
                     mlrun.log_metrics({f"{target}.score.{s}": v for s, v in scores.items()})
                     metrics[f"uw_merge_weights_{target}"] = w
                     print(f"federate uw_merge: target {target}, weights "
                           + ", ".join(f"{s} {v:.2f}" for s, v in w.items()), flush=True)
-                tracking.log_fedct_model(mlrun, out_dir / "uw_merge" / sorted(targets)[0])
         if "tent" in params.methods:
             with _timed("tent"), tracking.start_run(
                     "federate", run_name="tent", nested=True,
@@ -316,9 +328,10 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                     teacher, card = load_model(fedavg_path)
                     adapted = tent_adapt(teacher.to(device), imgs, steps=params.tent_steps,
                                          lr=params.tent_lr, seed=params.seed, amp=amp)
-                    card = _card(card, "tent", target_site=target, start="fedavg",
+                    card = _card(base_card, "tent", target_site=target, start="fedavg",
                                  steps=params.tent_steps, lr=params.tent_lr)
-                    _save(adapted, out_dir / "tent" / target, arch, card)
+                    path = _save(adapted, out_dir / "tent" / target, arch, card)
+                    tracking.log_fedct_model(mlrun, path.parent, artifact_path=f"model-{target}")
                 mlrun.log_params({"tent_steps": params.tent_steps, "tent_lr": params.tent_lr})
         if "self_train" in params.methods:
             with _timed("self_train"), tracking.start_run(
@@ -337,6 +350,7 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                              pseudo_labelled=sorted(targets), kept_fraction=kept,
                              rounds=params.self_train_rounds)
                 shutil.rmtree(derived, ignore_errors=True)  # images stay in the cohort
+                tracking.log_fedct_model(mlrun, path.parent)
                 mlrun.log_metrics({f"kept_fraction.{s}": v for s, v in kept.items()})
                 metrics["self_train_kept_fraction"] = kept
         if "fedavg" not in params.methods and fedavg_path.exists():

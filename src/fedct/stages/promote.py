@@ -61,6 +61,15 @@ def lock_hashes(lock_file: Path, prefixes: tuple[str, ...] = EVIDENCE_PATHS) -> 
     return dict(sorted(found.items()))
 
 
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FedctError(f"{path}: not found ({what})")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FedctError(f"{path}: not readable JSON ({exc})") from exc
+
+
 def _file_md5(path: Path) -> str:
     return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
@@ -74,7 +83,7 @@ def run(params: PromoteParams, evaluate_dir: Path, federated_dir: Path,
     if not cases_file.is_file():
         raise FedctError(f"{cases_file}: not found; run `fedct evaluate` first")
     table = pd.read_csv(cases_file)
-    for col in ("model", "kind"):
+    for col in ("model", "kind", "site", "case", "dice"):
         if col not in table.columns:
             raise FedctError(f"{cases_file}: missing column {col!r}")
     baselines = sorted(table.loc[table["kind"] == "local", "model"].unique())
@@ -88,25 +97,25 @@ def run(params: PromoteParams, evaluate_dir: Path, federated_dir: Path,
                       params.site_tolerance, n_boot=params.n_boot, seed=params.seed,
                       source=str(cases_file))
     threshold_file = Path(uncertainty_dir) / "threshold.json"
-    failure = json.loads(threshold_file.read_text()) if threshold_file.is_file() else None
+    failure = _read_json(threshold_file, "the failure signal and flag threshold of "
+                                         "`fedct uncertainty`")
     # The registered copy: the candidate with the failure flag settings in its card.
     model_dir = out_dir / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
     model_dir.mkdir(parents=True)
     shutil.copy2(candidate_dir / "model.pt", model_dir / "model.pt")
-    card = json.loads((candidate_dir / "model_card.json").read_text())
-    if failure is not None:
-        card["failure"] = {"signal": failure.get("signal"),
-                           "threshold": failure.get("threshold"),
-                           "aggregation": failure.get("aggregation",
-                                                      failure.get("aggregate")),
-                           "rule": failure.get("rule")}
+    card = _read_json(candidate_dir / "model_card.json", "the candidate's model card")
+    # The card carries the flag settings that `fedct predict` uses.
+    card["failure"] = {"signal": failure.get("signal"), "threshold": failure.get("threshold"),
+                       "aggregation": failure.get("aggregation", failure.get("aggregate")),
+                       "rule": failure.get("rule")}
     (model_dir / "model_card.json").write_text(json.dumps(card, indent=1, default=str))
     comparison = out_dir / "comparison.csv"
     table.to_csv(comparison, index=False)
     evidence = {"git_commit": tracking.git_commit(), "candidate": params.candidate,
                 "comparison_md5": _file_md5(cases_file),
                 "model_md5": _file_md5(candidate_dir / "model.pt"),
+                "card_md5": _file_md5(model_dir / "model_card.json"),
                 "gate": json.dumps({"margin": params.margin,
                                     "site_tolerance": params.site_tolerance,
                                     "n_boot": params.n_boot, "seed": params.seed},
