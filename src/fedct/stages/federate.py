@@ -163,15 +163,15 @@ def _multi_round(name: str, mu: float, params: FederateParams, train: TrainParam
     for site in sites:
         with tracking.start_run("federate", run_name=f"{name}-{site}", nested=True,
                                 tags={"fedct.method": name, "fedct.site": site}) as child:
+            n_train = None
             for rec in history:
                 m = (rec.get("sites") or {}).get(site)
                 if m:
                     child.log_metrics({k: m.get(k) for k in ("train_loss", "val_dice",
                                                              "val_loss", "seconds")},
                                       step=int(rec["round"]))
-            child.log_params({"site": site, "n_train": next(
-                ((r.get("sites") or {}).get(site, {}).get("n_train") for r in history
-                 if (r.get("sites") or {}).get(site)), None)})
+                    n_train = m.get("n_train") if n_train is None else n_train
+            child.log_params({"site": site, "n_train": n_train})
     return model_path, history
 
 
