@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedct.analysis.seeds import report_pairs
 from fedct.config import ConfigError, Params, load_params, to_dict
 
 REPO_PARAMS = Path(__file__).parents[1] / "params.yaml"
@@ -78,3 +79,9 @@ def test_report_seeds_were_never_development_seeds() -> None:
     params = load_params(REPO_PARAMS)
     assert params.synth.seed not in params.synth.dev_seeds
     assert params.cohort.seed not in params.cohort.dev_seeds
+    # The study's report seeds: at least 3 pairs, none a development seed, and the pair
+    # that `dvc repro` runs is the first of them.
+    pairs = report_pairs(params.synth.report_seeds, params.cohort.report_seeds,
+                         params.synth.dev_seeds, params.cohort.dev_seeds)
+    assert len(pairs) >= 3
+    assert pairs[0] == (params.synth.seed, params.cohort.seed)

@@ -1,10 +1,10 @@
 """End to end: `dvc repro` of the repository's dvc.yaml on the tiny archive.
 
-Runs the real CLI through DVC (catalogue, cohort, train@A/B/pooled, uncertainty, federate,
-evaluate, promote, report) with small network settings, then checks that a second
-`dvc repro` does
-nothing, that a regenerated archive keeps `dvc status` clean, and that outputs hold no
-patient identifier.
+Runs the real CLI through DVC (synth, catalogue, cohort, train@A/B/pooled, uncertainty,
+federate, evaluate, promote, report) with small network settings, then checks that a second
+`dvc repro` does nothing, that a regenerated archive keeps `dvc status` clean, that
+`fedct seeds` runs a second report seed as a DVC experiment without touching the
+workspace, and that outputs hold no patient identifier.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     shutil.copy(REPO / "dvc.yaml", work)
     shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["synth"].update(profile="tiny", seed=11)
     params["cohort"].update(spacing_mm=[12.0, 12.0, 12.0], roi_size=[40, 40, 16])
     params["train"].update(sites=["A", "B", "pooled"], steps=4, channels=[4, 8, 16],
                            strides=[2, 2], patch_size=[32, 32, 16], val_checks=2)
@@ -51,14 +52,17 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
            "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
     env.pop("MLFLOW_ARTIFACTS_DESTINATION", None)
     dvc = [str(Path(bin_dir) / "dvc")]
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@x", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@x")
     _run(["git", "init", "-q"], work, env)
     _run(dvc + ["init", "-q"], work, env)
     shutil.copy(REPO / ".dvcignore", work)  # bytecode caches in src/ are not deps
-    synth = [str(Path(bin_dir) / "fedct"), "synth", "data/archive", "--truth", "data/truth",
-             "--labels", "data/labels", "--profile", "tiny", "--seed", "11"]
-    _run(synth, work, env)
-    _run(dvc + ["add", "-q", "data"], work, env)
-    _run(dvc + ["repro"], work, env)
+    shutil.copy(REPO / ".gitignore", work)  # data/, outputs/, the MLflow store
+    _run(["git", "add", "-A"], work, env)
+    _run(["git", "commit", "-q", "-m", "study"], work, env)
+    # `dvc repro` writes the archive too (the synth stage), from params' profile and seed.
+    repro = _run(dvc + ["repro"], work, env)
+    assert "Running stage 'synth'" in repro
 
     series = pd.read_parquet(work / "outputs/catalogue/series.parquet")
     assert series["usable"].sum() == 30
@@ -86,11 +90,43 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     status = _run(dvc + ["status"], work, env)
     assert "changed" not in status
 
-    # Regenerating the archive (as on another machine) leaves data.dvc valid.
+    # Regenerating the archive by hand (as on another machine) leaves dvc.lock valid:
+    # the same seed gives byte-identical files.
     shutil.rmtree(work / "data")
-    _run(synth, work, env)
+    _run([str(Path(bin_dir) / "fedct"), "synth", "data/archive", "--truth", "data/truth",
+          "--labels", "data/labels"], work, env)
     status = _run(dvc + ["status"], work, env)
     assert "changed" not in status and "modified" not in status, status
+
+    # The study over report seeds: the first pair is the one `dvc repro` ran (restored
+    # from the run cache), the second a new archive and split, run as an experiment.
+    synth_seeds, cohort_seeds = [11, 12], [params["cohort"]["seed"], params["cohort"]["seed"] + 1]
+    params["synth"]["report_seeds"], params["cohort"]["report_seeds"] = synth_seeds, cohort_seeds
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "add", "-A"], work, env)
+    _run(["git", "commit", "-q", "-m", "report seeds"], work, env)
+    lock_before = (work / "dvc.lock").read_text()
+    fedct = str(Path(bin_dir) / "fedct")
+    _run([fedct, "seeds"], work, env)
+    per_seed = pd.read_csv(work / "outputs/seeds/per_seed.csv")
+    assert list(per_seed["synth_seed"]) == synth_seeds
+    assert list(per_seed["cohort_seed"]) == cohort_seeds
+    assert per_seed[["in_domain_dice", "heldout_fedavg", "heldout_pooled", "auroc_all"]
+                    ].notna().all().all()
+    # Different archives: different results per seed.
+    assert per_seed["heldout_pooled"].nunique() == 2
+    first = json.loads((work / "outputs/evaluate/metrics.json").read_text())
+    assert per_seed.loc[0, "heldout_fedavg"] == pytest.approx(first["heldout_dice"]["fedavg"])
+    summary = pd.read_csv(work / "outputs/seeds/summary.csv")
+    overall = summary[(summary["site"] == "all") & (summary["model"] == "fedavg")]
+    assert int(overall["n_cases"].iloc[0]) > first["n_cases"]  # both seeds' cases
+    across = pd.read_csv(work / "outputs/seeds/across_seeds.csv").set_index("metric")
+    assert across.loc["heldout_fedavg", "n_seeds"] == 2
+    # The workspace is untouched: same lock, nothing to reproduce; a second call reuses
+    # the experiments.
+    assert (work / "dvc.lock").read_text() == lock_before
+    assert "changed" not in _run(dvc + ["status"], work, env)
+    assert "running experiment" not in _run([fedct, "seeds"], work, env)
 
     # No fake identifier of the archive anywhere in the outputs.
     phi = pd.read_csv(work / "data" / "truth" / "phi.csv", dtype=str)

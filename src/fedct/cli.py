@@ -235,3 +235,21 @@ def predict(model_uri: str, input_path: Path, out_dir: Path, mc_samples: int | N
     flag = report["failure"]["flag"]
     click.echo(f"wrote {', '.join(v for v in report['outputs'].values() if v)} to {out_dir}; "
                f"failure flag: {'none (no threshold)' if flag is None else flag}")
+
+
+@main.command()
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default="outputs/seeds", show_default=True, help="Summary folder.")
+@click.option("--run/--no-run", "run_missing", default=True, show_default=True,
+              help="Run the report-seed experiments that do not exist yet.")
+@click.option("--force", is_flag=True, help="Rerun every report-seed experiment.")
+@PARAMS
+def seeds(out_dir: Path, run_missing: bool, force: bool, params_file: Path) -> None:
+    """The study over report seeds: one `dvc exp run --temp` per pair of
+    synth.report_seeds and cohort.report_seeds (up to evaluate), then per-seed and pooled
+    tables in OUT."""
+    from fedct import seeds as command
+
+    result = command.run(_load(params_file), out_dir, run_missing=run_missing, force=force)
+    click.echo(f"summarised {len(result['experiments'])} report seeds "
+               f"({', '.join(result['experiments'])}) in {out_dir}")

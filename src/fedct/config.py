@@ -33,6 +33,9 @@ class SynthParams:
     # README come from it; ``dev_seeds`` are the seeds the choices were made on.
     seed: int = 5101
     dev_seeds: tuple[int, ...] = (2026, 4099)
+    # The study's report archives (``fedct seeds``: one DVC experiment per seed, paired
+    # with ``cohort.report_seeds``); the first is ``seed``, the one ``dvc repro`` runs.
+    report_seeds: tuple[int, ...] = (5101, 5102, 5103)
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class CohortParams:
     # Report seed of the patient split; ``dev_seeds``: the splits used while developing.
     seed: int = 313
     dev_seeds: tuple[int, ...] = (7, 101)
+    # Paired with ``synth.report_seeds`` (``fedct seeds``).
+    report_seeds: tuple[int, ...] = (313, 314, 315)
     val_fraction: float = 0.125
     # Calibration cases: never trained on and never used to pick a checkpoint, so the
     # failure definition and the flag threshold are set on data that nothing else saw.

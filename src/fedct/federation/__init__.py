@@ -7,3 +7,6 @@
 - :mod:`fedct.federation.simulation`: ``run_federation``, Flower's simulation run in a child
   process that is always stopped.
 """
+
+#: The methods of ``federate`` that read no label of a target site (``methods`` params).
+LABEL_FREE = ("uw_merge", "tent", "self_train")

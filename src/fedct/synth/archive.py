@@ -3,7 +3,8 @@
 Deterministic by construction: every random draw comes from a generator seeded by
 (seed, site, patient, purpose); UIDs are derived from the seed with pydicom's
 ``generate_uid(entropy_srcs=...)``; dates come from the generator, never the clock.
-The same seed and package versions give byte-identical files, so ``data.dvc`` holds.
+The same seed and package versions give byte-identical files, so the synth stage's
+hashes in ``dvc.lock`` hold wherever it is regenerated.
 
 Layout::
 

@@ -1,0 +1,161 @@
+"""``fedct seeds``: the study over report seeds, one DVC experiment per seed pair.
+
+Each report seed pair (``synth.report_seeds[i]``, ``cohort.report_seeds[i]``) is one
+``dvc exp run --temp`` named ``report-<synth>-<cohort>`` of the pipeline up to
+``evaluate`` with those two seeds set: a new archive, a new patient split, every model
+retrained, every stage logged to the same MLflow store as the workspace's. Nothing in the
+workspace changes; the pair equal to the workspace's params is restored from DVC's run
+cache when ``dvc repro`` already ran it. An experiment of the current commit that already
+exists is reused (``--force`` reruns it).
+
+Each experiment's outputs are read back through ``dvc.api`` at the experiment's revision
+(``outputs/evaluate``, ``outputs/uncertainty``, ``data/truth/summary.json``) and summarised
+by :mod:`fedct.analysis.seeds`. Outputs (``OUT_DIR``, default ``outputs/seeds``):
+
+- ``per_seed.csv``: one row of headline numbers per seed;
+- ``across_seeds.csv``: mean, sd, min and max of each over the seeds;
+- ``summary.csv`` / ``paired.csv``: the held-out comparison with every seed's cases
+  together (``fedct.analysis.heldout``; clusters: held-out sites, then cases);
+- ``seeds.json``: the experiments, their revisions and the headline means.
+
+MLflow: one run ``seeds`` with the tables as artifacts and the means as metrics.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from fedct.analysis import heldout
+from fedct.analysis.seeds import across_seeds, experiment_name, pooled_cases, report_pairs, seed_row
+from fedct.config import Params
+from fedct.errors import FedctError
+from fedct.federation import LABEL_FREE
+
+#: What each experiment must have written, read back at its revision.
+FILES = {"cases": "outputs/evaluate/cases.csv", "evaluate": "outputs/evaluate/metrics.json",
+         "uncertainty": "outputs/uncertainty/metrics.json",
+         "signals": "outputs/uncertainty/signals.csv",
+         "ranking": "outputs/uncertainty/site_ranking.csv",
+         "truth": "data/truth/summary.json"}
+TARGET = "evaluate"
+
+
+def _dvc(args: list[str], repo: Path, env: dict | None = None, capture: bool = True
+         ) -> subprocess.CompletedProcess:
+    dvc = Path(sys.executable).with_name("dvc")
+    cmd = [str(dvc) if dvc.exists() else "dvc", *args]
+    try:
+        return subprocess.run(cmd, cwd=repo, env=env, text=True, check=False,
+                              capture_output=capture)
+    except OSError as exc:
+        raise FedctError(f"cannot run {' '.join(cmd)} ({exc})") from exc
+
+
+def existing_experiments(repo: Path) -> set[str]:
+    """Names of the DVC experiments of the current commit."""
+    out = _dvc(["exp", "list", "--name-only"], repo)
+    if out.returncode != 0:
+        raise FedctError(f"{repo}: `dvc exp list` failed: {out.stderr.strip()[-400:]}")
+    return {line.strip() for line in out.stdout.splitlines() if line.strip()}
+
+
+def _tracking_env(repo: Path) -> dict:
+    """The environment of an experiment: the workspace's MLflow store, by absolute path
+    (``--temp`` runs in another folder, where a relative store would be lost)."""
+    from fedct import tracking
+
+    env = dict(os.environ)
+    if not env.get("MLFLOW_TRACKING_URI"):
+        cwd = Path.cwd()
+        try:
+            os.chdir(repo)
+            tracking.configure()  # creates the experiment with its artifacts beside it
+        finally:
+            os.chdir(cwd)
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{(Path(repo) / 'mlflow.db').resolve()}"
+    return env
+
+
+def run_experiment(repo: Path, synth_seed: int, cohort_seed: int, env: dict,
+                   force: bool = False) -> None:
+    """``dvc exp run --temp`` of the pipeline up to ``evaluate`` with these seeds."""
+    name = experiment_name(synth_seed, cohort_seed)
+    print(f"seeds: running experiment {name} (dvc exp run --temp ... {TARGET})", flush=True)
+    args = ["exp", "run", "--temp", "-n", name, "-S", f"synth.seed={synth_seed}",
+            "-S", f"cohort.seed={cohort_seed}", *(["--force"] if force else []), TARGET]
+    out = _dvc(args, repo, env=env, capture=False)
+    if out.returncode != 0:
+        raise FedctError(f"experiment {name} failed (exit {out.returncode}); see the output "
+                         "above, then `fedct seeds` again (finished experiments are kept)")
+
+
+def read_experiment(repo: Path, name: str) -> dict:
+    """The files of ``FILES`` at experiment ``name`` (tables as DataFrames, JSON as dicts)."""
+    import dvc.api
+
+    out: dict = {}
+    for key, path in FILES.items():
+        try:
+            text = dvc.api.read(path, repo=str(repo), rev=name)
+        except Exception as exc:  # dvc raises many types for a missing rev or output
+            raise FedctError(f"experiment {name}: cannot read {path} ({exc})") from exc
+        out[key] = (json.loads(text) if path.endswith(".json")
+                    else pd.read_csv(io.StringIO(text)))
+    return out
+
+
+def run(params: Params, out_dir: Path, repo: Path = Path("."), run_missing: bool = True,
+        force: bool = False) -> dict:
+    """Run the missing report-seed experiments, then summarise them all (module docstring)."""
+    from fedct import tracking
+
+    repo, out_dir = Path(repo).resolve(), Path(out_dir)
+    pairs = report_pairs(params.synth.report_seeds, params.cohort.report_seeds,
+                         params.synth.dev_seeds, params.cohort.dev_seeds)
+    names = [experiment_name(s, c) for s, c in pairs]
+    have = existing_experiments(repo)
+    todo = [(p, n) for p, n in zip(pairs, names, strict=True) if force or n not in have]
+    if todo and not run_missing:
+        raise FedctError(f"experiments {[n for _, n in todo]} do not exist for this commit; "
+                         "run `fedct seeds` without --no-run")
+    if todo:
+        env = _tracking_env(repo)
+        for (s, c), _ in todo:
+            run_experiment(repo, s, c, env, force=force)
+    rows, cases = [], {}
+    for (s, c), name in zip(pairs, names, strict=True):
+        got = read_experiment(repo, name)
+        rows.append(seed_row(s, c, got["evaluate"], got["uncertainty"], got["signals"],
+                             got["ranking"], list(got["truth"].get("shift_sites") or []),
+                             params.uncertainty.signal, LABEL_FREE))
+        cases[name] = got["cases"]
+    per_seed = pd.DataFrame(rows)
+    over = across_seeds(per_seed)
+    pooled = pooled_cases(cases)
+    summary = heldout.summary_table(pooled, params.evaluate.n_boot, params.evaluate.seed)
+    paired = heldout.paired_table(pooled, params.evaluate.n_boot, params.evaluate.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_seed.to_csv(out_dir / "per_seed.csv", index=False)
+    over.to_csv(out_dir / "across_seeds.csv", index=False)
+    summary.to_csv(out_dir / "summary.csv", index=False)
+    paired.to_csv(out_dir / "paired.csv", index=False)
+    means = dict(zip(over["metric"], over["mean"], strict=True))
+    result = {"experiments": names, "pairs": [list(p) for p in pairs],
+              "heldout": heldout.metrics_json(summary, paired),
+              "means": {k: (None if v != v else v) for k, v in means.items()}}
+    (out_dir / "seeds.json").write_text(json.dumps(result, indent=1))
+    with tracking.start_run("seeds") as run_:
+        run_.log_params({"experiments": names, "signal": params.uncertainty.signal,
+                         "n_seeds": len(pairs)})
+        run_.log_metrics({f"seeds_{k}": v for k, v in means.items()})
+        for f in ("per_seed.csv", "across_seeds.csv", "summary.csv", "paired.csv",
+                  "seeds.json"):
+            run_.log_artifact(out_dir / f)
+    return result
