@@ -110,7 +110,7 @@ def test_failure_score_is_the_uncertainty_stage_s(dicom_series: Path, model_dir:
     out = segment.failure_flag(probs, card)
     # The stage: cached case -> mc_predict(T, batch, seed) -> signals -> mean over structures.
     stage_probs = mc_predict(model, torch.as_tensor(prepare_case(image, None, card.spec)
-                                                    ["image"]), 10, 10, seed=0)
+                                                    ["image"]), 10, 10, seed=0, amp=True)
     signals = failure_signals(stage_probs, card.reference_ml, card.spec.spacing_mm)
     assert out["score"] == pytest.approx(float(np.mean(signals["sample_disagreement"])))
     assert out["flag"] is None and "no failure threshold" in out["reason"]

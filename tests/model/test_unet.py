@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from fedct import devices
 from fedct.model.mc import mc_predict, mc_predict_loop
 from fedct.model.unet import (
     Block,
@@ -205,11 +206,33 @@ def test_batched_and_loop_sample_the_same_distribution() -> None:
     assert 0.9 < ratio < 1.1
 
 
-def test_amp_is_ignored_on_cpu(image: torch.Tensor) -> None:
+def test_amp_is_ignored_on_a_cpu_without_native_bf16(image: torch.Tensor,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
     model = tiny_unet()
     a = mc_predict(model, image, n_samples=2, seed=0, amp=True)
     assert a.dtype == torch.float32
     assert torch.equal(a, mc_predict(model, image, n_samples=2, seed=0, amp=False))
+
+
+def test_amp_runs_bf16_on_a_cpu_with_native_bf16(image: torch.Tensor,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # bf16 is computed (emulated where the CPU lacks it), so this runs on any CPU.
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    model = tiny_unet()
+    a = mc_predict(model, image, n_samples=2, seed=0, amp=True)
+    b = mc_predict(model, image, n_samples=2, seed=0, amp=False)
+    assert a.dtype == torch.float32  # probabilities always come back as float32
+    assert not torch.equal(a, b)  # bf16 rounding: autocast was on
+    assert (a - b).abs().max() < 0.05  # the same samples (same dropout masks)
+    assert torch.allclose(a.sum(1), torch.ones_like(a.sum(1)), atol=1e-4)
+
+
+def test_use_amp_rule() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert devices.use_amp(cuda, True) and not devices.use_amp(cuda, False)
+    assert devices.use_amp(cpu, True) == devices.cpu_has_bf16()
+    assert not devices.use_amp(cpu, False)
 
 
 def test_sliding_window_with_whole_image_window_matches_direct(image: torch.Tensor) -> None:

@@ -94,7 +94,8 @@ def test_early_stopping_on_validation_loss_keeps_the_best_weights() -> None:
     assert len(hist) == best + 1 + 2  # exactly `patience` passes after the best one
     from fedct.training.loop import evaluate
 
-    loss, _ = evaluate(model, _cases(2, 1), torch.device("cpu"), False, LABELS.n_classes)
+    # Evaluated as the loop did (bf16 where the CPU has it: params.amp).
+    loss, _ = evaluate(model, _cases(2, 1), torch.device("cpu"), params.amp, LABELS.n_classes)
     assert loss == pytest.approx(hist["val_loss"][best], rel=1e-5)
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from fedct.analysis.failure import SIGNAL_WORST, SIGNALS
 from fedct.analysis.metrics import argmax_segmentation, failure_signals, predictive_mean
 from fedct.config import TrainParams
+from fedct.devices import use_amp
 from fedct.federation.aggregate import weighted_average
 from fedct.model.mc import mc_predict
 from fedct.training import local
@@ -343,7 +344,7 @@ def _entropy_of(logits: torch.Tensor) -> torch.Tensor:
 
 def _autocast(device: torch.device, amp: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16,
-                          enabled=amp and device.type == "cuda")
+                          enabled=use_amp(device, amp))
 
 
 def prediction_entropy(model: nn.Module, images: Sequence[Image], amp: bool = False) -> float:

@@ -127,10 +127,10 @@ def mc_probabilities(model: torch.nn.Module, image: np.ndarray, n_samples: int,
                      seed: int | None, device: torch.device,
                      batch: int = _UNCERTAINTY.mc_batch) -> torch.Tensor:
     """``(T, C, X, Y, Z)`` MC-dropout probabilities on the CPU, as the uncertainty stage
-    samples them (same batching, seed, mixed precision on CUDA)."""
+    samples them (same batching, seed, mixed precision where the device has it)."""
     model.to(device)
     return mc_predict(model, torch.as_tensor(image), n_samples, batch,
-                      amp=device.type == "cuda", seed=seed, output_device="cpu").float()
+                      amp=True, seed=seed, output_device="cpu").float()
 
 
 def _grid_image(values: np.ndarray, grid: sitk.Image) -> sitk.Image:

@@ -16,6 +16,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from fedct.devices import use_amp
 from fedct.model.unet import dropout_modules, mc_dropout
 
 
@@ -41,10 +42,11 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
 
 
 def _autocast(device: torch.device, amp: bool) -> torch.autocast:
-    """bf16 autocast where the GPU supports it, else fp16; a no-op on CPU or without ``amp``."""
-    enabled = amp and device.type == "cuda"
+    """bf16 autocast where the device supports it (a GPU without bf16: fp16; a CPU without
+    native bf16: off, ``fedct.devices.use_amp``); a no-op without ``amp``."""
+    enabled = use_amp(device, amp)
     dtype = torch.bfloat16
-    if enabled and not torch.cuda.is_bf16_supported():
+    if enabled and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         dtype = torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
 
@@ -144,7 +146,8 @@ def mc_predict(
         image: ``(1, X, Y, Z)`` or ``(1, 1, X, Y, Z)`` preprocessed volume.
         n_samples: T, the number of MC samples.
         batch: samples per forward pass; lower it if memory is short.
-        amp: autocast (bf16, or fp16 where bf16 is unsupported) on CUDA; ignored on CPU.
+        amp: bf16 autocast where the device computes bf16 natively (a GPU without bf16:
+            fp16; ``fedct.devices.use_amp``); off elsewhere.
         seed: seeds dropout for this call only (the caller's RNG state is restored). The
             same seed, ``n_samples``, ``batch`` and device give identical samples (on CUDA,
             up to cuDNN's own non-determinism). ``None`` uses the global RNG, so

@@ -202,7 +202,7 @@ def _self_train_cohort(cohort: pd.DataFrame, cohort_dir: Path, teacher: torch.nn
     for site, imgs in images.items():
         cases = pseudo_labelled_cases(teacher, imgs, params.mc_samples, params.mc_batch,
                                       params.seed, params.pseudo_p_min, params.pseudo_std_max,
-                                      amp=device.type == "cuda")
+                                      amp=True)
         keys = held.loc[held["site"] == site, "series_key"].tolist()
         for key, case in zip(keys, cases, strict=True):
             label = with_ignore(case["label"], case["mask"]).astype(np.uint8)
@@ -242,7 +242,7 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict = {"sites": list(sites), "weights": weights}
     device = pick_device(params.device)
-    amp = device.type == "cuda"
+    amp = True  # bf16 where the device has it (fedct.devices.use_amp)
     needs_targets = {"uw_merge", "tent", "self_train"} & set(params.methods)
     targets = _target_images(cohort, cohort_dir) if needs_targets else {}
     if needs_targets and not targets:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fedct.config import TrainParams
-from fedct.devices import pick_device
+from fedct.devices import pick_device, use_amp
 from fedct.errors import FedctError
 from fedct.federation.aggregate import proximal_term
 from fedct.training.loop import (
@@ -71,7 +71,7 @@ def local_update(model: torch.nn.Module, train_cases: list[dict], params: TrainP
                          f"{total_steps} steps")
     check_shapes(params, [c["image"].shape[1:] for c in train_cases])
     device = pick_device(params.device)
-    amp = params.amp and device.type == "cuda"
+    amp = use_amp(device, params.amp)
     if global_state is not None:
         model.load_state_dict(global_state)
     model.to(device)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from fedct.analysis.metrics import dice_per_structure
 from fedct.config import TrainParams, to_dict
 from fedct.data.labels import LabelSet
-from fedct.devices import pick_device
+from fedct.devices import pick_device, use_amp
 from fedct.errors import FedctError
 from fedct.model.io import architecture, build_from_arch
 
@@ -101,7 +101,7 @@ def evaluate(model: torch.nn.Module, cases: list[dict], device: torch.device, am
     loss_fn = _loss_fn()
     losses, dice = [], []
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                enabled=amp and device.type == "cuda"):
+                                                enabled=use_amp(device, amp)):
         for c in cases:
             logits = model(torch.as_tensor(c["image"])[None].to(device)).float()
             label = torch.as_tensor(c["label"])[None].to(device)
@@ -224,7 +224,7 @@ def train_model(params: TrainParams, labels: LabelSet, train_cases: list[dict],
     set_determinism(seed=params.seed)
     torch.manual_seed(params.seed)
     device = pick_device(params.device)
-    amp = params.amp and device.type == "cuda"
+    amp = use_amp(device, params.amp)
     model = build_model(params, labels).to(device)
     opt = make_optimizer(model, params)
     sched, total = one_cycle(opt, params, params.steps)
