@@ -84,7 +84,7 @@ def main() -> None:
         times: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.repeats):
             for amp in (False, True):
-                times[amp].append(_time(lambda a=amp: fn(a)) / per)
+                times[amp].append(_time(lambda a=amp, f=fn: f(a)) / per)
         fp32, bf16 = (statistics.median(times[a]) for a in (False, True))
         rows.append((name, fp32, bf16, fp32 / bf16))
     print(f"{'':22s} {'fp32 s':>8s} {'bf16 s':>8s} {'speed-up':>9s}")
