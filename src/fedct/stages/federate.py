@@ -33,6 +33,7 @@ import dataclasses
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +231,12 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
     unknown = sorted(set(params.methods) - set(METHODS))
     if unknown:
         raise FedctError(f"federate.methods: unknown {unknown}; choose from {list(METHODS)}")
+    if params.rounds * params.local_steps != train.steps:
+        # Allowed (a study of more local work), but then federated and local models differ
+        # in optimiser steps as well as in method: say so where the numbers are made.
+        warnings.warn(f"federate: rounds x local_steps = {params.rounds * params.local_steps}"
+                      f" optimiser steps per client, but train.steps = {train.steps}: the "
+                      "federated and local models differ in training length", stacklevel=2)
     cohort_dir, out_dir = Path(cohort_dir), Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir.parent / "federate_ckpt"
     sites = tuple(params.sites)
