@@ -101,7 +101,7 @@ class TrainParams:
     # ``steps`` optimiser steps (the one-cycle learning-rate schedule spans them); the
     # weights of the best validation loss are kept. So each model stops at its own
     # convergence under one common cap, not after an equal number of epochs.
-    steps: int = 240
+    steps: int = 400
     # Validation passes (deterministic, whole volumes) spread evenly over ``steps``.
     val_checks: int = 10
     patience: int = 3
@@ -170,7 +170,7 @@ class FederateParams:
     rounds: int = 4
     # Optimiser steps per client per round: rounds x local_steps = train.steps, so each
     # client does as many steps as a local model's cap.
-    local_steps: int = 60
+    local_steps: int = 100
     # A round completes when at least this many clients reply (a failed client rejoins).
     min_clients: int = 3
     proximal_mu: float = 0.01      # FedProx: mu / 2 ||w - w_global||^2
