@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fedct.errors import FedctError
@@ -23,6 +25,7 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AMX tiles or AVX512-BF16).
 

@@ -66,21 +66,13 @@ def existing_experiments(repo: Path) -> set[str]:
     return {line.strip() for line in out.stdout.splitlines() if line.strip()}
 
 
-def _tracking_env(repo: Path) -> dict:
-    """The environment of an experiment: the workspace's MLflow store, by absolute path
-    (``--temp`` runs in another folder, where a relative store would be lost)."""
+def _tracking_env() -> dict:
+    """The environment of an experiment: the workspace's MLflow store by absolute path
+    (``--temp`` runs in another folder, where the relative default would be lost); the
+    experiment is created here first, so its artifacts stay beside the workspace's store."""
     from fedct import tracking
 
-    env = dict(os.environ)
-    if not env.get("MLFLOW_TRACKING_URI"):
-        cwd = Path.cwd()
-        try:
-            os.chdir(repo)
-            tracking.configure()  # creates the experiment with its artifacts beside it
-        finally:
-            os.chdir(cwd)
-        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{(Path(repo) / 'mlflow.db').resolve()}"
-    return env
+    return {**os.environ, "MLFLOW_TRACKING_URI": tracking.configure()}
 
 
 def run_experiment(repo: Path, synth_seed: int, cohort_seed: int, env: dict,
@@ -111,12 +103,13 @@ def read_experiment(repo: Path, name: str) -> dict:
     return out
 
 
-def run(params: Params, out_dir: Path, repo: Path = Path("."), run_missing: bool = True,
-        force: bool = False) -> dict:
-    """Run the missing report-seed experiments, then summarise them all (module docstring)."""
+def run(params: Params, out_dir: Path, run_missing: bool = True, force: bool = False
+        ) -> dict:
+    """Run the missing report-seed experiments of the repository in the working directory,
+    then summarise them all (module docstring)."""
     from fedct import tracking
 
-    repo, out_dir = Path(repo).resolve(), Path(out_dir)
+    repo, out_dir = Path.cwd(), Path(out_dir)
     pairs = report_pairs(params.synth.report_seeds, params.cohort.report_seeds,
                          params.synth.dev_seeds, params.cohort.dev_seeds)
     names = [experiment_name(s, c) for s, c in pairs]
@@ -126,7 +119,7 @@ def run(params: Params, out_dir: Path, repo: Path = Path("."), run_missing: bool
         raise FedctError(f"experiments {[n for _, n in todo]} do not exist for this commit; "
                          "run `fedct seeds` without --no-run")
     if todo:
-        env = _tracking_env(repo)
+        env = _tracking_env()
         for (s, c), _ in todo:
             run_experiment(repo, s, c, env, force=force)
     rows, cases = [], {}

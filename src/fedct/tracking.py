@@ -58,12 +58,13 @@ def _mlflow():  # imported lazily so that `import fedct` stays cheap
     return mlflow
 
 
-def configure() -> None:
-    """Point MLflow at ``MLFLOW_TRACKING_URI`` or the embedded SQLite default."""
+def configure() -> str:
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` or the embedded SQLite default (by absolute
+    path); returns that URI."""
     # Set every time from the environment: a URI set earlier in the process (another
     # store, a server that has stopped) must not outlive a change of MLFLOW_TRACKING_URI.
     mlflow = _mlflow()
-    _set_tracking_uri()
+    uri = _set_tracking_uri()
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
     if mlflow.get_experiment_by_name(experiment) is None:
         # Artifacts next to the database, as MLflow's own default does.
@@ -72,6 +73,7 @@ def configure() -> None:
             location = Path("mlruns").resolve().as_uri()
         mlflow.create_experiment(experiment, artifact_location=location)
     mlflow.set_experiment(experiment)
+    return uri
 
 
 class Run:

@@ -44,6 +44,7 @@ from fedct.config import FederateParams, TrainParams, to_dict
 from fedct.data.cases import case_path, load_image, read_cohort, save_case
 from fedct.devices import pick_device
 from fedct.errors import FedctError
+from fedct.federation import LABEL_FREE
 from fedct.federation.aggregate import case_weights, site_weights, weighted_average
 from fedct.model.io import load_model, save_model
 
@@ -250,7 +251,7 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
     metrics: dict = {"sites": list(sites), "weights": weights}
     device = pick_device(params.device)
     amp = True  # bf16 where the device has it (fedct.devices.use_amp)
-    needs_targets = {"uw_merge", "tent", "self_train"} & set(params.methods)
+    needs_targets = set(LABEL_FREE) & set(params.methods)
     targets = _target_images(cohort, cohort_dir) if needs_targets else {}
     if needs_targets and not targets:
         raise FedctError(f"{cohort_dir / 'cohort.csv'}: no held-out site for the label-free "
