@@ -114,6 +114,8 @@ class TrainParams:
     # Peak learning rate of the one-cycle schedule (AdamW).
     learning_rate: float = 0.01
     dropout: float = 0.5
+    # Dropout after the blocks of this many levels, counted from the coarsest.
+    dropout_depth: int = 2
     # Feature widths per level; channels[0] is the full-resolution level.
     channels: tuple[int, ...] = (8, 16, 32, 64)
     strides: tuple[int, ...] = (2, 2, 2)

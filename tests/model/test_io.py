@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from fedct.errors import FedctError
 from fedct.model.io import CARD_FILE, load_model, save_model
+from fedct.model.unet import dropout_modules
 from fedct.training.loop import model_arch, train_model
 from tests.training.test_loop import LABELS, PARAMS, _cases
 
@@ -43,3 +45,17 @@ def test_a_model_of_another_architecture_is_refused_with_its_path(tmp_path: Path
     save_model(model, tmp_path / "old.pt", arch, {"site": "A"})
     with pytest.raises(FedctError, match="old.pt: .*retrain"):
         load_model(tmp_path / "old.pt")
+
+
+def test_dropout_depth_is_saved_and_old_models_keep_dropout_at_every_level(
+        tmp_path: Path) -> None:
+    params = dataclasses.replace(PARAMS, dropout_depth=1)
+    model, _ = train_model(params, LABELS, _cases(2), [], None, "fp")
+    arch = model_arch(params, LABELS)
+    assert arch["dropout_depth"] == 1
+    save_model(model, tmp_path / "m.pt", arch, {"site": "A"})
+    assert len(dropout_modules(load_model(tmp_path / "m.pt")[0])) == 1  # the coarse level's
+    # A model saved before the depth existed had dropout after every block.
+    old = {k: v for k, v in arch.items() if k != "dropout_depth"}
+    save_model(model, tmp_path / "old.pt", old, {"site": "A"})
+    assert len(dropout_modules(load_model(tmp_path / "old.pt")[0])) == 3  # 2 levels + decoder

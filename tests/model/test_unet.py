@@ -55,6 +55,31 @@ def test_every_block_has_dropout_and_the_classifier_has_none() -> None:
     assert convs_after[0].kernel_size == (3, 3, 3)
 
 
+def test_dropout_depth_puts_dropout_in_the_coarsest_levels_only(image: torch.Tensor) -> None:
+    model = build_bayesian_unet(N_CLASSES, channels=(4, 8, 16, 32), strides=(2, 2, 2),
+                                dropout=0.5, dropout_depth=2)
+    # Level i's encoder block is encoder.i; the decoder runs from level 2 up to level 0.
+    level_of = {**{f"encoder.{i}": i for i in range(4)},
+                **{f"decoder.{j}": 2 - j for j in range(3)}}
+    sampling = {name: type(model.get_submodule(name).dropout) is MCDropout
+                for name in level_of}
+    assert sampling == {name: level >= 2 for name, level in level_of.items()}
+    assert len(dropout_modules(model)) == 3  # encoder 2, 3 and decoder 2
+    # The coarse levels alone still make the MC samples differ.
+    probs = mc_predict(model.eval(), image[:, :16, :16, :16], n_samples=3, batch=3, seed=0)
+    assert not torch.allclose(probs[0], probs[1])
+    # Every level, as the lab's default, when no depth is given.
+    assert len(dropout_modules(build_bayesian_unet(N_CLASSES, channels=(4, 8, 16, 32),
+                                                   strides=(2, 2, 2)))) == 7
+
+
+@pytest.mark.parametrize("depth", [0, 5])
+def test_dropout_depth_outside_the_levels_is_refused(depth: int) -> None:
+    with pytest.raises(ValueError, match="dropout_depth must be 1..4"):
+        build_bayesian_unet(N_CLASSES, channels=(4, 8, 16, 32), strides=(2, 2, 2),
+                            dropout_depth=depth)
+
+
 def test_a_full_resolution_level_exists() -> None:
     # The first block keeps the input's size (no stride-2 first convolution), and the block
     # that feeds the classifier works at full resolution too.

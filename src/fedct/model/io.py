@@ -31,14 +31,17 @@ CARD_FILE = "model_card.json"
 
 # Names the network ``build_from_arch`` builds; bumped when the layer layout changes, so a
 # model of an older layout is refused with a message instead of failing on its weights.
-NET = "fedct-bayesian-unet/2"  # full-resolution level, dropout after every block
+NET = "fedct-bayesian-unet/2"  # full-resolution level, dropout after the blocks
 
 
 def architecture(n_classes: int, channels, strides, dropout: float,
-                 num_res_units: int, norm: str = "instance") -> dict[str, Any]:
+                 num_res_units: int, norm: str = "instance",
+                 dropout_depth: int | None = None) -> dict[str, Any]:
     """Everything needed to rebuild the network (saved with its weights)."""
+    depth = len(channels) if dropout_depth is None else int(dropout_depth)
     return {"net": NET, "n_classes": int(n_classes), "channels": list(channels),
             "strides": list(strides), "dropout": float(dropout),
+            "dropout_depth": depth,
             "num_res_units": int(num_res_units), "norm": norm}
 
 
@@ -46,8 +49,10 @@ def build_from_arch(arch: Mapping[str, Any]) -> torch.nn.Module:
     if arch.get("net") != NET:
         raise FedctError(f"model architecture {arch.get('net', 'fedct-bayesian-unet/1')!r} is "
                          f"not {NET!r}, the one this version builds; retrain the model")
+    # Models saved before ``dropout_depth`` existed had dropout at every level.
     return build_bayesian_unet(arch["n_classes"], arch["channels"], arch["strides"],
-                               arch["dropout"], arch["num_res_units"], arch["norm"])
+                               arch["dropout"], arch["num_res_units"], arch["norm"],
+                               arch.get("dropout_depth"))
 
 
 def save_model(model: torch.nn.Module, path: Path, arch: Mapping[str, Any],

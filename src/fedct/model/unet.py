@@ -76,13 +76,15 @@ class Block(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, dropout: float, norm: Norm,
                  residual: bool) -> None:
+        # dropout == 0: a level without dropout (``dropout_depth``); no layer, so MC
+        # sampling and ``dropout_modules`` see only the levels that sample.
         super().__init__()
         self.convs = nn.Sequential(_conv(in_ch, out_ch, norm, stride), _conv(out_ch, out_ch, norm))
         self.skip: nn.Module | None = None
         if residual:
             self.skip = (nn.Identity() if in_ch == out_ch and stride == 1 else
                          nn.Conv3d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False))
-        self.dropout = MCDropout(dropout)
+        self.dropout: nn.Module = MCDropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.convs(x)
@@ -92,7 +94,7 @@ class Block(nn.Module):
 
 
 class BayesianUNet(nn.Module):
-    """3D U-Net with a full-resolution level and dropout after every block.
+    """3D U-Net with a full-resolution level and dropout after the blocks of chosen levels.
 
     Levels ``i = 0 .. L-1`` have ``channels[i]`` features; level 0 works at the input's
     resolution (its first convolution has stride 1), level ``i`` at the input's size divided
@@ -100,21 +102,29 @@ class BayesianUNet(nn.Module):
     convolution of each block below level 0 strides down. Decoder: per level from the
     bottom up, a transposed convolution with kernel = stride (no checkerboard overlap)
     -> norm -> LeakyReLU to the finer level, concatenation with that level's encoder output (the
-    skip), and a ``Block``. Every encoder and decoder block ends with dropout (p = 0.5 in
-    the lab's Bayesian U-Net), so that MC sampling perturbs every scale; the logits come
+    skip), and a ``Block``. The encoder and decoder blocks of the ``dropout_depth``
+    coarsest levels (default: all, the lab's default) end with dropout (p = 0.5 in the
+    lab's Bayesian U-Net), as the lab's code switches dropout per level
+    (``dropout_enables``); the logits come
     from a plain 3x3x3 convolution of the full-resolution decoder block, with no dropout
     after it (dropout on the 2-9 class channels would inject noise unrelated to the data).
     """
 
     def __init__(self, n_classes: int, channels: Sequence[int], strides: Sequence[int],
-                 dropout: float, num_res_units: int, norm: Norm) -> None:
+                 dropout: float, num_res_units: int, norm: Norm,
+                 dropout_depth: int | None = None) -> None:
         super().__init__()
         residual = num_res_units > 0
+        first = 0 if dropout_depth is None else len(channels) - int(dropout_depth)
+
+        def p(level: int) -> float:
+            return dropout if level >= first else 0.0
+
         self.encoder = nn.ModuleList()
         in_ch = 1
         for i, ch in enumerate(channels):
             stride = 1 if i == 0 else int(strides[i - 1])
-            self.encoder.append(Block(in_ch, ch, stride, dropout, norm, residual))
+            self.encoder.append(Block(in_ch, ch, stride, p(i), norm, residual))
             in_ch = ch
         self.up = nn.ModuleList()
         self.decoder = nn.ModuleList()
@@ -127,7 +137,7 @@ class BayesianUNet(nn.Module):
                                        act=("leakyrelu", {"negative_slope": 0.01,
                                                           "inplace": True}),
                                        adn_ordering="NA", is_transposed=True))
-            self.decoder.append(Block(2 * channels[i], channels[i], 1, dropout, norm, residual))
+            self.decoder.append(Block(2 * channels[i], channels[i], 1, p(i), norm, residual))
         self.classifier = nn.Conv3d(channels[0], n_classes, kernel_size=3, padding=1)
         self.down_factor = math.prod(int(s) for s in strides)
 
@@ -149,6 +159,7 @@ def build_bayesian_unet(
     dropout: float = 0.5,
     num_res_units: int = 1,
     norm: Norm = "instance",
+    dropout_depth: int | None = None,
 ) -> BayesianUNet:
     """Build the 3D Bayesian U-Net (1 input channel, ``n_classes`` logits).
 
@@ -171,6 +182,11 @@ def build_bayesian_unet(
         dropout: dropout probability after every block (0.5 in the lab's code).
         num_res_units: 0 = plain two-convolution blocks; >= 1 = residual blocks.
         norm: normalisation layer type.
+        dropout_depth: how many levels, counted from the coarsest, end their encoder and
+            decoder blocks with dropout; ``None``: every level. Dropout in a narrow
+            full-resolution level, whose features feed the classifier directly, costs
+            accuracy that the sampling at that scale does not repay (Bayesian SegNet's
+            finding; here ``benchmarks/convergence.py``).
     """
     if n_classes < 2:
         raise ValueError(f"n_classes must be >= 2 (background + structures), got {n_classes}")
@@ -178,7 +194,11 @@ def build_bayesian_unet(
         raise ValueError(
             f"need len(strides) == len(channels) - 1, got {len(strides)} and {len(channels)}"
         )
-    return BayesianUNet(n_classes, channels, strides, dropout, num_res_units, norm)
+    if dropout_depth is not None and not 1 <= int(dropout_depth) <= len(channels):
+        raise ValueError(f"dropout_depth must be 1..{len(channels)} (the number of levels), "
+                         f"got {dropout_depth}")
+    return BayesianUNet(n_classes, channels, strides, dropout, num_res_units, norm,
+                        dropout_depth)
 
 
 def dropout_modules(model: nn.Module) -> list[_DropoutNd]:

@@ -39,7 +39,7 @@ from fedct.model.io import architecture, build_from_arch
 def model_arch(params: TrainParams, labels: LabelSet) -> dict:
     """The architecture of ``params`` for ``labels`` (saved with the model)."""
     return architecture(labels.n_classes, params.channels, params.strides, params.dropout,
-                        params.num_res_units)
+                        params.num_res_units, dropout_depth=params.dropout_depth)
 
 
 def build_model(params: TrainParams, labels: LabelSet) -> torch.nn.Module:
