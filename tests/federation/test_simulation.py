@@ -8,6 +8,10 @@ and without ray, in ``test_flower_app.py``.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -23,6 +27,13 @@ from tests.federation.conftest import PARAMS
 
 def _leftovers(out: Path) -> list[psutil.Process]:
     """Live processes of the runs logged in ``out``, and live children of this process."""
+    kids = [c for c in psutil.Process().children(recursive=True)
+            if c.status() != psutil.STATUS_ZOMBIE and c.pid not in _BEFORE]
+    return _tagged(out) + kids
+
+
+def _tagged(out: Path) -> list[psutil.Process]:
+    """Live processes tagged with a run that ``out``'s log names."""
     log = out / LOG_FILE
     runs = {line[len(RUN_LINE):].strip() for line in log.read_text(errors="replace")
             .splitlines() if line.startswith(RUN_LINE)} if log.exists() else set()
@@ -33,9 +44,7 @@ def _leftovers(out: Path) -> list[psutil.Process]:
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
             continue
-    kids = [c for c in psutil.Process().children(recursive=True)
-            if c.status() != psutil.STATUS_ZOMBIE and c.pid not in _BEFORE]
-    return found + kids
+    return found
 
 
 # Children this (pytest worker) process already had before any federation of this module:
@@ -117,6 +126,33 @@ def test_an_interrupted_caller_leaves_no_process(fed_cohort: Path, tmp_path: Pat
 
     with pytest.raises(Interrupted):
         _federate(fed_cohort, tmp_path, on_round=stop)
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_terminated_caller_leaves_no_process(fed_cohort: Path, tmp_path: Path) -> None:
+    # SIGTERM (a batch scheduler's time limit, `kill`, DVC stopping a stage) must stop the
+    # simulation's own session and ray's agents too, not only the caller.
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from fedct.federation.simulation import run_federation\n"
+        "from tests.federation.conftest import PARAMS\n"
+        "run_federation(Path(sys.argv[1]), ['A', 'B'], PARAMS, rounds=50, local_steps=2,\n"
+        "               out_dir=Path(sys.argv[2]), timeout_s=120.0)\n")
+    caller = subprocess.Popen([sys.executable, "-c", script, str(fed_cohort), str(tmp_path)],
+                              cwd=Path(__file__).parents[2])
+    try:
+        deadline = time.monotonic() + 120
+        # Wait until the simulation runs (the log names the run; its child has started).
+        while not _tagged(tmp_path) and time.monotonic() < deadline:
+            assert caller.poll() is None, "the federation ended before it could be stopped"
+            time.sleep(0.5)
+        assert _tagged(tmp_path), "the simulation never started"
+        caller.send_signal(signal.SIGTERM)
+        assert caller.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if caller.poll() is None:
+            caller.kill()
     assert _leftovers(tmp_path) == []
 
 

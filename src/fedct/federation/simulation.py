@@ -16,6 +16,7 @@ message timeouts, and ray's agents outlive a killed driver (``/work/shared/FEDER
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,9 +24,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from fedct.config import TrainParams
@@ -131,30 +133,32 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     seen = 0
     proc = None
-    try:
-        with open(out_dir / LOG_FILE, "ab") as log:
-            # The marker names this run's processes (``run_processes``) for whoever looks.
-            log.write(f"{RUN_LINE}{run_id}\n".encode())
-            log.flush()
-            proc = subprocess.Popen([sys.executable, "-m", "fedct.federation.simulation",
-                                     str(job)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-            done_at = None
-            while True:
-                finished = proc.poll() is not None
-                seen = _dispatch(checkpoint_dir / HISTORY, seen, on_round)
-                if finished:
-                    break
-                # The server writes the final history last; past it only ray's shutdown
-                # remains, which _stop cuts short if it lingers.
-                if done_at is None and (out_dir / HISTORY).exists():
-                    done_at = time.monotonic()
-                if done_at is not None and time.monotonic() - done_at > SHUTDOWN_GRACE_S:
-                    break
-                time.sleep(0.5)
-    finally:
-        _stop(proc, run_id)
-        shutil.rmtree(scratch, ignore_errors=True)
+    with _terminate_raises():
+        try:
+            with open(out_dir / LOG_FILE, "ab") as log:
+                # The marker names this run's processes (``run_processes``) for whoever looks.
+                log.write(f"{RUN_LINE}{run_id}\n".encode())
+                log.flush()
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "fedct.federation.simulation", str(job)], env=env,
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True)
+                done_at = None
+                while True:
+                    finished = proc.poll() is not None
+                    seen = _dispatch(checkpoint_dir / HISTORY, seen, on_round)
+                    if finished:
+                        break
+                    # The server writes the final history last; past it only ray's shutdown
+                    # remains, which _stop cuts short if it lingers.
+                    if done_at is None and (out_dir / HISTORY).exists():
+                        done_at = time.monotonic()
+                    if done_at is not None and time.monotonic() - done_at > SHUTDOWN_GRACE_S:
+                        break
+                    time.sleep(0.5)
+        finally:
+            _stop(proc, run_id)
+            shutil.rmtree(scratch, ignore_errors=True)
     err = out_dir / ERROR_FILE
     if err.exists() or not (out_dir / HISTORY).exists():
         reason = err.read_text().strip() if err.exists() else \
@@ -163,6 +167,29 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
     history = json.loads((out_dir / HISTORY).read_text())
     _dispatch_list(history, seen, on_round)
     return history, out_dir / MODEL
+
+
+@contextlib.contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """While inside, SIGTERM raises ``SystemExit`` in the main thread instead of ending the
+    process at once, so that the ``finally`` that kills the run's processes by PID runs.
+
+    Batch schedulers (SLURM at the time limit), ``kill`` and ``dvc`` stopping a stage send
+    SIGTERM; Python's default for it skips every ``finally``, and the simulation's process
+    group (started in its own session) and ray's agents would outlive the stage.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_exit(signum: int, _frame) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, raise_exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _dispatch(path: Path, seen: int, on_round: Callable[[dict], None] | None) -> int:
