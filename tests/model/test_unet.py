@@ -73,11 +73,12 @@ def test_dropout_depth_puts_dropout_in_the_coarsest_levels_only(image: torch.Ten
                                                    strides=(2, 2, 2)))) == 7
 
 
-@pytest.mark.parametrize("depth", [0, 5])
-def test_dropout_depth_outside_the_levels_is_refused(depth: int) -> None:
-    with pytest.raises(ValueError, match="dropout_depth must be 1..4"):
+def test_dropout_depth_below_one_is_refused_and_above_the_levels_means_all() -> None:
+    with pytest.raises(ValueError, match="dropout_depth must be >= 1"):
         build_bayesian_unet(N_CLASSES, channels=(4, 8, 16, 32), strides=(2, 2, 2),
-                            dropout_depth=depth)
+                            dropout_depth=0)
+    deep = build_bayesian_unet(N_CLASSES, channels=(4, 8), strides=(2,), dropout_depth=4)
+    assert len(dropout_modules(deep)) == 3  # both levels' encoder blocks + the decoder
 
 
 def test_a_full_resolution_level_exists() -> None:

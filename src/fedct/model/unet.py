@@ -115,7 +115,7 @@ class BayesianUNet(nn.Module):
                  dropout_depth: int | None = None) -> None:
         super().__init__()
         residual = num_res_units > 0
-        first = 0 if dropout_depth is None else len(channels) - int(dropout_depth)
+        first = 0 if dropout_depth is None else max(0, len(channels) - int(dropout_depth))
 
         def p(level: int) -> float:
             return dropout if level >= first else 0.0
@@ -183,7 +183,8 @@ def build_bayesian_unet(
         num_res_units: 0 = plain two-convolution blocks; >= 1 = residual blocks.
         norm: normalisation layer type.
         dropout_depth: how many levels, counted from the coarsest, end their encoder and
-            decoder blocks with dropout; ``None``: every level. Dropout in a narrow
+            decoder blocks with dropout; ``None`` or at least the number of levels: every
+            level. Dropout in a narrow
             full-resolution level, whose features feed the classifier directly, costs
             accuracy that the sampling at that scale does not repay (Bayesian SegNet's
             finding; here ``benchmarks/convergence.py``).
@@ -194,9 +195,8 @@ def build_bayesian_unet(
         raise ValueError(
             f"need len(strides) == len(channels) - 1, got {len(strides)} and {len(channels)}"
         )
-    if dropout_depth is not None and not 1 <= int(dropout_depth) <= len(channels):
-        raise ValueError(f"dropout_depth must be 1..{len(channels)} (the number of levels), "
-                         f"got {dropout_depth}")
+    if dropout_depth is not None and int(dropout_depth) < 1:
+        raise ValueError(f"dropout_depth must be >= 1 (levels with dropout), got {dropout_depth}")
     return BayesianUNet(n_classes, channels, strides, dropout, num_res_units, norm,
                         dropout_depth)
 
