@@ -1,8 +1,10 @@
 """The 3D Bayesian U-Net: architecture and its MC-dropout mode.
 
 The network follows the lab's Bayesian U-Net (Hiasa et al., IEEE TMI 2019; Soufi et al.,
-Sci Rep 2025): dropout with p = 0.5 after every encoder and decoder block, kept active at
-test time so that T stochastic forward passes sample the approximate posterior predictive.
+Sci Rep 2025): dropout after every encoder and decoder block (p = 0.5 there, with 32 or
+more channels at full resolution; ``train.dropout`` sets it, 0.25 for the demo's 8),
+kept active at test time so that T stochastic forward passes sample the approximate
+posterior predictive.
 Only the dropout layers are stochastic at test time; normalisation stays in eval mode.
 
 Shape contract: an image is ``(1, X, Y, Z)`` (channel first, intensities already
@@ -103,8 +105,8 @@ class BayesianUNet(nn.Module):
     bottom up, a transposed convolution with kernel = stride (no checkerboard overlap)
     -> norm -> LeakyReLU to the finer level, concatenation with that level's encoder output (the
     skip), and a ``Block``. The encoder and decoder blocks of the ``dropout_depth``
-    coarsest levels (default: all, the lab's default) end with dropout (p = 0.5 in the
-    lab's Bayesian U-Net), as the lab's code switches dropout per level
+    coarsest levels (default: all, the lab's default) end with dropout, as the lab's code
+    switches dropout per level
     (``dropout_enables``); the logits come
     from a plain 3x3x3 convolution of the full-resolution decoder block, with no dropout
     after it (dropout on the 2-9 class channels would inject noise unrelated to the data).
