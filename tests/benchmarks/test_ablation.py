@@ -90,7 +90,9 @@ def test_tiny_ablation_end_to_end(tmp_path: Path) -> None:
     t = table.set_index("factor")
     # The control (a rescan under the reference acquisition) costs nothing.
     control = t.loc["control"]
-    assert abs(control["drop"]) < 0.01 and control["drop_lo"] <= 0 <= control["drop_hi"]
+    # (A rescan draws new noise: on 4 cases its interval may just miss 0, never by 0.01.)
+    assert abs(control["drop"]) < 0.01
+    assert -0.01 < control["drop_lo"] <= control["drop_hi"] < 0.01
     assert control["centroid_shift_vox"] == 0 and not control["bites"]
     # The offset reaches the model input through the pipeline's preprocessing and moves
     # nothing; the unilateral field moves the anatomy, so it gets a position-only control.
