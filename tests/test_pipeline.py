@@ -74,11 +74,17 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     fed = work / "outputs/federated"
     for method in ("one_shot", "fedavg", "fedprox", "self_train"):
         assert (fed / method / "model.pt").is_file(), method
-    for method in ("uw_merge", "tent"):
+    for method in ("uw_merge", "tent", "uw_select"):
         assert {p.parent.name for p in (fed / method).glob("*/model.pt")} == {"C", "G"}
+    for target in ("C", "G"):
+        card = json.loads((fed / "uw_select" / target / "model_card.json").read_text())
+        assert card["chosen"] in params["federate"]["select_from"]
+        assert set(card["scores"]) == set(params["federate"]["select_from"])
+        assert card["scores"][card["chosen"]] == min(card["scores"].values())
     assert len(pd.read_csv(fed / "fedavg" / "history.csv")) == 2
     heldout = json.loads((work / "outputs/evaluate/metrics.json").read_text())["heldout_dice"]
-    assert {"fedavg", "pooled", "local", "one_shot", "uw_merge", "tent"} <= set(heldout)
+    assert {"fedavg", "pooled", "local", "one_shot", "uw_merge", "tent",
+            "uw_select"} <= set(heldout)
     decision = json.loads((work / "outputs/promote/decision.json").read_text())
     assert isinstance(decision["promote"], bool) and decision["reasons"]
     assert decision["version"] == "1"

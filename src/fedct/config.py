@@ -164,9 +164,9 @@ class FederateParams:
     # Clients: training sites with a local model (one SuperNode each in the simulation).
     sites: tuple[str, ...] = ("A", "B", "D", "E")
     # one_shot: average of the local models from ``train``; fedavg / fedprox: multi-round
-    # on Flower; uw_merge, tent (per held-out target site) and self_train: label-free.
+    # on Flower; uw_merge, tent, uw_select (per held-out target site), self_train: label-free.
     methods: tuple[str, ...] = ("one_shot", "fedavg", "fedprox", "uw_merge", "tent",
-                                "self_train")
+                                "self_train", "uw_select")
     # Site weights of every average: training cases (``cases``) or ``equal``.
     weighting: Literal["cases", "equal"] = "cases"
     rounds: int = 4
@@ -190,6 +190,9 @@ class FederateParams:
     # Peak learning rate of those rounds: they fine-tune the FedAvg model (dev seeds: at
     # train.learning_rate the restart undid FedAvg, validation Dice 0.61 -> 0.37).
     self_train_lr: float = 0.001
+    # uw_select: per target site, the candidate of these methods (each must run) with the
+    # lowest uw_signal on the target's images; a tie keeps the first (FedAvg).
+    select_from: tuple[str, ...] = ("fedavg", "fedprox", "tent", "self_train")
     seed: int = 0
     device: str = "auto"
 

@@ -9,6 +9,7 @@ from fedct.errors import FedctError
 from fedct.federation.aggregate import (
     case_weights,
     proximal_term,
+    server_step,
     site_weights,
     weighted_average,
 )
@@ -117,3 +118,38 @@ def test_proximal_term_with_named_parameters_and_a_global_state() -> None:
         proximal_term(lin.parameters(), list(glob.values()), mu=-1.0)
     with pytest.raises(FedctError, match="not in the global state"):
         proximal_term(lin.named_parameters(), {"weight": glob["weight"]}, mu=1.0)
+
+
+def test_server_step_is_fedavg_at_lr_1_and_momentum_0() -> None:
+    g = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    m = {"w": torch.tensor([2.0, 0.0]), "n": torch.tensor(5)}
+    new, vel = server_step(g, m, None)
+    assert torch.equal(new["w"], m["w"]) and int(new["n"]) == 5
+    assert torch.equal(vel["w"], torch.tensor([1.0, -2.0])) and "n" not in vel
+
+
+def test_server_step_momentum_by_hand() -> None:
+    # Round 1: v = d1 = 1; w = 0 + 0.5 * 1 = 0.5.
+    # Round 2: merged 1.5 -> d2 = 1.0; v = 0.9 * 1 + 1 = 1.9; w = 0.5 + 0.5 * 1.9 = 1.45.
+    g = {"w": torch.tensor([0.0])}
+    w1, v1 = server_step(g, {"w": torch.tensor([1.0])}, None, lr=0.5, momentum=0.9)
+    assert w1["w"].item() == pytest.approx(0.5)
+    w2, v2 = server_step(w1, {"w": torch.tensor([1.5])}, v1, lr=0.5, momentum=0.9)
+    assert v2["w"].item() == pytest.approx(1.9)
+    assert w2["w"].item() == pytest.approx(1.45)
+    assert g["w"].item() == 0.0  # inputs untouched
+
+
+@pytest.mark.parametrize("lr, momentum", [(0.0, 0.0), (-1.0, 0.0), (1.0, 1.0),
+                                          (1.0, -0.1), (float("nan"), 0.0)])
+def test_server_step_refuses_bad_settings(lr, momentum) -> None:
+    g = {"w": torch.zeros(2)}
+    with pytest.raises(FedctError, match="server step"):
+        server_step(g, g, None, lr=lr, momentum=momentum)
+
+
+def test_server_step_refuses_other_keys_or_shapes() -> None:
+    with pytest.raises(FedctError, match="other keys"):
+        server_step({"w": torch.zeros(2)}, {"v": torch.zeros(2)}, None)
+    with pytest.raises(FedctError, match="'w'"):
+        server_step({"w": torch.zeros(2)}, {"w": torch.zeros(3)}, None)

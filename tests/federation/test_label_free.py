@@ -22,6 +22,7 @@ from fedct.federation.label_free import (
     pseudo_label_from_probs,
     pseudo_labelled_cases,
     scores_to_weights,
+    select_by_uncertainty,
     self_train_update,
     target_uncertainty,
     tent_adapt,
@@ -84,6 +85,41 @@ def with_dropout(model: nn.Module, p: float) -> nn.Module:
 def targets() -> list[np.ndarray]:
     # The target site: lower contrast than training (a shift), no labels.
     return [scene(10 + i, contrast=0.7)[0] for i in range(2)]
+
+
+# --- uncertainty-guided selection (uw_select) ---------------------------------------------
+
+
+def test_select_takes_the_lowest_finite_score_and_keeps_the_first_on_a_tie() -> None:
+    assert select_by_uncertainty({"fedavg": 0.3, "tent": 0.1, "fedprox": 0.2}) == "tent"
+    assert select_by_uncertainty({"fedavg": 0.2, "fedprox": 0.2}) == "fedavg"
+    assert select_by_uncertainty({"fedprox": 0.2, "fedavg": 0.2}) == "fedprox"
+    assert select_by_uncertainty({"broken": math.nan, "inf": math.inf, "ok": 0.9}) == "ok"
+    for bad in ({}, {"a": math.nan, "b": math.inf}):
+        with pytest.raises(ValueError):
+            select_by_uncertainty(bad)
+
+
+def test_selection_by_uncertainty_picks_the_model_that_segments_the_target_better(
+        trained, targets) -> None:
+    """Without a label, the MC-dropout score tells a fitted model from an unfitted one of
+    the same architecture and dropout; the labels only check the choice here."""
+    from fedct.analysis.metrics import dice_per_structure
+
+    candidates = {"unfitted": tiny_model(), "fitted": trained}
+    scores = target_uncertainty(candidates, targets, mc_samples=8, mc_batch=8, seed=0)
+    chosen = select_by_uncertainty(scores)
+    dice = {}
+    for name, model in candidates.items():
+        per = []
+        for i, image in enumerate(targets):
+            label = scene(10 + i, contrast=0.7)[1][0]
+            with torch.no_grad():
+                seg = model.eval()(torch.as_tensor(image)[None]).argmax(1)[0]
+            per.append(np.nanmean(dice_per_structure(seg, torch.as_tensor(label), N_CLASSES)))
+        dice[name] = float(np.mean(per))
+    assert dice["fitted"] > dice["unfitted"] + 0.2
+    assert chosen == "fitted", scores
 
 
 # --- (a) uncertainty-weighted merging ------------------------------------------------------

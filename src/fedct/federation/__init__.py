@@ -9,4 +9,4 @@
 """
 
 #: The methods of ``federate`` that read no label of a target site (``methods`` params).
-LABEL_FREE = ("uw_merge", "tent", "self_train")
+LABEL_FREE = ("uw_merge", "tent", "self_train", "uw_select")

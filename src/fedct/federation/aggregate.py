@@ -23,7 +23,9 @@ Rules of :func:`weighted_average` (weights ``w_i >= 0`` normalised to sum 1):
 Default weights are each site's number of training cases (:func:`case_weights`, FedAvg);
 :func:`site_weights` normalises any other non-negative per-site weights (e.g. weights from
 uncertainty). :func:`proximal_term` is FedProx's penalty ``mu / 2 * ||w - w_global||^2``
-(squared L2 norm), which the client adds to its loss.
+(squared L2 norm), which the client adds to its loss. :func:`server_step` applies the
+merged weights on the server, with an optional server learning rate and momentum (FedAvgM;
+``benchmarks/federation.py`` compares them: at lr 1 and momentum 0 it is FedAvg).
 """
 
 from __future__ import annotations
@@ -156,3 +158,39 @@ def proximal_term(params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Ten
         sq = (p - g.detach().to(device=p.device, dtype=p.dtype)).pow(2).sum()
         total = sq if total is None else total + sq
     return 0.5 * mu * total
+
+
+def server_step(global_state: State, merged: State, velocity: State | None,
+                lr: float = 1.0, momentum: float = 0.0
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The server's update from the round's merged weights (FedAvgM, Hsu et al. 2019).
+
+    ``delta = merged - global`` is the averaged client update; ``v = momentum * v + delta``
+    and the new global weights are ``global + lr * v``. With ``lr = 1`` and ``momentum = 0``
+    this is plain FedAvg (the new weights are ``merged``). Integer and boolean tensors
+    (counters) are taken from ``merged``. ``velocity`` is None in the first round; the
+    returned velocity is the server's state for the next round (kept in its checkpoint).
+    """
+    if not math.isfinite(lr) or lr <= 0:
+        raise FedctError(f"server step: lr must be finite and > 0, got {lr}")
+    if not math.isfinite(momentum) or not 0 <= momentum < 1:
+        raise FedctError(f"server step: momentum must be in [0, 1), got {momentum}")
+    if set(global_state) != set(merged):
+        diff = sorted(set(global_state) ^ set(merged))
+        raise FedctError(f"server step: the merged state has other keys than the global "
+                         f"one (differing: {diff[:5]})")
+    new, vel = {}, {}
+    for key, m in merged.items():
+        g = global_state[key]
+        if g.shape != m.shape:
+            raise FedctError(f"server step: {key!r} is {list(m.shape)} merged, "
+                             f"{list(g.shape)} global")
+        if not m.is_floating_point():
+            new[key] = m.detach().clone()
+            continue
+        delta = m.detach().double() - g.detach().to(m.device).double()
+        v = delta if velocity is None or key not in velocity \
+            else momentum * velocity[key].to(m.device).double() + delta
+        vel[key] = v.to(m.dtype)
+        new[key] = (g.detach().to(m.device).double() + lr * v).to(m.dtype)
+    return new, vel

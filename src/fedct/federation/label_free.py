@@ -1,6 +1,6 @@
 """Label-free, uncertainty-guided ways to fight site shift: no label of the target site is read.
 
-Three methods, each selectable by name in the ``federate`` stage:
+Four methods, each selectable by name in the ``federate`` stage:
 
 - ``uw_merge``: merge the site models for one target site, each weighted by how certain it
   is (MC dropout) on the target's unlabelled images (``uncertainty_weights``,
@@ -11,6 +11,10 @@ Three methods, each selectable by name in the ``federate`` stage:
   with a loss that ignores the rejected voxels, ``MaskedDiceCELoss``).
 - ``tent``: test-time entropy minimisation of the normalisation affine parameters only
   (``tent_adapt``).
+- ``uw_select``: for one target site, the federated candidate (FedAvg, FedProx, the TENT
+  and self-trained models, ...) whose MC-dropout uncertainty on the target's unlabelled
+  images is lowest (``target_uncertainty``, ``select_by_uncertainty``): which model to
+  deploy at a site that has no ground truth.
 
 Every function takes images only, never case dicts: an image is a ``(1, X, Y, Z)`` float
 array or tensor (channel first, normalised by preprocessing). A mapping (a case, which may
@@ -224,6 +228,25 @@ def merge_for_target(states: Mapping[str, Mapping[str, torch.Tensor]],
                          f"{sorted(states)} vs {sorted(weights)}")
     sites = sorted(states)
     return weighted_average([dict(states[k]) for k in sites], [float(weights[k]) for k in sites])
+
+
+def select_by_uncertainty(scores: Mapping[str, float]) -> str:
+    """The candidate with the lowest finite uncertainty score (``uw_select``).
+
+    Ties go to the candidate named first, so with FedAvg first a tie keeps FedAvg. NaN
+    and infinite scores (a broken model) are never chosen.
+
+    Raises:
+        ValueError: no candidate, or none with a finite score.
+    """
+    if not scores:
+        raise ValueError("no candidates to select from")
+    finite = [(float(v), i, k) for i, (k, v) in enumerate(scores.items())
+              if math.isfinite(float(v))]
+    if not finite:
+        raise ValueError(f"no candidate has a finite uncertainty on the target images "
+                         f"(scores {dict(scores)})")
+    return min(finite)[2]
 
 
 # --- (b) self-training on pseudo-labels ----------------------------------------------------

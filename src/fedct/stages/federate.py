@@ -17,6 +17,10 @@ Output: one folder per candidate in ``OUT_DIR``, each with ``model.pt`` and
   normalisation affine parameters by entropy minimisation on them; ``self_train/``
   continues FedAvg for ``self_train_rounds`` rounds with every target as one more client
   whose data are the FedAvg model's confident, stable MC-dropout pseudo-labels (DPL).
+  ``uw_select/<target>/`` is the candidate of ``federate.select_from`` (FedAvg, FedProx,
+  the target's TENT model, the self-trained model) with the lowest MC-dropout uncertainty
+  (``federate.uw_signal``) on the target's images: the model a site without ground truth
+  would deploy. It runs last, on the models written above.
 
 The label-free methods are transductive: they see the same target images that the
 ``evaluate`` stage scores (as TENT does at test time), never a target label.
@@ -48,7 +52,7 @@ from fedct.federation import LABEL_FREE
 from fedct.federation.aggregate import case_weights, site_weights, weighted_average
 from fedct.model.io import load_model, save_model
 
-METHODS = ("one_shot", "fedavg", "fedprox", "uw_merge", "tent", "self_train")
+METHODS = ("one_shot", "fedavg", "fedprox", "uw_merge", "tent", "self_train", "uw_select")
 # Methods that need the FedAvg model (their teacher / starting point).
 NEEDS_FEDAVG = ("tent", "self_train")
 
@@ -225,6 +229,7 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
         WEIGHT_SIGNALS,
         merge_for_target,
         scores_to_weights,
+        select_by_uncertainty,
         target_uncertainty,
         tent_adapt,
     )
@@ -256,7 +261,13 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
     if needs_targets and not targets:
         raise FedctError(f"{cohort_dir / 'cohort.csv'}: no held-out site for the label-free "
                          f"methods {sorted(needs_targets)} (cohort.holdout_sites)")
-    if "uw_merge" in params.methods and params.uw_signal not in WEIGHT_SIGNALS:
+    if "uw_select" in params.methods:
+        bad = [m for m in params.select_from if m not in params.methods or m == "uw_select"]
+        if bad or not params.select_from:
+            raise FedctError(f"federate.select_from {list(params.select_from)}: uw_select "
+                             f"chooses among methods that run (federate.methods); not "
+                             f"{bad or 'an empty list'}")
+    if set(params.methods) & {"uw_merge", "uw_select"} and params.uw_signal not in WEIGHT_SIGNALS:
         raise FedctError(f"federate.uw_signal {params.uw_signal!r}: choose one of "
                          f"{list(WEIGHT_SIGNALS)}")
     # Every federated card carries the clients' mean structure volumes (label-free volume
@@ -361,6 +372,37 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                 tracking.log_fedct_model(mlrun, path.parent)
                 mlrun.log_metrics({f"kept_fraction.{s}": v for s, v in kept.items()})
                 metrics["self_train_kept_fraction"] = kept
+        if "uw_select" in params.methods:
+            with _timed("uw_select"), tracking.start_run(
+                    "federate", run_name="uw_select", nested=True,
+                    tags={"fedct.method": "uw_select"}) as mlrun:
+                mlrun.log_params({"select_from": list(params.select_from),
+                                  "signal": params.uw_signal})
+                for target, imgs in targets.items():
+                    paths = {m: (out_dir / m / target / "model.pt"
+                                 if (out_dir / m / target / "model.pt").is_file()
+                                 else out_dir / m / "model.pt") for m in params.select_from}
+                    models = {m: load_model(p)[0].to(device) for m, p in paths.items()}
+                    scores = target_uncertainty(models, imgs, mc_samples=params.mc_samples,
+                                                mc_batch=params.mc_batch, seed=params.seed,
+                                                signal=params.uw_signal, amp=amp)
+                    try:
+                        chosen = select_by_uncertainty(scores)
+                    except ValueError as exc:
+                        raise FedctError(f"federate uw_select, target {target}: {exc}") from exc
+                    model, src_card = load_model(paths[chosen])
+                    card = _card(base_card, "uw_select", target_site=target, chosen=chosen,
+                                 scores=scores, signal=params.uw_signal,
+                                 chosen_card={k: src_card.get(k) for k in
+                                              ("method", "target_site", "clients")})
+                    path = _save(model, out_dir / "uw_select" / target, arch, card)
+                    tracking.log_fedct_model(mlrun, path.parent, artifact_path=f"model-{target}")
+                    mlrun.log_metrics({f"{target}.score.{m}": v for m, v in scores.items()})
+                    mlrun.set_tags({f"fedct.chosen.{target}": chosen})
+                    metrics[f"uw_select_{target}"] = {"chosen": chosen, "scores": scores}
+                    print(f"federate uw_select: target {target}, {chosen} (scores "
+                          + ", ".join(f"{m} {v:.4f}" for m, v in scores.items()) + ")",
+                          flush=True)
         if "fedavg" not in params.methods and fedavg_path.exists():
             shutil.rmtree(fedavg_path.parent)  # only a teacher here, not a candidate
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
