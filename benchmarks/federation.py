@@ -126,6 +126,8 @@ def main() -> None:
             model.load_state_dict(state)
             loss, dice = evaluate(model.to(device), val, device, amp, labels.n_classes)
             curve.append(f"{rnd}:{float(np.nanmean(dice)):.2f}")
+            print(f"{name}: round {rnd}/{st['rounds']}, val loss {loss:.3f}, val Dice "
+                  f"{curve[-1].split(':')[1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
         seconds = time.perf_counter() - t0
         print(f"{name}: val Dice by round {' '.join(curve)} ({seconds:.0f} s)", flush=True)
         score(name, model, {**st, "seconds": round(seconds, 1), "val_dice_last":
