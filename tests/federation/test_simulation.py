@@ -156,6 +156,46 @@ def test_a_terminated_caller_leaves_no_process(fed_cohort: Path, tmp_path: Path)
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
+def test_a_caller_killed_outright_leaves_no_process(fed_cohort: Path, tmp_path: Path) -> None:
+    # SIGKILL (the OOM killer, `kill -9`) runs no cleanup in the caller: the simulation's
+    # child notices that its parent is gone and stops the run and ray's agents itself.
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from fedct.federation.simulation import run_federation\n"
+        "from tests.federation.conftest import PARAMS\n"
+        "run_federation(Path(sys.argv[1]), ['A', 'B'], PARAMS, rounds=50, local_steps=2,\n"
+        "               out_dir=Path(sys.argv[2]), timeout_s=120.0)\n")
+    caller = subprocess.Popen([sys.executable, "-c", script, str(fed_cohort), str(tmp_path)],
+                              cwd=Path(__file__).parents[2])
+    try:
+        deadline = time.monotonic() + 120
+        # Wait until ray runs beside the child (more than the child carries the marker).
+        while len(_tagged(tmp_path)) < 3 and time.monotonic() < deadline:
+            assert caller.poll() is None, "the federation ended before it could be killed"
+            time.sleep(0.5)
+        assert len(_tagged(tmp_path)) >= 3, "ray never started"
+        # The child's argument is the job file in the run's scratch folder.
+        child = [p.cmdline() for p in _tagged(tmp_path)
+                 if "fedct.federation.simulation" in p.cmdline()]
+        scratch = Path(child[0][-1]).parent
+        assert scratch.is_dir()
+        caller.kill()
+        assert caller.wait(timeout=10) == -signal.SIGKILL
+        deadline = time.monotonic() + 30
+        while _tagged(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+    left = _tagged(tmp_path)
+    for p in left:  # not the code under test: only so that a failure leaves nothing behind
+        p.kill()
+    assert left == []
+    assert not (tmp_path / "history.json").exists()  # the run was stopped, not finished
+    assert not scratch.exists()  # ray's temp folder went with it
+
+
 def test_bad_settings_are_refused_before_anything_starts(fed_cohort: Path,
                                                          tmp_path: Path) -> None:
     with pytest.raises(FedctError, match="no labelled training cases for site 'C'"):

@@ -12,6 +12,8 @@ raylet, GCS, agents and workers) are killed by PID, and the scratch folder is re
 
 Why a child process: ``run_simulation`` ignores SIGTERM and SIGINT while it waits on its
 message timeouts, and ray's agents outlive a killed driver (``/work/shared/FEDERATION.md``).
+A parent killed outright (SIGKILL) runs no ``finally``; the child notices that it was
+re-parented and ends the run itself, by the same marker.
 """
 
 from __future__ import annotations
@@ -249,10 +251,43 @@ def _stop(proc: subprocess.Popen | None, run_id: str) -> None:
         raise FedctError(f"federation: processes {[p.pid for p in left]} would not stop")
 
 
+def _follow_parent(run_id: str, scratch: Path, poll_s: float = 0.5) -> threading.Thread:
+    """Watch the parent from a daemon thread; when it is gone, end the whole run.
+
+    The parent's ``finally`` stops the run however it ends, except when the parent itself
+    is killed with SIGKILL (the OOM killer, ``kill -9``, a scheduler's hard limit). The
+    child, in a session of its own, would then train on with nobody to follow it, and ray's
+    agents with it. So the child kills every process tagged with ``run_id`` (its own
+    process group included), removes the run's ``scratch`` folder and exits as soon as it is
+    re-parented.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        import psutil
+
+        others = run_processes(run_id)  # excludes this process
+        for p in others:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(others, timeout=5)
+        shutil.rmtree(scratch, ignore_errors=True)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os._exit(128 + signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="fedct-follow-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 def _child(job_path: str) -> int:
     """The child process: run the simulation; write a one-line reason on failure."""
     job = json.loads(Path(job_path).read_text())
     err = Path(job["error_file"])
+    _follow_parent(os.environ[MARKER], Path(job_path).parent)
     try:
         from flwr.simulation import run_simulation
 
