@@ -128,6 +128,11 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     assert int(overall["n_cases"].iloc[0]) > first["n_cases"]  # both seeds' cases
     across = pd.read_csv(work / "outputs/seeds/across_seeds.csv").set_index("metric")
     assert across.loc["heldout_fedavg", "n_seeds"] == 2
+    # The pre-specified label-free method against FedAvg at the shifted site, per seed.
+    assert (per_seed["primary_label_free"] == "uw_select").all()
+    assert per_seed[["primary_minus_fedavg_shifted", "primary_minus_fedavg_shifted_lo",
+                     "primary_minus_fedavg_shifted_hi"]].notna().all().all()
+    assert across.loc["primary_minus_fedavg_shifted", "n_seeds"] == 2
     # The workspace is untouched: same lock, nothing to reproduce; a second call reuses
     # the experiments.
     assert (work / "dvc.lock").read_text() == lock_before

@@ -110,6 +110,11 @@ def run(params: Params, out_dir: Path, run_missing: bool = True, force: bool = F
     from fedct import tracking
 
     repo, out_dir = Path.cwd(), Path(out_dir)
+    primary = params.federate.primary_label_free
+    if primary not in LABEL_FREE or primary not in params.federate.methods:
+        raise FedctError(f"federate.primary_label_free {primary!r}: not one of the label-free "
+                         f"methods that federate.methods runs "
+                         f"({[m for m in params.federate.methods if m in LABEL_FREE]})")
     pairs = report_pairs(params.synth.report_seeds, params.cohort.report_seeds,
                          params.synth.dev_seeds, params.cohort.dev_seeds)
     names = [experiment_name(s, c) for s, c in pairs]
@@ -127,7 +132,7 @@ def run(params: Params, out_dir: Path, run_missing: bool = True, force: bool = F
         got = read_experiment(repo, name)
         rows.append(seed_row(s, c, got["evaluate"], got["uncertainty"], got["signals"],
                              got["ranking"], list(got["truth"].get("shift_sites") or []),
-                             params.uncertainty.signal, LABEL_FREE))
+                             params.uncertainty.signal, LABEL_FREE, primary))
         cases[name] = got["cases"]
     per_seed = pd.DataFrame(rows)
     over = across_seeds(per_seed)

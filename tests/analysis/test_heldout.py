@@ -34,7 +34,7 @@ def records(dice: dict[str, dict[tuple[str, str], list[float]]],
 
 
 def cases_table(means: dict[str, list[float]], sites: str = "CG", per_site: int = 5,
-                seed: int = 0) -> pd.DataFrame:
+                seed: int = 0, kinds: dict[str, str] = KINDS) -> pd.DataFrame:
     """A ``cases`` table: each model's case Dice = its mean + the same case effect."""
     rng = np.random.default_rng(seed)
     effect = rng.normal(0.0, 0.05, len(sites) * per_site)
@@ -42,7 +42,7 @@ def cases_table(means: dict[str, list[float]], sites: str = "CG", per_site: int 
     for model, (mean,) in ((m, (v,)) for m, v in means.items()):
         for i, e in enumerate(effect):
             site = sites[i // per_site]
-            rows.append({"model": model, "kind": KINDS[model], "site": site,
+            rows.append({"model": model, "kind": kinds[model], "site": site,
                          "case": f"{site}{i}", "dice": float(np.clip(mean + e, 0, 1)),
                          "hd95": 20.0 - 10 * mean + i, "score": 1.0 - mean,
                          "flagged": mean < 0.5})
@@ -131,7 +131,7 @@ def test_paired_difference_of_identical_models_is_zero() -> None:
     cases.loc[cases["model"] == "fedavg", "dice"] = cases.loc[cases["model"] == "B",
                                                               "dice"].to_numpy()
     paired = heldout.paired_table(cases, N_BOOT, seed=2)
-    assert set(paired["reference"]) == {"best_local", "pooled"}
+    assert set(paired["reference"]) == {"best_local", "pooled", "fedavg"}
     assert (paired.loc[paired["reference"] == "best_local", "reference_model"] == "B").all()
     same = paired[(paired["model"].isin(["fedavg", "B"])) & (paired["reference"] == "best_local")]
     assert len(same) == 2 * 3  # all sites, C, G
@@ -159,6 +159,31 @@ def test_paired_difference_matches_stats_and_is_signed_model_minus_reference() -
         assert (g["difference"], g["lo"], g["hi"]) == pytest.approx(tuple(site_g))
     assert paired.loc[("fedavg", "best_local", "all"), "difference"] > 0.05
     assert paired.loc[("fedavg", "pooled", "all"), "difference"] < -0.05
+
+
+def test_a_label_free_method_is_paired_with_fedavg_at_each_site() -> None:
+    kinds = {**KINDS, "uw_select": "federated"}
+    cases = cases_table({"A": 0.5, "B": 0.6, "pooled": 0.8, "fedavg": 0.7,
+                         "uw_select": 0.7}, per_site=6, kinds=kinds)
+    # uw_select gains 0.03 over FedAvg at C only (plus case noise), nothing at G.
+    at_c = (cases["model"] == "uw_select") & (cases["site"] == "C")
+    cases.loc[at_c, "dice"] += 0.03 + np.linspace(-0.01, 0.01, 6)
+    paired = heldout.paired_table(cases, N_BOOT, seed=5)
+    m = heldout.metrics_json(heldout.summary_table(cases, N_BOOT, seed=5), paired)
+    wide = cases.pivot(index=["site", "case"], columns="model", values="dice").reset_index()
+    want = paired_difference(wide[wide["site"] == "C"], "uw_select", "fedavg", (), "case",
+                             n_boot=N_BOOT, seed=5)
+    got = (m["paired_vs_fedavg_C"]["uw_select"], m["paired_vs_fedavg_C_lo"]["uw_select"],
+           m["paired_vs_fedavg_C_hi"]["uw_select"])
+    assert got == pytest.approx(tuple(want))
+    assert got[0] == pytest.approx(0.03) and got[1] > 0.0
+    assert m["paired_vs_fedavg_G"]["uw_select"] == pytest.approx(0.0, abs=1e-12)
+    assert m["paired_vs_fedavg"]["fedavg"] == 0.0
+    # Without a FedAvg model there is nothing to pair with.
+    no_fedavg = cases[cases["model"] != "fedavg"]
+    assert "fedavg" not in set(heldout.paired_table(no_fedavg, 50)["reference"])
+    assert not any(k.startswith("paired_vs_fedavg") for k in heldout.metrics_json(
+        heldout.summary_table(no_fedavg, 50), heldout.paired_table(no_fedavg, 50)))
 
 
 def test_metrics_json_and_run_metrics_name_every_candidate_alike() -> None:

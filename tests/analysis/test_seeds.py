@@ -49,7 +49,11 @@ def evaluate_metrics() -> dict:
             "heldout_dice_G": {"local": 0.47, "pooled": 0.75, "fedavg": 0.47},
             "paired_vs_best_local": {"fedavg": 0.02},
             "paired_vs_best_local_lo": {"fedavg": -0.01},
-            "paired_vs_best_local_hi": {"fedavg": 0.04}}
+            "paired_vs_best_local_hi": {"fedavg": 0.04},
+            "paired_vs_fedavg_C": {"tent": 0.02, "uw_merge": -0.21},
+            "paired_vs_fedavg_C_lo": {"tent": -0.01, "uw_merge": -0.3},
+            "paired_vs_fedavg_C_hi": {"tent": 0.05, "uw_merge": -0.1},
+            "paired_vs_fedavg_G": {"tent": 0.9}}
 
 
 def ranking(order: str) -> pd.DataFrame:
@@ -84,6 +88,19 @@ def test_seed_row_reads_the_frozen_signal_and_the_shifted_site() -> None:
     # Best label-free method at C is TENT (0.39), 0.02 above FedAvg there.
     assert row["best_label_free"] == "tent"
     assert row["best_label_free_minus_fedavg_shifted"] == pytest.approx(0.02)
+    assert row["primary_label_free"] is None
+    assert math.isnan(row["primary_minus_fedavg_shifted"])
+
+
+def test_the_pre_specified_label_free_method_is_reported_even_when_another_wins() -> None:
+    row = seed_row(5101, 313, evaluate_metrics(), {}, signals_table(), ranking("CGEA"),
+                   ["C", "G"], "sample_disagreement", ("uw_merge", "tent", "self_train"),
+                   primary="uw_merge")
+    # At C (the shifted site), from evaluate's paired interval, not from G's.
+    assert row["primary_label_free"] == "uw_merge"
+    assert (row["primary_minus_fedavg_shifted"], row["primary_minus_fedavg_shifted_lo"],
+            row["primary_minus_fedavg_shifted_hi"]) == (-0.21, -0.3, -0.1)
+    assert row["best_label_free"] == "tent"  # the ex-post best is still there, apart
 
 
 def test_a_shift_site_ranked_third_is_not_first() -> None:

@@ -116,7 +116,7 @@ def test_evaluate_writes_tables_metrics_plots_and_one_run_per_candidate(
     summary = pd.read_csv(out / "summary.csv")
     assert set(summary["site"]) == {"all", "C", "G"}
     paired = pd.read_csv(out / "paired.csv")
-    assert set(paired["reference"]) == {"best_local", "pooled"}
+    assert set(paired["reference"]) == {"best_local", "pooled", "fedavg"}
     assert (paired["reference_model"][paired["reference"] == "best_local"] == "A").all()
 
     on_disk = json.loads((out / "metrics.json").read_text())
@@ -124,9 +124,15 @@ def test_evaluate_writes_tables_metrics_plots_and_one_run_per_candidate(
     assert on_disk["best_local"] == "A" and on_disk["sites"] == ["C", "G"]
     assert set(on_disk["heldout_dice"]) == {"local", "local_A", "pooled", "fedavg", "tent"}
     for key in ("heldout_dice_lo", "heldout_dice_hi", "heldout_hd95", "heldout_dice_C",
-                "heldout_dice_G", "paired_vs_best_local", "paired_vs_pooled"):
+                "heldout_dice_G", "paired_vs_best_local", "paired_vs_pooled",
+                "paired_vs_fedavg_C", "paired_vs_fedavg_C_lo", "paired_vs_fedavg_G_hi"):
         assert key in on_disk, key
     assert on_disk["paired_vs_best_local"]["local_A"] == 0.0
+    # TENT against FedAvg at each held-out site: the label-free question.
+    tent_c = paired[(paired["model"] == "tent") & (paired["reference"] == "fedavg")
+                    & (paired["site"] == "C")].iloc[0]
+    assert on_disk["paired_vs_fedavg_C"]["tent"] == pytest.approx(tent_c["difference"])
+    assert on_disk["paired_vs_fedavg_C"]["fedavg"] == 0.0
     plot = pd.read_csv(out / "dice_by_site.csv")
     assert len(plot) == 4 * 3
 

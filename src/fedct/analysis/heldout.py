@@ -48,7 +48,9 @@ LOCAL, POOLED_KIND, FEDERATED = "local", "pooled", "federated"
 KINDS = (LOCAL, POOLED_KIND, FEDERATED)
 #: The ``site`` value of rows over every held-out site together.
 ALL_SITES = "all"
-BEST_LOCAL, VS_POOLED = "best_local", "pooled"
+BEST_LOCAL, VS_POOLED, VS_FEDAVG = "best_local", "pooled", "fedavg"
+#: References of the paired differences, in table order (each when its model is there).
+REFERENCES = (BEST_LOCAL, VS_POOLED, VS_FEDAVG)
 
 #: Summary columns other than the per-structure means.
 SUMMARY_COLUMNS = ("model", "kind", "site", "n_cases", "dice", "dice_lo", "dice_hi", "hd95",
@@ -269,9 +271,11 @@ def paired_table(cases: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
                  alpha: float = 0.05) -> pd.DataFrame:
     """Paired differences of mean case Dice, model minus reference, with intervals.
 
-    References: ``best_local`` (``best_local``) and ``pooled`` (the pooled model), when
-    present. One row per (model, reference, site), ``site == "all"`` over every held-out
-    site (two-stage cluster bootstrap) and one per site (case bootstrap); the numbers are
+    References: ``best_local`` (``best_local``), ``pooled`` (the pooled model) and
+    ``fedavg`` (the federated model named ``fedavg``: what a label-free method must match
+    at a shifted site), when present. One row per (model, reference, site),
+    ``site == "all"`` over every held-out site (two-stage cluster bootstrap) and one per
+    site (case bootstrap); the numbers are
     those of ``fedct.analysis.stats.paired_difference`` on each pair of models. Columns
     ``model, kind, reference, reference_model, site, n_cases, model_dice,
     reference_dice, difference, lo, hi``. A reference against itself gives 0 [0, 0].
@@ -291,6 +295,8 @@ def paired_table(cases: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
     pooled = sorted(m for m, k in kinds.items() if k == POOLED_KIND)
     if pooled:
         references.append((VS_POOLED, pooled[0]))
+    if kinds.get(VS_FEDAVG) == FEDERATED:
+        references.append((VS_FEDAVG, VS_FEDAVG))
     dice = wide[models].to_numpy(dtype=np.float64)
     rows = []
     for site, mask, clusters in _site_groups(wide):
@@ -349,8 +355,9 @@ def candidate_metrics(summary: pd.DataFrame, paired: pd.DataFrame, model: str
     ``heldout_dice`` (+ ``_lo``, ``_hi``), ``heldout_hd95`` (+ ``_lo``, ``_hi``),
     ``heldout_dice_<site>``, ``heldout_hd95_<site>``, ``heldout_dice_<structure>``,
     ``heldout_hd95_<structure>``, ``heldout_score``, ``heldout_flag_rate``,
-    ``heldout_n_cases``, ``paired_vs_best_local`` and ``paired_vs_pooled`` (+ ``_lo``,
-    ``_hi``, over all sites) and ``paired_vs_<reference>_<site>``. NaN where undefined.
+    ``heldout_n_cases``, ``paired_vs_best_local``, ``paired_vs_pooled`` and
+    ``paired_vs_fedavg`` (+ ``_lo``, ``_hi``, over all sites) and
+    ``paired_vs_<reference>_<site>``. NaN where undefined.
     """
     s = summary[summary["model"] == model].set_index("site")
     out: dict[str, float] = {}
@@ -367,7 +374,7 @@ def candidate_metrics(summary: pd.DataFrame, paired: pd.DataFrame, model: str
     for site, row in s.drop(index=ALL_SITES).iterrows():
         out[f"heldout_dice_{site}"] = float(row["dice"])
         out[f"heldout_hd95_{site}"] = float(row["hd95"])
-    for reference in (BEST_LOCAL, VS_POOLED):
+    for reference in REFERENCES:
         p = paired[(paired["model"] == model) & (paired["reference"] == reference)]
         p = p.set_index("site")
         key = f"paired_vs_{reference}"
@@ -388,9 +395,11 @@ def metrics_json(summary: pd.DataFrame, paired: pd.DataFrame) -> dict:
 
     ``heldout_dice`` (and ``_lo``, ``_hi``), ``heldout_hd95``, ``heldout_dice_<site>`` map
     ``local_<site>``, ``pooled`` and each federated method to its value, and ``local`` to
-    the best local model's; ``paired_vs_best_local`` (+ ``_lo``, ``_hi``) and
-    ``paired_vs_pooled`` likewise. Also ``best_local``, ``sites`` and ``n_cases``. NaN is
-    written as null.
+    the best local model's; ``paired_vs_best_local``, ``paired_vs_pooled`` and
+    ``paired_vs_fedavg`` (+ ``_lo``, ``_hi``) likewise, over all held-out sites, and
+    ``paired_vs_fedavg_<site>`` (+ ``_lo``, ``_hi``) at each site: whether a label-free
+    method matches FedAvg at the most shifted site. Also ``best_local``, ``sites`` and
+    ``n_cases``. NaN is written as null.
     """
     kinds = dict(zip(summary["model"], summary["kind"], strict=False))
     models = _order(list(kinds), kinds)
@@ -413,13 +422,16 @@ def metrics_json(summary: pd.DataFrame, paired: pd.DataFrame) -> dict:
         at = summary[summary["site"] == site].set_index("model")
         out[f"heldout_dice_{site}"] = per_model(at["dice"].to_dict())
         out[f"heldout_hd95_{site}"] = per_model(at["hd95"].to_dict())
-    for reference in (BEST_LOCAL, VS_POOLED):
-        p = paired[(paired["reference"] == reference) & (paired["site"] == ALL_SITES)]
-        p = p.set_index("model")
-        if p.empty:
-            continue
-        for col, suffix in (("difference", ""), ("lo", "_lo"), ("hi", "_hi")):
-            values = p[col].to_dict()
-            out[f"paired_vs_{reference}{suffix}"] = {
-                metric_label(m, kinds[m]): _number(values[m]) for m in models if m in values}
+    for reference in REFERENCES:
+        at_sites = [ALL_SITES, *sites] if reference == VS_FEDAVG else [ALL_SITES]
+        for site in at_sites:
+            p = paired[(paired["reference"] == reference) & (paired["site"] == site)]
+            p = p.set_index("model")
+            if p.empty:
+                continue
+            key = f"paired_vs_{reference}" + ("" if site == ALL_SITES else f"_{site}")
+            for col, suffix in (("difference", ""), ("lo", "_lo"), ("hi", "_hi")):
+                values = p[col].to_dict()
+                out[f"{key}{suffix}"] = {metric_label(m, kinds[m]): _number(values[m])
+                                         for m in models if m in values}
     return out

@@ -18,7 +18,7 @@ same code and records as the uncertainty stage; the tables come from
   ``uncertainty`` (``--threshold``) and the flag; the input of the promotion gate;
 - ``summary.csv``: per model, per site and over all held-out sites, mean Dice and HD95
   with 95 % two-stage cluster-bootstrap intervals;
-- ``paired.csv``: model minus best local and model minus pooled, with intervals;
+- ``paired.csv``: model minus best local, minus pooled and minus FedAvg, with intervals;
 - ``metrics.json`` (DVC metrics: ``heldout_dice.<candidate>``, ...), ``dice_by_site.csv``
   (DVC plots) and ``dice_by_site.png``.
 
