@@ -129,18 +129,23 @@ def test_an_interrupted_caller_leaves_no_process(fed_cohort: Path, tmp_path: Pat
     assert _leftovers(tmp_path) == []
 
 
-@pytest.mark.slow
-def test_a_terminated_caller_leaves_no_process(fed_cohort: Path, tmp_path: Path) -> None:
-    # SIGTERM (a batch scheduler's time limit, `kill`, DVC stopping a stage) must stop the
-    # simulation's own session and ray's agents too, not only the caller.
+def _long_federation(cohort: Path, out: Path) -> subprocess.Popen:
+    """A caller process running a 50-round federation into ``out``, to be stopped."""
     script = (
         "import sys; from pathlib import Path\n"
         "from fedct.federation.simulation import run_federation\n"
         "from tests.federation.conftest import PARAMS\n"
         "run_federation(Path(sys.argv[1]), ['A', 'B'], PARAMS, rounds=50, local_steps=2,\n"
         "               out_dir=Path(sys.argv[2]), timeout_s=120.0)\n")
-    caller = subprocess.Popen([sys.executable, "-c", script, str(fed_cohort), str(tmp_path)],
-                              cwd=Path(__file__).parents[2])
+    return subprocess.Popen([sys.executable, "-c", script, str(cohort), str(out)],
+                            cwd=Path(__file__).parents[2])
+
+
+@pytest.mark.slow
+def test_a_terminated_caller_leaves_no_process(fed_cohort: Path, tmp_path: Path) -> None:
+    # SIGTERM (a batch scheduler's time limit, `kill`, DVC stopping a stage) must stop the
+    # simulation's own session and ray's agents too, not only the caller.
+    caller = _long_federation(fed_cohort, tmp_path)
     try:
         deadline = time.monotonic() + 120
         # Wait until the simulation runs (the log names the run; its child has started).
@@ -160,14 +165,7 @@ def test_a_terminated_caller_leaves_no_process(fed_cohort: Path, tmp_path: Path)
 def test_a_caller_killed_outright_leaves_no_process(fed_cohort: Path, tmp_path: Path) -> None:
     # SIGKILL (the OOM killer, `kill -9`) runs no cleanup in the caller: the simulation's
     # child notices that its parent is gone and stops the run and ray's agents itself.
-    script = (
-        "import sys; from pathlib import Path\n"
-        "from fedct.federation.simulation import run_federation\n"
-        "from tests.federation.conftest import PARAMS\n"
-        "run_federation(Path(sys.argv[1]), ['A', 'B'], PARAMS, rounds=50, local_steps=2,\n"
-        "               out_dir=Path(sys.argv[2]), timeout_s=120.0)\n")
-    caller = subprocess.Popen([sys.executable, "-c", script, str(fed_cohort), str(tmp_path)],
-                              cwd=Path(__file__).parents[2])
+    caller = _long_federation(fed_cohort, tmp_path)
     try:
         deadline = time.monotonic() + 120
         # Wait until ray runs beside the child (more than the child carries the marker).
