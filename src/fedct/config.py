@@ -194,7 +194,7 @@ class FederateParams:
     # lowest uw_signal on the target's images; a tie keeps the first (FedAvg).
     select_from: tuple[str, ...] = ("fedavg", "fedprox", "tent", "self_train")
     # The label-free method whose result at the most shifted held-out site answers the
-    # study's question (`fedct seeds`); named before the report seeds ran. No stage reads it.
+    # study's question (`fedct seeds`); fixed for report seeds 5203-5204. No stage reads it.
     primary_label_free: str = "uw_select"
     seed: int = 0
     device: str = "auto"

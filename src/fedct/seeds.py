@@ -115,6 +115,9 @@ def run(params: Params, out_dir: Path, run_missing: bool = True, force: bool = F
         raise FedctError(f"federate.primary_label_free {primary!r}: not one of the label-free "
                          f"methods that federate.methods runs "
                          f"({[m for m in params.federate.methods if m in LABEL_FREE]})")
+    if "fedavg" not in params.federate.methods:
+        raise FedctError(f"federate.primary_label_free {primary!r} is judged against FedAvg, "
+                         "which federate.methods does not run")
     pairs = report_pairs(params.synth.report_seeds, params.cohort.report_seeds,
                          params.synth.dev_seeds, params.cohort.dev_seeds)
     names = [experiment_name(s, c) for s, c in pairs]

@@ -76,7 +76,7 @@ def test_report_pairs_pair_the_lists_and_refuse_development_seeds() -> None:
 def test_seed_row_reads_the_frozen_signal_and_the_shifted_site() -> None:
     row = seed_row(5101, 313, evaluate_metrics(), {"in_domain_dice": 0.55}, signals_table(),
                    ranking("CGEA"), ["C", "G"], "sample_disagreement",
-                   ("uw_merge", "tent", "self_train"))
+                   ("uw_merge", "tent", "self_train"), None)
     assert row["in_domain_dice"] == 0.55
     # The frozen signal's case-level rows, not the structure level or another signal.
     assert row["auroc_all"] == 0.9 and row["auroc_without_lo"] == pytest.approx(0.8)
@@ -101,11 +101,16 @@ def test_the_pre_specified_label_free_method_is_reported_even_when_another_wins(
     assert (row["primary_minus_fedavg_shifted"], row["primary_minus_fedavg_shifted_lo"],
             row["primary_minus_fedavg_shifted_hi"]) == (-0.21, -0.3, -0.1)
     assert row["best_label_free"] == "tent"  # the ex-post best is still there, apart
+    # A method evaluate did not pair with FedAvg at C is an error, not a silent NaN.
+    with pytest.raises(FedctError, match="paired_vs_fedavg_C for 'self_train'"):
+        seed_row(5101, 313, evaluate_metrics(), {}, signals_table(), ranking("CGEA"),
+                 ["C", "G"], "sample_disagreement", ("uw_merge", "tent", "self_train"),
+                 primary="self_train")
 
 
 def test_a_shift_site_ranked_third_is_not_first() -> None:
     row = seed_row(1, 2, evaluate_metrics(), {}, signals_table(), ranking("CEGA"), ["C", "G"],
-                   "sample_disagreement", ("tent",))
+                   "sample_disagreement", ("tent",), None)
     assert row["shift_sites_first"] is False and row["shift_site_ranks"] == "C:1,G:3"
     assert math.isnan(row["in_domain_dice"])
 
@@ -122,7 +127,7 @@ def test_shifted_site_falls_back_to_lowest_pooled_dice() -> None:
 def test_missing_frozen_signal_is_an_error() -> None:
     with pytest.raises(FedctError, match="no case-level row"):
         seed_row(1, 2, evaluate_metrics(), {}, signals_table(), ranking("CG"), ["C"],
-                 "mutual_information", ("tent",))
+                 "mutual_information", ("tent",), None)
 
 
 def cases(seed_offset: float, models=("A", "pooled", "fedavg")) -> pd.DataFrame:
@@ -159,9 +164,11 @@ def test_across_seeds_gives_mean_spread_and_range() -> None:
     rows = pd.DataFrame({"synth_seed": [1, 2, 3], "cohort_seed": [4, 5, 6],
                          "in_domain_dice": [0.5, 0.6, 0.7], "shift_sites_first": [True, False,
                                                                                   True],
-                         "best_local": ["A", "D", "A"]})
+                         "best_local": ["A", "D", "A"],
+                         "auroc_all_lo": [0.8, 0.7, 0.9]})
     out = across_seeds(rows).set_index("metric")
     assert "synth_seed" not in out.index and "best_local" not in out.index
+    assert "auroc_all_lo" not in out.index  # a mean of bounds is no interval
     assert out.loc["in_domain_dice", "mean"] == pytest.approx(0.6)
     assert out.loc["in_domain_dice", "sd"] == pytest.approx(0.1)
     assert (out.loc["in_domain_dice", "min"], out.loc["in_domain_dice", "max"]) == (0.5, 0.7)

@@ -126,7 +126,7 @@ def test_tls_federation_of_two_registered_hospitals_refuses_an_unregistered_node
         # A ServerApp that fails is reported as such (``flwr run --stream`` itself exits 0).
         with pytest.raises(FedctError, match="finished:failed.*federation run config"):
             dep.run_app("fedct", {"sites": "A,B", "train-params": "{not json"},
-                        timeout=RUN_TIMEOUT_S)
+                        timeout=REPLY_TIMEOUT_S)
         times["failed run"] = time.monotonic() - t0 - times["up"]
         t1 = time.monotonic()
         done = dep.run_app("fedct", {

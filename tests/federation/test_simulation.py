@@ -8,6 +8,7 @@ and without ray, in ``test_flower_app.py``.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -129,6 +130,14 @@ def test_an_interrupted_caller_leaves_no_process(fed_cohort: Path, tmp_path: Pat
     assert _leftovers(tmp_path) == []
 
 
+def _cmdline(p: psutil.Process) -> list[str]:
+    """``p``'s command line, empty when it has just ended (ray's workers come and go)."""
+    try:
+        return p.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return []
+
+
 def _long_federation(cohort: Path, out: Path) -> subprocess.Popen:
     """A caller process running a 50-round federation into ``out``, to be stopped."""
     script = (
@@ -174,8 +183,8 @@ def test_a_caller_killed_outright_leaves_no_process(fed_cohort: Path, tmp_path: 
             time.sleep(0.5)
         assert len(_tagged(tmp_path)) >= 3, "ray never started"
         # The child's argument is the job file in the run's scratch folder.
-        child = [p.cmdline() for p in _tagged(tmp_path)
-                 if "fedct.federation.simulation" in p.cmdline()]
+        child = [cmd for cmd in map(_cmdline, _tagged(tmp_path))
+                 if "fedct.federation.simulation" in cmd]
         scratch = Path(child[0][-1]).parent
         assert scratch.is_dir()
         caller.kill()
@@ -192,6 +201,33 @@ def test_a_caller_killed_outright_leaves_no_process(fed_cohort: Path, tmp_path: 
     assert left == []
     assert not (tmp_path / "history.json").exists()  # the run was stopped, not finished
     assert not scratch.exists()  # ray's temp folder went with it
+
+
+def test_a_child_whose_parent_died_before_it_watched_ends_its_run_at_once(
+        tmp_path: Path) -> None:
+    # The parent's PID travels in the job file: a child started after its parent was
+    # killed (already re-parented) must not take its new parent for the original.
+    run_id, scratch = "test-run-orphan", tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**os.environ, MARKER: run_id}
+    # A process of the run, as ray's agents would be.
+    agent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path\n"
+         "from fedct.federation.simulation import _follow_parent\n"
+         "_follow_parent(sys.argv[1], Path(sys.argv[2]), parent_pid=1, poll_s=0.1)\n"
+         "time.sleep(120)\n", run_id, str(scratch)],
+        env=env, start_new_session=True)
+    try:
+        assert child.wait(timeout=60) == -signal.SIGKILL  # its own process group, killed
+        assert agent.wait(timeout=10) == -signal.SIGKILL
+        assert not scratch.exists()
+    finally:
+        for proc in (agent, child):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def test_bad_settings_are_refused_before_anything_starts(fed_cohort: Path,

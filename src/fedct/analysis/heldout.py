@@ -22,9 +22,10 @@ Tables:
   mean over cases (each case weighs the same, as in the gate). Every model uses the same
   bootstrap seed, so models scored on the same cases see the same resamples.
 - ``paired_table``: per model, the paired difference of mean case Dice against the best
-  local model and against pooled (``fedct.analysis.stats.paired_difference``), over all
-  sites and per site. The best local model is the local model with the highest mean
-  held-out case Dice (ties: the first name in sorted order), exactly the gate's rule.
+  local model, against pooled and against FedAvg
+  (``fedct.analysis.stats.paired_difference``), over all sites and per site. The best
+  local model is the local model with the highest mean held-out case Dice (ties: the
+  first name in sorted order), exactly the gate's rule.
 
 Extra rows per (model, case), e.g. one per report seed, are averaged into one case row
 before any statistic, so every case weighs the same.
@@ -356,8 +357,9 @@ def candidate_metrics(summary: pd.DataFrame, paired: pd.DataFrame, model: str
     ``heldout_dice_<site>``, ``heldout_hd95_<site>``, ``heldout_dice_<structure>``,
     ``heldout_hd95_<structure>``, ``heldout_score``, ``heldout_flag_rate``,
     ``heldout_n_cases``, ``paired_vs_best_local``, ``paired_vs_pooled`` and
-    ``paired_vs_fedavg`` (+ ``_lo``, ``_hi``, over all sites) and
-    ``paired_vs_<reference>_<site>``. NaN where undefined.
+    ``paired_vs_fedavg`` (+ ``_lo``, ``_hi``, over all sites),
+    ``paired_vs_<reference>_<site>`` and ``paired_vs_fedavg_<site>_lo`` / ``_hi``. NaN where
+    undefined.
     """
     s = summary[summary["model"] == model].set_index("site")
     out: dict[str, float] = {}
@@ -385,8 +387,11 @@ def candidate_metrics(summary: pd.DataFrame, paired: pd.DataFrame, model: str
         else:
             out.update(dict.fromkeys((key, f"{key}_lo", f"{key}_hi"), math.nan))
         for site in s.index.drop(ALL_SITES):
-            out[f"{key}_{site}"] = (float(p.loc[site, "difference"]) if site in p.index
-                                    else math.nan)
+            for col, suffix in (("difference", ""), ("lo", "_lo"), ("hi", "_hi")):
+                if suffix and reference != VS_FEDAVG:
+                    continue  # per-site intervals: only where metrics.json has them too
+                out[f"{key}_{site}{suffix}"] = (float(p.loc[site, col]) if site in p.index
+                                                else math.nan)
     return out
 
 

@@ -9,8 +9,8 @@ archive (new patients) and a new patient split, so every seed retrains every mod
   in-domain Dice, the frozen failure signal's AUROC and AURC beside the best baseline's
   (overall and without the most shifted site), where the injected-shift sites rank in the
   label-free ranking, and the held-out comparison (FedAvg, the best local model, pooled,
-  one-shot; at the most shifted held-out site the pre-specified label-free method
-  (``federate.primary_label_free``) minus FedAvg with its interval, and, for the record
+  one-shot; at the most shifted held-out site the study's label-free method, fixed in
+  params (``federate.primary_label_free``), minus FedAvg with its interval, and, for the record
   only, the label-free method that scored best there, which is chosen after seeing labels
   and so flatters the label-free methods).
 - ``pooled_cases``: every seed's per-case table of ``evaluate`` in one, each case named
@@ -101,17 +101,17 @@ def shifted_heldout_site(evaluate_metrics: Mapping, without_site: str | None) ->
 def seed_row(synth_seed: int, cohort_seed: int, evaluate_metrics: Mapping,
              uncertainty_metrics: Mapping, signals: pd.DataFrame, ranking: pd.DataFrame,
              shift_sites: Sequence[str], signal: str, label_free: Sequence[str],
-             primary: str | None = None) -> dict:
+             primary: str | None) -> dict:
     """One report seed's headline numbers (module docstring).
 
     ``evaluate_metrics`` is ``evaluate``'s ``metrics.json``; ``uncertainty_metrics``,
     ``signals`` and ``ranking`` are the uncertainty stage's ``metrics.json``,
     ``signals.csv`` and ``site_ranking.csv``; ``shift_sites`` the archive's injected-shift
-    sites; ``label_free`` the label-free methods; ``primary`` the one named before the
-    report seeds ran (``federate.primary_label_free``). Columns ``*_shifted`` are at the
+    sites; ``label_free`` the label-free methods; ``primary`` the one fixed in params
+    (``federate.primary_label_free``). Columns ``*_shifted`` are at the
     most shifted held-out site (``shifted_heldout_site``, named in ``shifted_site``):
     ``primary_minus_fedavg_shifted`` (+ ``_lo``, ``_hi``: the case-bootstrap interval of
-    ``evaluate``'s ``paired_vs_fedavg_<site>``) answers whether the pre-specified method is
+    ``evaluate``'s ``paired_vs_fedavg_<site>``) answers whether the fixed method is
     at least as good as FedAvg there; ``best_label_free*`` is the best of the methods at
     that site, picked with its labels (optimistic, not a result).
     """
@@ -143,9 +143,12 @@ def seed_row(synth_seed: int, cohort_seed: int, evaluate_metrics: Mapping,
                                                    - row["heldout_fedavg_shifted"])
     row["primary_label_free"] = primary
     for suffix in ("", "_lo", "_hi"):
-        row[f"primary_minus_fedavg_shifted{suffix}"] = (
-            _value(e, f"paired_vs_fedavg_{shifted_site}{suffix}", primary) if primary
-            else math.nan)
+        key = f"paired_vs_fedavg_{shifted_site}{suffix}"
+        if primary and primary not in (e.get(key) or {}):
+            raise FedctError(f"evaluate's metrics have no {key} for {primary!r}: evaluate "
+                             "ran without FedAvg or that method, or before it wrote them")
+        row[f"primary_minus_fedavg_shifted{suffix}"] = (_value(e, key, primary) if primary
+                                                        else math.nan)
     return row
 
 
@@ -168,8 +171,12 @@ def pooled_cases(cases_by_seed: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def across_seeds(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sd, min and max over seeds of each numeric headline column."""
+    """Mean, sd, min and max over seeds of each numeric headline column.
+
+    Interval bounds (``*_lo``, ``*_hi``) are left out: their mean is not an interval (the
+    pooled tables of ``pooled_cases`` give intervals over all seeds)."""
     numeric = [c for c in rows.columns if c not in ("synth_seed", "cohort_seed")
+               and not c.endswith(("_lo", "_hi"))
                and pd.api.types.is_numeric_dtype(rows[c])
                and not pd.api.types.is_bool_dtype(rows[c])]
     out = []

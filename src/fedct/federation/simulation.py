@@ -127,7 +127,8 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
                                    scratch / "ray", num_cpus,
                                    default_client_gpus(len(sites), num_cpus)
                                    if client_gpus is None else client_gpus),
-                               "error_file": str(out_dir / ERROR_FILE)}))
+                               "error_file": str(out_dir / ERROR_FILE),
+                               "parent_pid": os.getpid()}))
     env = {**os.environ, MARKER: run_id, "FLWR_HOME": str(scratch / "flwr"),
            "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_DEDUP_LOGS": "0",
@@ -226,57 +227,60 @@ def run_processes(run_id: str) -> list:
     return found
 
 
-def _stop(proc: subprocess.Popen | None, run_id: str) -> None:
-    """Kill the child's process group and every process of the run, by PID; reap them."""
+def _kill_run(run_id: str, passes: int = 3) -> list:
+    """Kill every process tagged with ``run_id`` (but this one) by PID and reap them, in up
+    to ``passes`` passes (ray may start a worker while the last is killed); what is left."""
     import psutil
 
+    for _ in range(passes):
+        left = run_processes(run_id)
+        if not left:
+            return []
+        for p in left:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(left, timeout=5)
+    return run_processes(run_id)
+
+
+def _stop(proc: subprocess.Popen | None, run_id: str) -> None:
+    """Kill the child's process group and every process of the run, by PID; reap them."""
     if proc is not None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         proc.wait()
-    for _ in range(3):
-        left = run_processes(run_id)
-        if not left:
-            return
-        for p in left:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=5)
-    left = run_processes(run_id)
+    left = _kill_run(run_id)
     if left:
         raise FedctError(f"federation: processes {[p.pid for p in left]} would not stop")
 
 
-def _follow_parent(run_id: str, scratch: Path, poll_s: float = 0.5) -> threading.Thread:
-    """Watch the parent from a daemon thread; when it is gone, end the whole run.
+def _follow_parent(run_id: str, scratch: Path, parent_pid: int, poll_s: float = 0.5
+                   ) -> threading.Thread:
+    """Watch the parent (``parent_pid``) from a daemon thread; when it is gone, end the run.
 
     The parent's ``finally`` stops the run however it ends, except when the parent itself
     is killed with SIGKILL (the OOM killer, ``kill -9``, a scheduler's hard limit). The
     child, in a session of its own, would then train on with nobody to follow it, and ray's
     agents with it. So the child kills every process tagged with ``run_id`` (its own
     process group included), removes the run's ``scratch`` folder and exits as soon as it is
-    re-parented.
+    re-parented, or at once if that happened before it started watching. The parent's PID
+    comes from the parent (the job file): a child that read its parent only after starting
+    up would take a new parent for the original.
     """
-    parent = os.getppid()
+    import psutil  # noqa: F401 - imported now, not while cleaning up under pressure
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == parent_pid:
             time.sleep(poll_s)
-        import psutil
-
-        others = run_processes(run_id)  # excludes this process
-        for p in others:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(others, timeout=5)
-        shutil.rmtree(scratch, ignore_errors=True)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-        os._exit(128 + signal.SIGKILL)
+        try:
+            _kill_run(run_id)
+            shutil.rmtree(scratch, ignore_errors=True)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+            os._exit(128 + signal.SIGKILL)
 
     thread = threading.Thread(target=watch, name="fedct-follow-parent", daemon=True)
     thread.start()
@@ -287,7 +291,18 @@ def _child(job_path: str) -> int:
     """The child process: run the simulation; write a one-line reason on failure."""
     job = json.loads(Path(job_path).read_text())
     err = Path(job["error_file"])
-    _follow_parent(os.environ[MARKER], Path(job_path).parent)
+    watcher = _follow_parent(os.environ[MARKER], Path(job_path).parent, job["parent_pid"])
+    try:
+        return _simulate(job, err)
+    finally:
+        if os.getppid() != job["parent_pid"]:
+            # Killing ray may end the simulation first: let the watcher finish the cleanup
+            # (it ends this process) instead of exiting past it.
+            watcher.join()
+
+
+def _simulate(job: dict, err: Path) -> int:
+    """Run the simulation of ``job``; on failure, write the reason to ``err`` and return 1."""
     try:
         from flwr.simulation import run_simulation
 
