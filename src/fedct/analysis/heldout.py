@@ -52,6 +52,8 @@ ALL_SITES = "all"
 BEST_LOCAL, VS_POOLED, VS_FEDAVG = "best_local", "pooled", "fedavg"
 #: References of the paired differences, in table order (each when its model is there).
 REFERENCES = (BEST_LOCAL, VS_POOLED, VS_FEDAVG)
+#: paired_table's columns of an interval and the metric-name suffix of each.
+_INTERVAL = (("difference", ""), ("lo", "_lo"), ("hi", "_hi"))
 
 #: Summary columns other than the per-structure means.
 SUMMARY_COLUMNS = ("model", "kind", "site", "n_cases", "dice", "dice_lo", "dice_hi", "hd95",
@@ -387,9 +389,8 @@ def candidate_metrics(summary: pd.DataFrame, paired: pd.DataFrame, model: str
         else:
             out.update(dict.fromkeys((key, f"{key}_lo", f"{key}_hi"), math.nan))
         for site in s.index.drop(ALL_SITES):
-            for col, suffix in (("difference", ""), ("lo", "_lo"), ("hi", "_hi")):
-                if suffix and reference != VS_FEDAVG:
-                    continue  # per-site intervals: only where metrics.json has them too
+            # Per-site intervals only against FedAvg, as in metrics.json.
+            for col, suffix in _INTERVAL if reference == VS_FEDAVG else _INTERVAL[:1]:
                 out[f"{key}_{site}{suffix}"] = (float(p.loc[site, col]) if site in p.index
                                                 else math.nan)
     return out
@@ -435,7 +436,7 @@ def metrics_json(summary: pd.DataFrame, paired: pd.DataFrame) -> dict:
             if p.empty:
                 continue
             key = f"paired_vs_{reference}" + ("" if site == ALL_SITES else f"_{site}")
-            for col, suffix in (("difference", ""), ("lo", "_lo"), ("hi", "_hi")):
+            for col, suffix in _INTERVAL:
                 values = p[col].to_dict()
                 out[f"{key}{suffix}"] = {metric_label(m, kinds[m]): _number(values[m])
                                          for m in models if m in values}
