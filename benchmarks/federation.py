@@ -15,7 +15,8 @@ chosen (README, "Protocol").
         --setting momentum:rounds=16,local_steps=25,server_momentum=0.9 --out fed.csv
 
 A setting is ``name:key=value,...`` over ``rounds``, ``local_steps``, ``server_lr``,
-``server_momentum`` and ``mu`` (FedProx); unset keys come from ``params.yaml``
+``server_momentum``, ``mu`` (FedProx) and ``client_state`` (1: each client keeps its AdamW
+moments between rounds, 0: they start afresh); unset keys come from ``params.yaml``
 (``federate``). Every setting keeps the matched-epochs budget of the pipeline unless told
 otherwise: each client trains ``rounds x local_steps`` steps.
 """
@@ -40,7 +41,7 @@ from fedct.training.local import local_update, round_seed
 from fedct.training.loop import build_model, evaluate, evaluate_dice
 
 KEYS = {"rounds": int, "local_steps": int, "server_lr": float, "server_momentum": float,
-        "mu": float}
+        "mu": float, "client_state": int}
 
 
 def parse_setting(text: str, base: dict) -> tuple[str, dict]:
@@ -103,7 +104,7 @@ def main() -> None:
         if path.is_file():
             score("pooled" if s == "pooled" else f"local_{s}", load_model(path)[0], {})
     base = {"rounds": fp.rounds, "local_steps": fp.local_steps, "server_lr": 1.0,
-            "server_momentum": 0.0, "mu": 0.0}
+            "server_momentum": 0.0, "mu": 0.0, "client_state": 0}
     weights = case_weights({s: len(train[s]) for s in sites})
     for text in args.setting or ["base:"]:
         name, st = parse_setting(text, base)
@@ -111,6 +112,7 @@ def main() -> None:
         model = build_model(tp, labels)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         velocity, curve = None, []
+        stores = {s: ({} if st["client_state"] else None) for s in sites}
         total = st["rounds"] * st["local_steps"]
         t0 = time.perf_counter()
         for rnd in range(1, st["rounds"] + 1):
@@ -119,7 +121,8 @@ def main() -> None:
                 updates[s], _ = local_update(
                     build_model(tp, labels), train[s], tp, st["local_steps"],
                     round_seed(fp.seed, rnd, s), global_state=state, mu=st["mu"],
-                    start_step=(rnd - 1) * st["local_steps"], total_steps=total)
+                    start_step=(rnd - 1) * st["local_steps"], total_steps=total,
+                    opt_store=stores[s])
             merged = weighted_average(updates, weights)
             state, velocity = server_step(state, merged, velocity, st["server_lr"],
                                           st["server_momentum"])

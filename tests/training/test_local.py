@@ -96,3 +96,32 @@ def test_a_given_loss_replaces_dice_ce() -> None:
 
     _, m = local_update(_fresh(), _cases(2), PARAMS, 2, 1, glob, loss_fn=loss)
     assert m["loss"] == 7.0 and seen == [((2, 3, 16, 16, 8), (2, 1, 16, 16, 8))] * 2
+
+
+def _mean_step(a: dict, b: dict) -> float:
+    """Mean absolute change of the floating-point weights from ``a`` to ``b``."""
+    diffs = [(b[k].float() - a[k].float()).abs().flatten() for k in a
+             if a[k].is_floating_point() and a[k].numel() > 1]
+    return float(torch.cat(diffs).mean())
+
+
+def test_a_site_optimiser_store_carries_adamw_across_rounds() -> None:
+    params = dataclasses.replace(PARAMS, dropout=0.0, learning_rate=1e-2)
+    glob = _fresh(1).state_dict()
+    store: dict = {}
+    r1, _ = local_update(_fresh(), _cases(4), params, 4, 1, global_state=glob,
+                         opt_store=store)
+    steps = {int(v["step"]) for v in store["optimizer"]["state"].values()}
+    assert steps == {4}
+    # The next round resumes the moments: one step moves the weights less than a fresh
+    # AdamW, whose bias-corrected first step moves every weight by about the learning rate.
+    carried, _ = local_update(_fresh(), _cases(4), params, 1, 2, global_state=r1,
+                              opt_store=store)
+    fresh, _ = local_update(_fresh(), _cases(4), params, 1, 2, global_state=r1)
+    assert {int(v["step"]) for v in store["optimizer"]["state"].values()} == {5}
+    assert _mean_step(r1, fresh) > 0.5 * params.learning_rate
+    assert _mean_step(r1, carried) < 0.5 * _mean_step(r1, fresh)
+    # A store that does not fit the model is an error, not a silent fresh start.
+    wrong = dataclasses.replace(params, channels=(6, 8))
+    with pytest.raises(FedctError, match="optimiser state"):
+        local_update(build_model(wrong, LABELS), _cases(2), wrong, 1, 1, opt_store=store)

@@ -10,7 +10,12 @@ Learning rate: with ``total_steps`` the one-cycle schedule of ``train_model`` is
 the whole federation (``total_steps`` = rounds x local steps) and this update takes its
 steps ``start_step .. start_step + steps - 1``, so a federation sees the learning rates a
 pooled model of the same length would; without it, the constant ``params.learning_rate``.
-The optimiser state starts afresh each round (it is not sent between sites).
+Optimiser state: by default the AdamW moments start afresh each round. With
+``opt_store`` (a dict the caller keeps at the site between rounds) the update resumes from
+the moments its previous round left there and leaves its own: a stateful client, whose
+optimiser state never leaves the site (only the weights travel). A fresh AdamW's first
+steps move every weight by about the learning rate whatever its gradient's size (bias
+correction), which undoes part of what the merged model learnt at each round's start.
 """
 
 from __future__ import annotations
@@ -38,6 +43,37 @@ from fedct.training.loop import (
 )
 
 
+def _cpu(obj):
+    """``obj`` (an optimiser state dict) with every tensor a detached CPU copy."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """Load ``saved`` into ``opt``; a state of another model is an error, not a crash later.
+
+    ``Optimizer.load_state_dict`` checks only the number of parameters, so every moment's
+    shape is compared with its parameter's too.
+    """
+    params = [p for g in opt.param_groups for p in g["params"]]
+    try:
+        ids = [i for g in saved["param_groups"] for i in g["params"]]
+        shapes_ok = len(ids) == len(params) and all(
+            tuple(saved["state"][i]["exp_avg"].shape) == tuple(p.shape)
+            for i, p in zip(ids, params, strict=True) if i in saved["state"])
+        if not shapes_ok:
+            raise ValueError("parameter shapes differ")
+        opt.load_state_dict(saved)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FedctError(f"local update: the site's saved optimiser state does not fit "
+                         f"the model ({exc})") from exc
+
+
 def round_seed(seed: int, server_round: int, site: str) -> int:
     """The seed of ``site``'s update in ``server_round`` of a federation seeded ``seed``."""
     key = f"{int(seed)}/{int(server_round)}/{site}".encode()
@@ -48,7 +84,7 @@ def local_update(model: torch.nn.Module, train_cases: list[dict], params: TrainP
                  steps: int, round_seed: int,
                  global_state: dict[str, torch.Tensor] | None = None, mu: float = 0.0,
                  start_step: int = 0, total_steps: int | None = None,
-                 loss_fn: Callable | None = None
+                 loss_fn: Callable | None = None, opt_store: dict | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train ``model`` for ``steps`` steps on ``train_cases``; its new state and metrics.
 
@@ -57,7 +93,9 @@ def local_update(model: torch.nn.Module, train_cases: list[dict], params: TrainP
     to every step's loss. ``train_cases`` are dicts with ``image`` float32 (1, X, Y, Z) and
     ``label`` uint8 (1, X, Y, Z), as ``fedct.data.cases.load_case`` returns them.
     ``loss_fn(logits, label)`` replaces the training loop's Dice + CE (e.g. a loss that
-    ignores unlabelled voxels of pseudo-labelled cases).
+    ignores unlabelled voxels of pseudo-labelled cases). ``opt_store`` (optional): the
+    site's optimiser state between rounds; its ``"optimizer"`` entry, when present, is
+    loaded before the first step and replaced by the state after the last.
 
     Returns the state dict (CPU tensors) and ``{"loss": mean data loss over the steps,
     "steps", "n_cases", "seconds", "lr_last"}``. ``model`` is trained in place.
@@ -78,6 +116,8 @@ def local_update(model: torch.nn.Module, train_cases: list[dict], params: TrainP
     anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
     penalty = (lambda: proximal_term(model.named_parameters(), anchor, mu)) if mu > 0 else None
     opt = make_optimizer(model, params)
+    if opt_store is not None and opt_store.get("optimizer") is not None:
+        _load_optimizer(opt, opt_store["optimizer"])
     sched, total = (one_cycle(opt, params, total_steps) if total_steps is not None
                     else (None, 0))
     if sched is not None:
@@ -97,6 +137,8 @@ def local_update(model: torch.nn.Module, train_cases: list[dict], params: TrainP
             if sched is not None and start_step + i + 1 < total:
                 sched.step()
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if opt_store is not None:
+        opt_store["optimizer"] = _cpu(opt.state_dict())
     return state, {"loss": float(np.mean(losses)), "steps": float(steps),
                    "n_cases": float(len(train_cases)),
                    "seconds": time.perf_counter() - t0, "lr_last": opt.param_groups[0]["lr"]}
