@@ -19,11 +19,19 @@ A setting is ``name:key=value,...`` over ``rounds``, ``local_steps``, ``server_l
 moments between rounds, 0: they start afresh); unset keys come from ``params.yaml``
 (``federate``). Every setting keeps the matched-epochs budget of the pipeline unless told
 otherwise: each client trains ``rounds x local_steps`` steps.
+
+``--centralised STEPS`` (repeatable) trains, in the same run, a model on all clients'
+training cases together for ``STEPS`` optimiser steps with the training loop of ``train``
+(the pooled model's loop; the pipeline's pooled model takes ``train.steps x sites``, matched
+epochs): at ``STEPS = rounds x local_steps`` it has as many sequential updates as the
+federated model, which separates what federation costs from what the number of updates
+costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -38,7 +46,7 @@ from fedct.devices import pick_device
 from fedct.federation.aggregate import case_weights, server_step, weighted_average
 from fedct.model.io import load_model
 from fedct.training.local import local_update, round_seed
-from fedct.training.loop import build_model, evaluate, evaluate_dice
+from fedct.training.loop import build_model, evaluate, evaluate_dice, train_model
 
 KEYS = {"rounds": int, "local_steps": int, "server_lr": float, "server_momentum": float,
         "mu": float, "client_state": int}
@@ -67,6 +75,8 @@ def main() -> None:
     p.add_argument("models", type=Path, help="train's outputs: <site>/model.pt")
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--setting", action="append", default=[])
+    p.add_argument("--centralised", type=int, action="append", default=[],
+                   metavar="STEPS", help="also train a centralised model for STEPS steps")
     p.add_argument("--out", type=Path, default=Path("federation.csv"))
     args = p.parse_args()
     params = load_params(args.params)
@@ -76,6 +86,8 @@ def main() -> None:
     device = pick_device(tp.device)
     amp = tp.amp
     sites = list(fp.sites)
+    if any(n < 1 for n in args.centralised):
+        raise SystemExit(f"--centralised: steps must be >= 1, got {args.centralised}")
     train, val = {}, []
     for s in sites:
         c = training_cases(cohort, s)
@@ -103,6 +115,15 @@ def main() -> None:
         path = args.models / s / "model.pt"
         if path.is_file():
             score("pooled" if s == "pooled" else f"local_{s}", load_model(path)[0], {})
+    for steps in args.centralised:
+        t0 = time.perf_counter()
+        model, hist = train_model(dataclasses.replace(tp, steps=steps), labels,
+                                  [c for s in sites for c in train[s]], val, None,
+                                  f"centralised-{steps}")
+        score(f"centralised_{steps}", model, {"steps": steps,
+                                              "seconds": round(time.perf_counter() - t0, 1),
+                                              "val_dice_last": float(hist["val_dice_mean"]
+                                                                     .dropna().iloc[-1])})
     base = {"rounds": fp.rounds, "local_steps": fp.local_steps, "server_lr": 1.0,
             "server_momentum": 0.0, "mu": 0.0, "client_state": 0}
     weights = case_weights({s: len(train[s]) for s in sites})
