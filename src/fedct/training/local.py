@@ -23,6 +23,7 @@ clients start afresh and the store serves that comparison.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import time
@@ -44,17 +45,6 @@ from fedct.training.loop import (
     one_cycle,
     train_step,
 )
-
-
-def _cpu(obj):
-    """``obj`` (an optimiser state dict) with every tensor a detached CPU copy."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj
 
 
 def _load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
@@ -141,7 +131,8 @@ def local_update(model: torch.nn.Module, train_cases: list[dict], params: TrainP
                 sched.step()
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if opt_store is not None:
-        opt_store["optimizer"] = _cpu(opt.state_dict())
+        # A copy: the next round's optimiser updates the moments it loads in place.
+        opt_store["optimizer"] = copy.deepcopy(opt.state_dict())
     return state, {"loss": float(np.mean(losses)), "steps": float(steps),
                    "n_cases": float(len(train_cases)),
                    "seconds": time.perf_counter() - t0, "lr_last": opt.param_groups[0]["lr"]}
