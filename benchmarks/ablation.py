@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -119,7 +120,10 @@ def _prepare(job: tuple) -> tuple[dict, np.ndarray]:
 
 def synthesize(jobs: list[tuple], workers: int) -> list[tuple[dict, np.ndarray]]:
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # Not fork: after training, the parent's OpenMP threads would deadlock forked
+        # children (seen here: the factor scans hung with every process asleep).
+        ctx = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             return list(pool.map(_prepare, jobs))
     return [_prepare(j) for j in jobs]
 

@@ -145,6 +145,11 @@ class UncertaintyParams:
     # Structure scores -> case score: the mean, as case Dice is formed (frozen on
     # development seeds; "max" lets one small structure dominate every case).
     aggregation: Literal["mean", "max"] = "mean"
+    # The flag threshold's rule, from calibration pairs only: Youden's J when they hold at
+    # least ``threshold_min_failures`` failures, else this quantile of the in-domain
+    # calibration scores (frozen on development seeds).
+    threshold_min_failures: int = 5
+    threshold_in_domain_quantile: float = 0.95
     # Site-level shift ranking: the flag signal too. Chosen on development seeds (synth
     # 2026, cohort 7): it ranks C and G first, predictive entropy ranks G, E, J, C
     # (entropy holds the aleatoric part, which any noisier acquisition raises).
@@ -180,6 +185,7 @@ class FederateParams:
     mc_samples: int = 10
     mc_batch: int = 10
     uw_signal: str = "sample_disagreement"  # uw_merge: uncertainty of each site model
+    uw_aggregation: Literal["mean", "max"] = "mean"  # structure scores -> case score
     uw_rule: Literal["softmax", "inverse"] = "softmax"
     uw_temperature: float = 0.1
     tent_steps: int = 10           # TENT on the FedAvg model: norm affine parameters only

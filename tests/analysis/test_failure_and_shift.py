@@ -67,17 +67,24 @@ def test_case_records_and_aggregation() -> None:
 def test_threshold_from_validation_failures_or_in_domain_quantile() -> None:
     scores = pd.Series([0.1, 0.2, 0.3, 0.8, 0.9, 0.85, 0.95, 0.7])
     failed = pd.Series([False, False, False, True, True, True, True, True])
-    threshold, rule = calibrate_threshold(scores, failed)
+    threshold, rule = calibrate_threshold(scores, failed, None, 5, 0.95)
     assert rule == "youden" and threshold == 0.7
     # Too few failures to fit on: flag what is less familiar than 95 % of the in-domain
     # pairs; cross-site pairs (the 9.0 below) must not widen what counts as familiar.
     quiet = pd.Series([*np.linspace(0.0, 1.0, 101), 9.0])
     in_domain = pd.Series([True] * 101 + [False])
     one_failure = pd.Series([False] * 101 + [True])
-    threshold, rule = calibrate_threshold(quiet, one_failure, in_domain)
+    threshold, rule = calibrate_threshold(quiet, one_failure, in_domain, 5, 0.95)
     assert rule == "in_domain_quantile_0.95" and threshold == pytest.approx(0.95)
+    # Both halves of the rule come from params: 5 failures are too few for a minimum of 6,
+    # and the quantile moves the threshold.
+    threshold, rule = calibrate_threshold(scores, failed, None, 6, 0.5)
+    assert rule == "in_domain_quantile_0.5" and threshold == 0.8  # median of all 8, "higher"
+    threshold, rule = calibrate_threshold(quiet, one_failure, in_domain, 5, 0.9)
+    assert rule == "in_domain_quantile_0.9" and threshold == pytest.approx(0.9)
     # A structure never predicted scores +inf and stays the worst score, never dropped.
-    threshold, _ = calibrate_threshold(pd.Series([np.inf, 0.2, 0.4]), pd.Series([False] * 3))
+    threshold, _ = calibrate_threshold(pd.Series([np.inf, 0.2, 0.4]), pd.Series([False] * 3),
+                                       None, 5, 0.95)
     assert threshold == np.inf
 
 

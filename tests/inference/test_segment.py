@@ -39,6 +39,22 @@ def test_card_defaults_are_the_uncertainty_stage_defaults(model_dir: Path) -> No
     assert _card(model_dir, failure={"threshold": float("nan")}).threshold is None
 
 
+def test_mc_inference_runs_in_the_precision_the_model_trained_in(model_dir: Path,
+                                                                 monkeypatch) -> None:
+    """``train.amp: false`` must reach predict's MC dropout through the card."""
+    assert _card(model_dir).amp is True  # the card's training settings leave amp unset
+    assert _card(model_dir, training={"amp": True}).amp is True
+    off = _card(model_dir, training={"amp": False})
+    assert off.amp is False
+    seen: list[bool] = []
+    monkeypatch.setattr(segment, "mc_predict",
+                        lambda *a, amp, **k: seen.append(amp) or torch.zeros(1, 3, 2, 2, 2))
+    model, _ = load_model(model_dir / "model.pt")
+    segment.mc_probabilities(model, np.zeros((1, 12, 12, 16), np.float32), 2, 0,
+                             torch.device("cpu"), off.amp)
+    assert seen == [False]
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"failure": {"signal": "luck"}}, "failure signal 'luck' is not one of"),
     ({"failure": {"aggregation": "median"}}, "failure aggregation 'median' is not mean or max"),
@@ -106,7 +122,7 @@ def test_failure_score_is_the_uncertainty_stage_s(dicom_series: Path, model_dir:
     card = _card(model_dir)
     model, _ = load_model(model_dir / "model.pt")
     x, _ = segment.preprocess(image, card.spec)
-    probs = segment.mc_probabilities(model, x, 10, 0, torch.device("cpu"))
+    probs = segment.mc_probabilities(model, x, 10, 0, torch.device("cpu"), True)
     out = segment.failure_flag(probs, card)
     # The stage: cached case -> mc_predict(T, batch, seed) -> signals -> mean over structures.
     stage_probs = mc_predict(model, torch.as_tensor(prepare_case(image, None, card.spec)
@@ -125,7 +141,7 @@ def test_flag_fires_at_the_threshold(dicom_series: Path, model_dir: Path, thresh
                                      "threshold": threshold})
     model, _ = load_model(model_dir / "model.pt")
     x, _ = segment.preprocess(image, card.spec)
-    out = segment.failure_flag(segment.mc_probabilities(model, x, 4, 0, torch.device("cpu")),
+    out = segment.failure_flag(segment.mc_probabilities(model, x, 4, 0, torch.device("cpu"), True),
                                card)
     assert math.isfinite(out["score"]) and out["flag"] is flag
     assert out["threshold"] == threshold and set(out["per_structure"]) == {"muscle", "femur"}

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import SimpleITK as sitk
 
 from fedct.catalogue.pseudonym import KEY_ENV
 from fedct.config import CatalogueParams, CohortParams
@@ -154,3 +155,52 @@ def test_cohort_input_errors_are_fedct_errors(tmp_path: Path, monkeypatch) -> No
     not_dicom.write_bytes(b"not a DICOM file")
     with pytest.raises(FedctError, match="A/ST0/SE2"):
         cohort_stage.read_volume(archive, ["A/ST0/SE2/IM00001.dcm", "A/ST0/SE2/IM00002.dcm"])
+
+
+def test_a_catalogue_made_with_another_pseudonym_key_is_refused(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """Labels are matched by pseudonymised Series UID: under another key none would match,
+    and the cohort would silently have no labels."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    archive, catalogue = _catalogued_archive(tmp_path)  # demo key
+    monkeypatch.setenv(KEY_ENV, "a site secret that is not the demo key")
+    with pytest.raises(FedctError, match=r"series.parquet: catalogued with pseudonym key"):
+        cohort_stage.run(CohortParams(holdout_sites=()), CatalogueParams(), catalogue,
+                         archive, None, tmp_path / "cohort")
+
+
+def _grid_image(size=(8, 6, 4), spacing=(0.8, 0.8, 2.0), origin=(-3.2, -2.4, 10.0),
+                direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)):
+    img = sitk.Image(list(size), sitk.sitkUInt8)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection(direction)
+    return img
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"size": (8, 6, 5)}, "size"),
+    ({"spacing": (0.8, 0.8, 2.5)}, "spacing"),
+    ({"direction": (-1, 0, 0, 0, 1, 0, 0, 0, 1), "origin": (2.4, -2.4, 10.0)}, "flipped axes"),
+    ({"origin": (-3.2, -2.4, 12.0)}, "origin"),
+])
+def test_a_label_off_its_series_grid_is_refused_by_name(tmp_path: Path, change: dict,
+                                                        reason: str) -> None:
+    """Resampled alone, such a label would land mirrored or shifted on the image."""
+    image = _grid_image()
+    path = tmp_path / "1.2.3.nii.gz"
+    sitk.WriteImage(_grid_image(**change), str(path))
+    with pytest.raises(FedctError, match=rf"1\.2\.3\.nii\.gz: the label map is not on .*{reason}"):
+        cohort_stage.read_label(path, image)
+
+
+def test_a_label_on_its_series_grid_is_read_and_a_corrupt_one_named(tmp_path: Path) -> None:
+    image = _grid_image()
+    good = tmp_path / "good.nii.gz"
+    # NIfTI keeps the origin in float32: a difference far below a voxel is the same grid.
+    sitk.WriteImage(_grid_image(origin=(-3.2 + 1e-5, -2.4, 10.0)), str(good))
+    assert cohort_stage.read_label(good, image).GetSize() == image.GetSize()
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not a NIfTI file")
+    with pytest.raises(FedctError, match=r"bad\.nii\.gz: cannot read the label map"):
+        cohort_stage.read_label(bad, image)

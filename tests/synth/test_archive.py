@@ -13,6 +13,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from fedct.errors import FedctError
 from fedct.synth.anatomy import STRUCTURES
 from fedct.synth.archive import generate
 
@@ -201,3 +202,22 @@ def test_no_site_differs_by_scan_range_alone(tiny_archive: dict[str, Path]) -> N
     assert extent.max() - extent.min() <= 5.0
     top = axial.groupby("site")["scan_top_mm"].mean()
     assert top.max() - top.min() < 15.0
+
+
+def test_a_folder_it_did_not_write_is_refused_and_left_intact(tmp_path: Path) -> None:
+    export = tmp_path / "pacs" / "export"
+    export.mkdir(parents=True)
+    (export / "IM0001.dcm").write_bytes(b"a real study")
+    with pytest.raises(FedctError, match=r"export: exists, is not empty and was not written"):
+        generate(tmp_path / "archive", export, tmp_path / "truth", "tiny", seed=11, workers=1)
+    assert (export / "IM0001.dcm").read_bytes() == b"a real study"
+    assert not (tmp_path / "archive").exists()  # refused before anything was touched
+
+
+def test_its_own_earlier_output_is_replaced(tmp_path: Path) -> None:
+    dirs = [tmp_path / "data" / k for k in ("archive", "labels", "truth")]
+    generate(*dirs, "tiny", seed=11, workers=1)
+    (dirs[0] / "stale.txt").write_text("from an older run")
+    summary = generate(*dirs, "tiny", seed=11, workers=1)
+    assert not (dirs[0] / "stale.txt").exists()
+    assert summary["n_files"] == sum(1 for p in dirs[0].rglob("*") if p.is_file())

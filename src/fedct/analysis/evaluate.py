@@ -19,7 +19,7 @@ from fedct.analysis.failure import case_records
 from fedct.data.cases import case_path, load_case
 from fedct.data.labels import parse_labels
 from fedct.devices import pick_device
-from fedct.model.io import load_model
+from fedct.model.io import card_amp, load_model
 from fedct.model.mc import mc_predict
 
 
@@ -39,7 +39,7 @@ def evaluate_model(args: tuple) -> list[dict]:
         data = load_case(case_path(cohort_dir, case["series_key"]))
         image = torch.as_tensor(data["image"])
         probs = mc_predict(model, image, params.mc_samples,
-                           params.mc_batch, amp=True, seed=params.seed,
+                           params.mc_batch, amp=card_amp(card), seed=params.seed,
                            output_device="cpu").float()
         label = data.get("label") if bool(case["has_label"]) else None
         records = case_records(card["site"], case, probs, label, card["reference_ml"],

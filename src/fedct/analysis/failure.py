@@ -81,17 +81,17 @@ def aggregate_cases(structures: pd.DataFrame, aggregation: str = "mean") -> pd.D
     return structures.groupby(keys, sort=True).agg(agg).reset_index()
 
 
-def calibrate_threshold(scores: pd.Series, failed: pd.Series, in_domain: pd.Series | None = None,
-                        min_failures: int = 5, in_domain_quantile: float = 0.95
-                        ) -> tuple[float, str]:
+def calibrate_threshold(scores: pd.Series, failed: pd.Series, in_domain: pd.Series | None,
+                        min_failures: int, in_domain_quantile: float) -> tuple[float, str]:
     """Threshold to flag at, from validation (model, case) pairs only; returns it and its rule.
 
     With at least ``min_failures`` failures among the validation pairs: Youden's J
     (``flag_threshold``). With fewer (well-trained models rarely fail on validation data),
     the label-free rule of out-of-distribution detection: the ``in_domain_quantile`` of
     the scores of in-domain pairs (``in_domain``: a model on its own site's cases, or the
-    pooled model), so that about 5 % of familiar cases are flagged and anything less
-    familiar is. ``+inf`` (a structure not predicted) stays the highest score throughout.
+    pooled model; None: all pairs), so that about 1 - ``in_domain_quantile`` of familiar
+    cases are flagged and anything less familiar is. ``+inf`` (a structure not predicted)
+    stays the highest score throughout.
     """
     if int(failed.sum()) >= min_failures and (~failed).any():
         return flag_threshold(scores, failed), "youden"

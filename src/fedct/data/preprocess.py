@@ -109,6 +109,29 @@ def to_array(image: sitk.Image) -> np.ndarray:
     return np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0))[None]
 
 
+def grid_mismatch(image: sitk.Image, label: sitk.Image) -> str | None:
+    """Why ``label`` is not on ``image``'s voxel grid, or None when it is.
+
+    A label map must share its image's size, spacing, direction and origin (up to 1 % of
+    a voxel, which covers NIfTI's float32 header), as nnU-Net requires: resampled alone,
+    a label with flipped axes or another origin would land mirrored or shifted.
+    """
+    if image.GetSize() != label.GetSize():
+        return f"size {list(label.GetSize())} != the image's {list(image.GetSize())}"
+    spacing = np.array(image.GetSpacing())
+    if not np.allclose(label.GetSpacing(), spacing, rtol=1e-3, atol=0):
+        return (f"spacing {np.round(label.GetSpacing(), 4).tolist()} mm != the image's "
+                f"{np.round(spacing, 4).tolist()} mm")
+    if not np.allclose(label.GetDirection(), image.GetDirection(), atol=1e-3):
+        return (f"direction {np.round(label.GetDirection(), 3).tolist()} != the image's "
+                f"{np.round(image.GetDirection(), 3).tolist()} (reoriented or flipped axes)")
+    gap = np.abs(np.array(label.GetOrigin()) - np.array(image.GetOrigin()))
+    if np.any(gap > 0.01 * spacing.min()):
+        return (f"origin {np.round(label.GetOrigin(), 3).tolist()} mm != the image's "
+                f"{np.round(image.GetOrigin(), 3).tolist()} mm")
+    return None
+
+
 def prepare_case(image: sitk.Image, label: sitk.Image | None, spec: PrepSpec
                  ) -> dict[str, np.ndarray]:
     """One series (and its label) -> network-ready arrays."""

@@ -58,7 +58,7 @@ def run(model_uri: str, input_path: Path, out_dir: Path, mc_samples: int | None 
     card = segment.read_card(raw, f"{model_uri}: {CARD_FILE}")
     n_samples = mc_samples or card.mc_samples
     x, grid = segment.preprocess(inp.image, card.spec)
-    probs = segment.mc_probabilities(model, x, n_samples, seed, dev)
+    probs = segment.mc_probabilities(model, x, n_samples, seed, dev, card.amp)
     if probs.shape[1] != card.labels.n_classes:
         raise FedctError(f"{model_uri}: the network has {probs.shape[1]} output classes, "
                          f"its card {card.labels.n_classes} labels")

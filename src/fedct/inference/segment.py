@@ -32,6 +32,7 @@ from fedct.config import UncertaintyParams
 from fedct.data.labels import LabelSet, parse_labels
 from fedct.data.preprocess import PrepSpec, normalise, resample, to_array
 from fedct.errors import FedctError
+from fedct.model.io import card_amp
 from fedct.model.mc import mc_predict
 
 # The uncertainty stage's defaults (equal to params.yaml): what a card without its own
@@ -58,6 +59,7 @@ class ModelCard:
     aggregation: str
     threshold: float | None  # None: the card carries no calibrated threshold
     mc_samples: int
+    amp: bool  # bf16 autocast where the device has it: as the model trained (card_amp)
 
 
 def read_card(card: Mapping[str, Any], where: str) -> ModelCard:
@@ -106,7 +108,7 @@ def read_card(card: Mapping[str, Any], where: str) -> ModelCard:
                      or _UNCERTAINTY.mc_samples)
     return ModelCard(str(card.get("site", "unknown")), labels, spec,
                      tuple(float(v) for v in reference), signal, aggregation, threshold,
-                     mc_samples)
+                     mc_samples, card_amp(card))
 
 
 def preprocess(image: sitk.Image, spec: PrepSpec) -> tuple[np.ndarray, sitk.Image]:
@@ -124,13 +126,14 @@ def preprocess(image: sitk.Image, spec: PrepSpec) -> tuple[np.ndarray, sitk.Imag
 
 
 def mc_probabilities(model: torch.nn.Module, image: np.ndarray, n_samples: int,
-                     seed: int | None, device: torch.device,
+                     seed: int | None, device: torch.device, amp: bool,
                      batch: int = _UNCERTAINTY.mc_batch) -> torch.Tensor:
     """``(T, C, X, Y, Z)`` MC-dropout probabilities on the CPU, as the uncertainty stage
-    samples them (same batching, seed, mixed precision where the device has it)."""
+    samples them (same batching and seed; bf16 autocast when ``amp`` and the device has
+    it)."""
     model.to(device)
     return mc_predict(model, torch.as_tensor(image), n_samples, batch,
-                      amp=True, seed=seed, output_device="cpu").float()
+                      amp=amp, seed=seed, output_device="cpu").float()
 
 
 def _grid_image(values: np.ndarray, grid: sitk.Image) -> sitk.Image:

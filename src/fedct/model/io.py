@@ -64,6 +64,14 @@ def save_model(model: torch.nn.Module, path: Path, arch: Mapping[str, Any],
     (path.parent / CARD_FILE).write_text(json.dumps(full, indent=1, default=str))
 
 
+def card_amp(card: Mapping[str, Any]) -> bool:
+    """Whether MC inference may run under bf16 autocast: as the model trained (``train.amp``,
+    kept in its card's ``training``); a card without training settings (a model made
+    elsewhere) allows it. It acts only where the device computes bf16
+    (``fedct.devices.use_amp``)."""
+    return bool((card.get("training") or {}).get("amp", True))
+
+
 def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model in eval mode (use ``fedct.model.mc`` to sample) and its card."""
     path = Path(path)
@@ -77,5 +85,9 @@ def load_model(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         model = build_from_arch(blob["arch"])
     except FedctError as exc:
         raise FedctError(f"{path}: {exc}") from exc
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except (KeyError, RuntimeError) as exc:
+        raise FedctError(f"{path}: the weights do not fit the model's architecture "
+                         f"({str(exc).splitlines()[0]})") from exc
     return model.eval(), blob["card"]

@@ -32,11 +32,11 @@ import pandas as pd
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from fedct.catalogue.pseudonym import load_key, pseudonym
+from fedct.catalogue.pseudonym import KEY_ENV, load_key, pseudonym
 from fedct.config import CatalogueParams, CohortParams, to_dict
 from fedct.data.cases import case_path, save_case
 from fedct.data.labels import read_labels, write_labels
-from fedct.data.preprocess import PrepSpec, prepare_case
+from fedct.data.preprocess import PrepSpec, grid_mismatch, prepare_case
 from fedct.dicom.volume import read_volume
 from fedct.errors import FedctError
 
@@ -128,6 +128,20 @@ def label_index(labels_dir: Path | None, secret: bytes) -> dict[str, Path]:
     return out
 
 
+def read_label(path: Path, image: sitk.Image) -> sitk.Image:
+    """The label map of ``image``; a clear error when it is unreadable or off its grid."""
+    try:
+        label = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise FedctError(f"{path}: cannot read the label map "
+                         f"({str(exc).strip().splitlines()[-1]})") from exc
+    why = grid_mismatch(image, label)
+    if why:
+        raise FedctError(f"{path}: the label map is not on its series' voxel grid: {why}; "
+                         "resample it onto the DICOM series' grid")
+    return label
+
+
 def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: Path,
         archive: Path, labels_dir: Path | None, out_dir: Path) -> pd.DataFrame:
     """Choose, split and prepare the cohort; log to MLflow."""
@@ -135,7 +149,12 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    series = pd.read_parquet(Path(catalogue_dir) / "series.parquet")
+    series_path = Path(catalogue_dir) / "series.parquet"
+    try:
+        series = pd.read_parquet(series_path)
+    except (OSError, ValueError) as exc:  # pyarrow's errors subclass these
+        raise FedctError(f"{series_path}: cannot read the catalogue ({exc}); "
+                         "rerun `fedct catalogue`") from exc
     chosen = select_series(series)
     unknown = set(params.holdout_sites) | set(params.unlabelled_sites)
     unknown -= set(series["site"].astype(str))
@@ -144,7 +163,16 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
                          f"{catalogue_dir / 'series.parquet'}")
     cohort = split_patients(chosen, params)
     key = load_key(catalogue_params)
+    if "key_id" in series and (series["key_id"].astype(str) != key.key_id).any():
+        raise FedctError(f"{series_path}: catalogued with pseudonym key "
+                         f"{series['key_id'].iloc[0]}, but this run's key is {key.key_id}; no "
+                         "label would match a series. Use the catalogue's key "
+                         f"({KEY_ENV} or catalogue.key_file) or rerun `fedct catalogue`")
     labels = label_index(Path(labels_dir) if labels_dir else None, key.secret)
+    orphans = len(set(labels) - set(series["series_key"]))
+    if orphans:
+        print(f"cohort: {orphans} of {len(labels)} label files in {labels_dir} match no "
+              "catalogued series; they are not used", flush=True)
     label_set = read_labels(Path(labels_dir)) if labels_dir else None
     files = series_files(Path(catalogue_dir), cohort["series_key"])
     spec = PrepSpec(params.spacing_mm, params.roi_size, params.hu_min, params.hu_max)
@@ -159,7 +187,7 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
         for row in tqdm(cohort.itertuples(), total=len(cohort), desc="cohort: prepare"):
             image = read_volume(Path(archive), files[row.series_key])
             lab_path = labels.get(row.series_key) if row.labelled else None
-            label = sitk.ReadImage(str(lab_path)) if lab_path is not None else None
+            label = read_label(lab_path, image) if lab_path is not None else None
             has_label.append(label is not None)
             case = prepare_case(image, label, spec)
             if (label_set is not None and "label" in case
@@ -168,6 +196,10 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
                                  f"in {Path(labels_dir) / 'labels.json'}")
             save_case(case_path(out_dir, row.series_key), case)
         cohort["has_label"] = has_label
+        unmatched = int((cohort["labelled"].astype(bool) & ~cohort["has_label"]).sum())
+        if unmatched:
+            print(f"cohort: {unmatched} series of labelled sites have no label file in "
+                  f"{labels_dir}; they are kept as unlabelled (has_label false)", flush=True)
         cols = ["series_key", "study_key", "patient_key", "site", "vendor", "model", "kernel",
                 "slice_thickness", "thickness_class", "n_slices", "split", "role", "labelled",
                 "has_label"]
@@ -183,6 +215,8 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
             "n_calib": int((cohort["split"] == "calib").sum()),
             "n_test": int((cohort["split"] == "test").sum()),
             "n_labelled": int(cohort["has_label"].sum()),
+            "n_labelled_site_without_label": unmatched,
+            "n_orphan_label_files": orphans,
         }
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
         mlrun.log_metrics(summary)

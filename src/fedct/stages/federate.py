@@ -188,7 +188,8 @@ def _federated_train_params(train: TrainParams, params: FederateParams) -> Train
 
 def _self_train_cohort(cohort: pd.DataFrame, cohort_dir: Path, teacher: torch.nn.Module,
                        images: dict[str, list[np.ndarray]], params: FederateParams,
-                       sites: tuple[str, ...], out: Path) -> tuple[Path, dict[str, float]]:
+                       sites: tuple[str, ...], out: Path, amp: bool
+                       ) -> tuple[Path, dict[str, float]]:
     """A cohort whose target sites train on the teacher's pseudo-labels (DPL filter)."""
     from fedct.federation.label_free import pseudo_labelled_cases, with_ignore
 
@@ -208,7 +209,7 @@ def _self_train_cohort(cohort: pd.DataFrame, cohort_dir: Path, teacher: torch.nn
     for site, imgs in images.items():
         cases = pseudo_labelled_cases(teacher, imgs, params.mc_samples, params.mc_batch,
                                       params.seed, params.pseudo_p_min, params.pseudo_std_max,
-                                      amp=True)
+                                      amp=amp)
         keys = held.loc[held["site"] == site, "series_key"].tolist()
         for key, case in zip(keys, cases, strict=True):
             label = with_ignore(case["label"], case["mask"]).astype(np.uint8)
@@ -255,7 +256,7 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict = {"sites": list(sites), "weights": weights}
     device = pick_device(params.device)
-    amp = True  # bf16 where the device has it (fedct.devices.use_amp)
+    amp = train.amp  # bf16 where the device has it (fedct.devices.use_amp)
     needs_targets = set(LABEL_FREE) & set(params.methods)
     targets = _target_images(cohort, cohort_dir) if needs_targets else {}
     if needs_targets and not targets:
@@ -318,7 +319,8 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                 for target, imgs in targets.items():
                     scores = target_uncertainty(models, imgs, mc_samples=params.mc_samples,
                                                 mc_batch=params.mc_batch, seed=params.seed,
-                                                signal=params.uw_signal, amp=amp)
+                                                signal=params.uw_signal,
+                                                aggregation=params.uw_aggregation, amp=amp)
                     try:
                         w = scores_to_weights(
                             scores, params.uw_rule, params.uw_temperature,
@@ -358,7 +360,7 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                     tags={"fedct.method": "self_train"}) as mlrun:
                 teacher, _ = load_model(fedavg_path)
                 derived, kept = _self_train_cohort(cohort, cohort_dir, teacher, targets,
-                                                   params, sites, out_dir / "self_train")
+                                                   params, sites, out_dir / "self_train", amp)
                 clients = sites + tuple(sorted(targets))
                 fine_tune = dataclasses.replace(train, learning_rate=params.self_train_lr)
                 path, history = _multi_round(
@@ -385,7 +387,8 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                     models = {m: load_model(p)[0].to(device) for m, p in paths.items()}
                     scores = target_uncertainty(models, imgs, mc_samples=params.mc_samples,
                                                 mc_batch=params.mc_batch, seed=params.seed,
-                                                signal=params.uw_signal, amp=amp)
+                                                signal=params.uw_signal,
+                                                aggregation=params.uw_aggregation, amp=amp)
                     try:
                         chosen = select_by_uncertainty(scores)
                     except ValueError as exc:

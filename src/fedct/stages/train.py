@@ -5,8 +5,8 @@ Output folder: ``model.pt`` and ``model_card.json`` (weights, architecture and c
 dropout works after loading), ``reference.json`` (mean structure volumes of the training
 set, for label-free volume checks), ``history.csv`` (at every validation pass: training
 loss, validation loss and Dice per structure), ``curves.png`` and ``metrics.json``. A
-checkpoint in ``checkpoint_dir`` lets a killed run resume; it is only reused when params
-and training data are the same.
+checkpoint in ``checkpoint_dir`` lets a killed run resume; it is only reused when params,
+training data and training code are the same, and is deleted when the run completes.
 """
 
 from __future__ import annotations
@@ -98,4 +98,8 @@ def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
         mlrun.log_artifact(out_dir / "history.csv")
         mlrun.log_artifact(out_dir / "model_card.json")
         tracking.log_fedct_model(mlrun, out_dir, registered_name=name)
+    # The checkpoint serves a killed run only: a finished one must not come back when DVC
+    # reruns this stage (changed code or cases under the same params).
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)
     return metrics

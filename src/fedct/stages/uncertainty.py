@@ -108,7 +108,9 @@ def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: 
         # The flag threshold from calibration pairs only (never trained or selected on).
         calib = cases[cases["split"] == calib_split].dropna(subset=["dice"])
         threshold, rule = calibrate_threshold(calib[chosen], calib["failed"],
-                                              calib["model"] == calib["site"])
+                                              calib["model"] == calib["site"],
+                                              params.threshold_min_failures,
+                                              params.threshold_in_domain_quantile)
         flagged = test[chosen] >= threshold
         # 4. Label-free shift: matrices and the balanced site ranking.
         dice_m, unc_m = shift_matrices(cases, chosen)

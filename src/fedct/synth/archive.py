@@ -45,6 +45,7 @@ from pydicom.uid import (
 from scipy import ndimage
 from tqdm import tqdm
 
+from fedct.errors import FedctError
 from fedct.synth import physics
 from fedct.synth.anatomy import N_CLASSES, STRUCTURES, Anatomy, labels_of, render_slice
 from fedct.synth.anatomy import sample_anatomy as _sample_anatomy
@@ -567,21 +568,48 @@ def _archive_distractors(archive: Path, series_rows: list[dict], seed: int) -> l
     return out
 
 
+OWNER_FILE = ".fedct-synth.json"  # in TRUTH: the folders this generator wrote
+
+
+def _check_replaceable(archive: Path, labels_dir: Path, truth: Path) -> None:
+    """Refuse to delete a non-empty folder that ``generate`` did not write."""
+    owned: set[Path] = set()
+    try:
+        rec = json.loads((truth / OWNER_FILE).read_text())
+        owned = {truth.resolve(), (truth / rec["archive"]).resolve(),
+                 (truth / rec["labels"]).resolve()}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for d in (archive, labels_dir, truth):
+        if d.exists() and not d.is_dir():
+            raise FedctError(f"{d}: exists and is not a folder; fedct synth writes a folder there")
+        if d.is_dir() and any(d.iterdir()) and d.resolve() not in owned:
+            raise FedctError(f"{d}: exists, is not empty and was not written by fedct synth "
+                             f"(no {truth / OWNER_FILE} naming it); nothing was deleted. "
+                             "Remove it yourself or choose another folder")
+
+
 def generate(archive: Path, labels_dir: Path, truth: Path, profile_name: str = "demo",
              seed: int = 2026, workers: int | None = None) -> dict:
     """Write the archive, labels and ground truth; returns summary counts.
 
-    Existing ARCHIVE/LABELS/TRUTH folders are replaced: the archive is a pure function
-    of (profile, seed).
+    ARCHIVE/LABELS/TRUTH folders that an earlier ``generate`` wrote (as TRUTH's
+    ``OWNER_FILE`` records) are replaced: the archive is a pure function of (profile,
+    seed). Any other non-empty folder is refused, so that a mistyped path cannot delete a
+    real export.
     """
     if profile_name not in PROFILES:
         raise ValueError(f"unknown profile {profile_name!r}; choose from {sorted(PROFILES)}")
     profile = PROFILES[profile_name]
     archive, labels_dir, truth = Path(archive), Path(labels_dir), Path(truth)
+    _check_replaceable(archive, labels_dir, truth)
     for d in (archive, labels_dir, truth):
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
+    # Written first, so that a run killed half-way can still be replaced by the next one.
+    (truth / OWNER_FILE).write_text(json.dumps(
+        {"archive": os.path.relpath(archive, truth), "labels": os.path.relpath(labels_dir, truth)}))
     plans = plan(profile, seed)
     jobs = [(p, profile, seed, str(archive), str(labels_dir)) for p in plans]
     workers = workers or min(len(jobs), os.cpu_count() or 1)

@@ -70,12 +70,25 @@ def train_transforms(params: TrainParams):
     ])
 
 
+def code_digest() -> str:
+    """Hash of the code that decides the trained weights (``fedct.training``, ``fedct.model``):
+    a checkpoint written by other code must not be resumed."""
+    import fedct.model
+
+    files = [*sorted(Path(__file__).parent.glob("*.py")),
+             *sorted(Path(fedct.model.__file__).parent.glob("*.py"))]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+
+
 def fingerprint(params: TrainParams, site: str, case_files: list[Path]) -> str:
+    """What a resumable checkpoint must match: params, site, the cases' names and bytes,
+    and the training code."""
     h = hashlib.sha256(json.dumps(to_dict(params), sort_keys=True, default=str).encode())
     h.update(site.encode())
+    h.update(code_digest().encode())
     for f in case_files:
         h.update(f.name.encode())
-        h.update(str(f.stat().st_size).encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()[:16]
 
 
