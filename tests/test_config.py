@@ -65,6 +65,16 @@ def test_types_are_checked_and_coerced(tmp_path: Path) -> None:
     p = _write(tmp_path, lambda raw: raw["synth"].update(profile="huge"))
     with pytest.raises(ConfigError, match="huge"):
         load_params(p)
+    # A grid of two axes would otherwise crash deep in resampling with a raw traceback.
+    p = _write(tmp_path, lambda raw: raw["cohort"].update(spacing_mm=[7.0, 7.0]))
+    with pytest.raises(ConfigError, match=r"cohort\.spacing_mm: expected 3 values"):
+        load_params(p)
+    p = _write(tmp_path, lambda raw: raw["train"].update(patch_size=[64, 48, 16, 2]))
+    with pytest.raises(ConfigError, match=r"train\.patch_size: expected 3 values"):
+        load_params(p)
+    p = _write(tmp_path, lambda raw: raw["cohort"].update(roi_size=[64, 48, "z"]))
+    with pytest.raises(ConfigError, match=r"cohort\.roi_size\[2\]"):
+        load_params(p)
 
 
 def test_params_are_frozen_and_flatten() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +25,19 @@ REPO = Path(__file__).parents[1]
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, (
-        f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
-    return out.stdout
+    """Run ``cmd`` in its own process group; on a timeout the whole group (DVC, the stage,
+    Flower's and ray's children) is killed by its id, not only DVC."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} ran over 900 s:\n{stdout[-3000:]}\n{stderr[-5000:]}")
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{stdout[-3000:]}\n{stderr[-5000:]}")
+    return stdout
 
 
 @pytest.mark.slow
