@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pandas as pd
@@ -40,3 +41,21 @@ def test_series_files_list_the_files_of_every_series(archive, catalogued) -> Non
 def test_archive_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(FedctError, match="not a directory"):
         stage.run(PARAMS, tmp_path / "missing", tmp_path / "out", track=False)
+
+
+def test_an_edited_site_mapping_rebuilds_the_sites(tmp_path: Path) -> None:
+    """The mapping's path is the same, its contents are not: no "up to date" shortcut."""
+    from tests.catalogue.archive import small_archive
+
+    root = tmp_path / "archive"
+    small_archive(root)
+    mapping = tmp_path / "sites.csv"
+    mapping.write_text("key,site\nA,NORTH\nB,SOUTH\n")
+    params = dataclasses.replace(PARAMS, site_rule="mapping", site_mapping=str(mapping),
+                                 workers=1)
+    out = tmp_path / "out"
+    stage.run(params, root, out, track=False, progress=False)
+    assert set(pd.read_parquet(out / "series.parquet")["site"]) == {"NORTH", "SOUTH"}
+    mapping.write_text("key,site\nA,EAST\nB,SOUTH\n")
+    stage.run(params, root, out, track=False, progress=False)
+    assert set(pd.read_parquet(out / "series.parquet")["site"]) == {"EAST", "SOUTH"}

@@ -84,8 +84,11 @@ def _code_digest() -> str:
 
 
 def _fingerprint(params: CatalogueParams, key: PseudonymKey, index: FileIndex,
-                 archive: Path, out: Path, n_errors: int) -> str:
-    state = {"params": to_dict(params), "key_id": key.key_id, "index": index.fingerprint(),
+                 archive: Path, out: Path, n_errors: int,
+                 mapping: dict[str, str] | None) -> str:
+    # The mapping's contents, not only its path: an edited sites.csv must rebuild the sites.
+    state = {"params": to_dict(params), "mapping": sorted((mapping or {}).items()),
+             "key_id": key.key_id, "index": index.fingerprint(),
              "archive": str(archive), "out": str(out.resolve()), "errors": n_errors,
              "version": INDEX_VERSION, "outputs": [*reports.TABLE_FILES, *reports.REPORT_FILES],
              "code": _code_digest()}
@@ -129,7 +132,8 @@ def run(params: CatalogueParams, archive_dir: str | Path, out_dir: str | Path, *
                          scheduler=params.scheduler, exclude=[out, index_path],
                          progress=progress)
             state_file = index_path / "outputs.json"
-            fingerprint = _fingerprint(params, key, index, archive, out, len(stats.errors))
+            fingerprint = _fingerprint(params, key, index, archive, out, len(stats.errors),
+                                       mapping)
             up_to_date = (
                 stats.n_parsed == 0 and stats.n_dropped == 0 and state_file.exists()
                 and json.loads(state_file.read_text()).get("fingerprint") == fingerprint
