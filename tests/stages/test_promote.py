@@ -79,6 +79,10 @@ def test_a_clear_win_is_promoted_and_a_rerun_adds_no_version(layout, tmp_path):
     assert len(tracking.list_versions("fedct-seg")) == 1
     saved = json.loads((layout["promote"] / "decision.json").read_text())
     assert saved["promote"] is True and saved["reasons"]
+    # No dvc.lock here: the version says its evidence lacks the data hashes.
+    tags = tracking.version_tags("fedct-seg", first["version"])
+    assert tags["fedct.evidence.dvc_lock"].startswith("absent")
+    assert not any(k.startswith("fedct.evidence.dvc/") for k in tags)
 
 
 def test_a_weak_candidate_is_refused_and_the_champion_stays(layout, tmp_path):

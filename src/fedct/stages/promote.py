@@ -112,6 +112,7 @@ def run(params: PromoteParams, evaluate_dir: Path, federated_dir: Path,
     (model_dir / "model_card.json").write_text(json.dumps(card, indent=1, default=str))
     comparison = out_dir / "comparison.csv"
     table.to_csv(comparison, index=False)
+    hashes = lock_hashes(lock_file)
     evidence = {"git_commit": tracking.git_commit(), "candidate": params.candidate,
                 "comparison_md5": _file_md5(cases_file),
                 "model_md5": _file_md5(candidate_dir / "model.pt"),
@@ -120,7 +121,13 @@ def run(params: PromoteParams, evaluate_dir: Path, federated_dir: Path,
                                     "site_tolerance": params.site_tolerance,
                                     "n_boot": params.n_boot, "seed": params.seed},
                                    sort_keys=True),
-                **{f"dvc/{path}": md5 for path, md5 in lock_hashes(lock_file).items()}}
+                **{f"dvc/{path}": md5 for path, md5 in hashes.items()}}
+    if not hashes:
+        # Outside `dvc repro` (no dvc.lock yet): say so on the version instead of silently
+        # registering it without the data's hashes.
+        evidence["dvc_lock"] = f"absent: {lock_file} has no data hashes"
+        print(f"promote: {lock_file} holds no data hashes; the version records that its "
+              "evidence lacks them", flush=True)
     with tracking.start_run("promote", run_name=f"promote-{params.candidate}",
                             tags={"fedct.candidate": params.candidate}) as mlrun:
         mlrun.log_params(to_dict(params))
