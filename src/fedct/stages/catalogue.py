@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from fedct.catalogue.scan import ScanStats, scan
 from fedct.catalogue.series import SERIES_FILES_SCHEMA, build_catalogue, site_mapping
 from fedct.config import CatalogueParams, to_dict
 from fedct.errors import FedctError
+from fedct.provenance import source_digest
 
 INDEX_DIRNAME = "index"
 
@@ -74,15 +76,6 @@ class CatalogueResult:
         return self.out_dir / reports.SERIES_FILES_FILE
 
 
-def _code_digest() -> str:
-    """Hash of the code that makes the outputs: a fixed aggregation must rebuild them."""
-    files = [Path(__file__), *sorted(Path(fedct.catalogue.__file__).parent.glob("*.py"))]
-    dicom_file = Path(dicom.__file__)
-    files += sorted(dicom_file.parent.rglob("*.py")) if dicom_file.name == "__init__.py" \
-        else [dicom_file]
-    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
-
-
 def _fingerprint(params: CatalogueParams, key: PseudonymKey, index: FileIndex,
                  archive: Path, out: Path, n_errors: int,
                  mapping: dict[str, str] | None) -> str:
@@ -91,7 +84,8 @@ def _fingerprint(params: CatalogueParams, key: PseudonymKey, index: FileIndex,
              "key_id": key.key_id, "index": index.fingerprint(),
              "archive": str(archive), "out": str(out.resolve()), "errors": n_errors,
              "version": INDEX_VERSION, "outputs": [*reports.TABLE_FILES, *reports.REPORT_FILES],
-             "code": _code_digest()}
+             # The code that makes the outputs: a fixed aggregation must rebuild them.
+             "code": source_digest(sys.modules[__name__], fedct.catalogue, dicom)}
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -95,6 +95,15 @@ def split_patients(chosen: pd.DataFrame, params: CohortParams) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
+def _read_table(path: Path, what: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """A table of the catalogue; a clear error naming it when it cannot be read."""
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except (OSError, ValueError) as exc:  # pyarrow's errors subclass these
+        raise FedctError(f"{path}: cannot read the catalogue's {what} ({exc}); "
+                         "rerun `fedct catalogue`") from exc
+
+
 def series_files(catalogue_dir: Path, keys: Iterable[str]) -> dict[str, list[str]]:
     """Relative paths of each series' files, ordered along the slice normal.
 
@@ -103,11 +112,7 @@ def series_files(catalogue_dir: Path, keys: Iterable[str]) -> dict[str, list[str
     """
     path = Path(catalogue_dir) / SERIES_FILES
     wanted = set(keys)
-    try:
-        files = pd.read_parquet(path, columns=["series_key", "slice", "relpath"])
-    except (OSError, ValueError) as exc:  # pyarrow's errors subclass these
-        raise FedctError(f"{path}: cannot read the catalogue's series files ({exc}); "
-                         "rerun `fedct catalogue`") from exc
+    files = _read_table(path, "series files", ["series_key", "slice", "relpath"])
     files = files[files["series_key"].isin(wanted)].sort_values(["series_key", "slice"])
     out = {k: list(g["relpath"]) for k, g in files.groupby("series_key")}
     missing = wanted - set(out)
@@ -150,17 +155,12 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     series_path = Path(catalogue_dir) / "series.parquet"
-    try:
-        series = pd.read_parquet(series_path)
-    except (OSError, ValueError) as exc:  # pyarrow's errors subclass these
-        raise FedctError(f"{series_path}: cannot read the catalogue ({exc}); "
-                         "rerun `fedct catalogue`") from exc
+    series = _read_table(series_path, "series")
     chosen = select_series(series)
     unknown = set(params.holdout_sites) | set(params.unlabelled_sites)
     unknown -= set(series["site"].astype(str))
     if unknown:
-        raise FedctError(f"cohort: sites {sorted(unknown)} are not in "
-                         f"{catalogue_dir / 'series.parquet'}")
+        raise FedctError(f"cohort: sites {sorted(unknown)} are not in {series_path}")
     cohort = split_patients(chosen, params)
     key = load_key(catalogue_params)
     if "key_id" in series and (series["key_id"].astype(str) != key.key_id).any():

@@ -28,12 +28,15 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+import fedct.model
+import fedct.training
 from fedct.analysis.metrics import dice_per_structure
 from fedct.config import TrainParams, to_dict
 from fedct.data.labels import LabelSet
 from fedct.devices import pick_device, use_amp
 from fedct.errors import FedctError
 from fedct.model.io import architecture, build_from_arch
+from fedct.provenance import source_digest
 
 
 def model_arch(params: TrainParams, labels: LabelSet) -> dict:
@@ -70,22 +73,13 @@ def train_transforms(params: TrainParams):
     ])
 
 
-def code_digest() -> str:
-    """Hash of the code that decides the trained weights (``fedct.training``, ``fedct.model``):
-    a checkpoint written by other code must not be resumed."""
-    import fedct.model
-
-    files = [*sorted(Path(__file__).parent.glob("*.py")),
-             *sorted(Path(fedct.model.__file__).parent.glob("*.py"))]
-    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
-
-
 def fingerprint(params: TrainParams, site: str, case_files: list[Path]) -> str:
     """What a resumable checkpoint must match: params, site, the cases' names and bytes,
     and the training code."""
     h = hashlib.sha256(json.dumps(to_dict(params), sort_keys=True, default=str).encode())
     h.update(site.encode())
-    h.update(code_digest().encode())
+    # The code that decides the weights: a checkpoint of other code must not be resumed.
+    h.update(source_digest(fedct.training, fedct.model).encode())
     for f in case_files:
         h.update(f.name.encode())
         h.update(hashlib.sha256(f.read_bytes()).digest())
