@@ -16,10 +16,13 @@ from fedct.catalogue import index as idx
 from fedct.catalogue import scan as scan_mod
 from fedct.catalogue import series as series_mod
 from fedct.catalogue.pseudonym import KEY_ENV
+from fedct.catalogue.reports import REPORT_FILES
+from fedct.catalogue.rows import path_holds_id
 from fedct.errors import FedctError
 from fedct.stages import catalogue as stage
 from tests.catalogue.archive import PARAMS, assert_no_phi, small_archive
 from tests.dicom.writers import FAKE_PATIENTS, write_series
+from tests.phi import assert_no_identifiers
 
 
 def _series_files(out: Path) -> pd.DataFrame:
@@ -115,3 +118,31 @@ def test_walk_is_lazy_sorted_and_skips_outputs(tmp_path: Path) -> None:
     assert not isinstance(walked, list)
     # Depth first, names sorted, a directory's files before its subdirectories.
     assert [rel for rel, _, _ in walked] == ["top.dcm", "a/x/3.dcm", "b/1.dcm", "b/2.dcm"]
+
+
+def test_paths_named_after_patients_are_counted_and_warned_about(tmp_path: Path) -> None:
+    """An export laid out as <PatientID>/<study>/: the catalogue works as before, counts
+    the files whose path holds their PatientID, warns at every run (rebuilt or not), and
+    keeps the ID out of the reports and metrics (only the path tables hold it)."""
+    root = tmp_path / "archive"
+    p0, p1 = FAKE_PATIENTS[:2]
+    write_series(root / "A" / p0["id"] / "SE1", 5, patient=p0)
+    write_series(root / "A" / "ST2" / "SE1", 5, patient=p1)  # a UID-style path
+    params = dataclasses.replace(PARAMS, min_slices=5)
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="paths of 5 files contain their PatientID"):
+        first = stage.run(params, root, out, track=False, progress=False)
+    assert first.metrics["n_paths_with_patient_id"] == 5 and first.metrics["n_usable"] == 2
+    with pytest.warns(UserWarning, match="paths of 5 files"):
+        again = stage.run(params, root, out, track=False, progress=False)
+    assert again.up_to_date
+    files = pd.read_parquet(out / "series_files.parquet")
+    assert files["relpath"].str.contains(p0["id"]).sum() == 5  # still readable by cohort
+    assert_no_identifiers([out / name for name in REPORT_FILES], [p0["id"], p1["id"]])
+
+
+def test_short_ids_and_other_patients_ids_are_not_a_path_match() -> None:
+    assert path_holds_id("site/fakeid-90210/SE1/IM1.dcm", "FAKEID-90210")
+    assert not path_holds_id("site/ST12/SE12/IM12.dcm", "12")  # under 4 characters
+    assert not path_holds_id("site/FAKEID-31337/IM1.dcm", "FAKEID-90210")
+    assert not path_holds_id("site/ST1/IM1.dcm", None)

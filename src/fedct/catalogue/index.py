@@ -27,7 +27,7 @@ PART_ROWS = 500_000
 # More parts than this (many small incremental rescans) are compacted.
 MAX_PARTS = 64
 # Bump when the per-file row changes meaning: an index of another version is rebuilt.
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: path_has_patient_id
 
 
 @dataclass(frozen=True)

@@ -227,7 +227,8 @@ def _num(x: Any) -> float | None:
 
 
 def catalogue_metrics(series: pd.DataFrame, rejects: pd.DataFrame, n_files: int,
-                      key: PseudonymKey, head: dict[str, Any]) -> dict[str, Any]:
+                      key: PseudonymKey, head: dict[str, Any],
+                      n_paths_with_patient_id: int = 0) -> dict[str, Any]:
     """Counts of the catalogue and the shift headline (deterministic: no timings)."""
     n_usable = int(series["usable"].sum()) if not series.empty else 0
     return {
@@ -242,6 +243,7 @@ def catalogue_metrics(series: pd.DataFrame, rejects: pd.DataFrame, n_files: int,
         "n_sites": int(series["site"].nunique()) if not series.empty else 0,
         "demo_key": key.demo,
         "key_id": key.key_id,
+        "n_paths_with_patient_id": n_paths_with_patient_id,
         **head,
     }
 
@@ -252,12 +254,16 @@ def parquet_metadata(key: PseudonymKey) -> dict[str, str]:
 
 
 def write_outputs(series: pd.DataFrame, rejects: pd.DataFrame, out: Path, key: PseudonymKey,
-                  n_files: int) -> dict[str, Any]:
-    """Write series.parquet, rejects.parquet, the reports and metrics.json; the metrics."""
+                  n_files: int, n_paths_with_patient_id: int = 0) -> dict[str, Any]:
+    """Write series.parquet, rejects.parquet, the reports and metrics.json; the metrics.
+
+    ``n_paths_with_patient_id``: files whose archive path contains their own PatientID
+    (the index's ``path_has_patient_id``), reported as a count only.
+    """
     meta = parquet_metadata(key)
     write_parquet(series, out / SERIES_FILE, meta)
     write_parquet(rejects[["path", "reason", "detail"]], out / REJECTS_FILE, meta)
     head = write_reports(series, rejects, out)
-    metrics = catalogue_metrics(series, rejects, n_files, key, head)
+    metrics = catalogue_metrics(series, rejects, n_files, key, head, n_paths_with_patient_id)
     write_json(metrics, out / "metrics.json")
     return metrics

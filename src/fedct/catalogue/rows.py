@@ -54,6 +54,9 @@ INDEX_SCHEMA = pa.schema([
     ("n_frames", pa.int32()),
     ("frame_pos", pa.list_(pa.float64())),  # per-frame pos_n of multi-frame images
     ("frames_consistent", pa.bool_()),
+    # The file's archive path contains its own PatientID (compared here, never stored):
+    # the tables that hold paths then hold an identifier.
+    ("path_has_patient_id", pa.bool_()),
 ])
 _FILE_COLUMNS = ("relpath", "path_hash", "size", "mtime_ns", "reader", "reason", "detail")
 
@@ -63,6 +66,18 @@ def path_hash(relpath: str, _blake2b: Any = hashlib.blake2b,
     """64-bit hash of a relative path: the index's lookup key (collisions ~ n^2 / 2^65)."""
     digest = _blake2b(relpath.encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return _from_bytes(digest, "little", signed=True)
+
+
+# Shorter PatientIDs ("12", "A1") turn up in paths by chance (series numbers, dates).
+MIN_ID_IN_PATH = 4
+
+
+def path_holds_id(relpath: str, patient_id: str | None) -> bool:
+    """Whether ``relpath`` contains ``patient_id`` (case-insensitive), e.g. an export
+    laid out as ``<PatientID>/<study>/...``; IDs under ``MIN_ID_IN_PATH`` characters are
+    not compared."""
+    pid = (patient_id or "").strip()
+    return len(pid) >= MIN_ID_IN_PATH and pid.casefold() in relpath.casefold()
 
 
 def display_path(relpath: str) -> str:
@@ -202,6 +217,8 @@ def parse_files(root: str, items: Sequence[tuple[str, int, int]], secret: bytes,
         "n_frames": _ints(col("NumberOfFrames"), default=1),
         "frame_pos": pa.array(frame_pos, pa.list_(pa.float64())),
         "frames_consistent": [h.frames_consistent for h in headers],
+        "path_has_patient_id": [path_holds_id(r, p) for (r, _, _), p in
+                                zip(items, pid, strict=True)],
     }
     ok = pa.array([h.reject is None for h in headers])
     columns = []

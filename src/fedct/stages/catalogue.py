@@ -29,9 +29,12 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pyarrow.compute as pc
 
 import fedct.catalogue
 from fedct import dicom
@@ -141,6 +144,15 @@ def run(params: CatalogueParams, archive_dir: str | Path, out_dir: str | Path, *
                 metrics = _build_outputs(index, params, key, mapping, stats, out, index_path)
                 stats.seconds += time.perf_counter() - t_agg
                 state_file.write_text(json.dumps({"fingerprint": fingerprint}))
+        if metrics.get("n_paths_with_patient_id"):
+            warnings.warn(
+                f"catalogue: the archive paths of {metrics['n_paths_with_patient_id']} files "
+                f"contain their PatientID (e.g. folders named after patients), so "
+                f"{reports.SERIES_FILES_FILE}, {reports.REJECTS_FILE} and the index "
+                f"{index_path} hold patient identifiers: keep {out} and the index inside "
+                f"the archive's privacy boundary (never push them to a DVC remote outside "
+                f"it), or export the archive by UID; the reports, metrics and MLflow run "
+                f"hold no path", stacklevel=2)
         if mlrun is not None:
             mlrun.log_metrics({k: v for k, v in metrics.items()
                                if isinstance(v, int | float) and not isinstance(v, bool)})
@@ -163,4 +175,6 @@ def _build_outputs(index: FileIndex, params: CatalogueParams, key: PseudonymKey,
                                               files_sink, stats.errors)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return reports.write_outputs(series, rejects, out, key, stats.n_files)
+    n_id_paths = sum(pc.sum(b.column(0)).as_py() or 0
+                     for b in index.batches(["path_has_patient_id"]))
+    return reports.write_outputs(series, rejects, out, key, stats.n_files, n_id_paths)
