@@ -1,48 +1,93 @@
 """Search outputs for the fake patient identifiers a test archive carries.
 
-A plain substring search gives false alarms on numbers: an 8-digit birth date such as
-19650312 turns up by chance inside a 19-digit file mtime or hash once an output holds a
-few thousand of them. An identifier counts as found only as a whole token (not inside a
-longer run of letters and digits), and a date also in its ISO spelling.
+Identifiers with letters (names, IDs, accession numbers, UIDs) are found as plain
+substrings, in any letter case: wherever they sit, even packed against other bytes as
+SQLite packs a row's cells. Identifiers made of digits only (birth dates) are found only
+when not part of a longer number, and in their ISO spelling too: a plain search for an
+8-digit date finds it by chance inside a 19-digit file mtime or hash once an output holds
+a few thousand of them. Parquet (compressed pages) and SQLite files are also searched
+cell by cell, decoded, each cell on its own line, so that a date stored as a value is
+bounded there.
 """
 from __future__ import annotations
 
 import re
+import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
+# Name parts shorter than this ("REN", "EMI") are English substrings: not searched alone.
+MIN_NAME_PART = 6
 
-def identifier_pattern(values: Iterable[str]) -> re.Pattern[bytes]:
-    """One pattern for every identifier, each only as a whole token."""
-    spellings: set[str] = set()
+
+def spellings(values: Iterable[object]) -> set[str]:
+    """Every spelling of the identifiers to search for.
+
+    A DICOM PN value (``FAMILY^GIVEN^...``) also as space-joined text and by its long
+    components; an 8-digit DA date also as ``YYYY-MM-DD``. Empty cells are skipped.
+    """
+    out: set[str] = set()
     for value in values:
-        value = str(value).strip()
-        if not value:
+        if value is None or pd.isna(value) or not str(value).strip():
             continue
-        spellings.add(value)
-        if re.fullmatch(r"(19|20)\d{6}", value):  # a DICOM DA date: also as ISO text
-            spellings.add(f"{value[:4]}-{value[4:6]}-{value[6:]}")
-    assert spellings, "no identifiers to search for"
-    alternatives = b"|".join(re.escape(s.encode()) for s in sorted(spellings, key=len,
-                                                                   reverse=True))
-    return re.compile(rb"(?<![A-Za-z0-9])(?:" + alternatives + rb")(?![A-Za-z0-9])")
+        text = str(value).strip()
+        out.add(text)
+        if "^" in text:
+            parts = [p for p in text.split("^") if p]
+            out.add(" ".join(parts))
+            out.update(p for p in parts if len(p) >= MIN_NAME_PART)
+        if re.fullmatch(r"(19|20)\d{6}", text):
+            out.add(f"{text[:4]}-{text[4:6]}-{text[6:]}")
+    return out
+
+
+def identifier_pattern(values: Iterable[object]) -> re.Pattern[bytes]:
+    """One case-insensitive pattern; all-digit spellings only outside longer numbers."""
+    found = spellings(values)
+    assert found, "no identifiers to search for"
+    alternatives = []
+    for s in sorted(found, key=len, reverse=True):
+        escaped = re.escape(s.encode())
+        numeric = re.fullmatch(r"[\d-]+", s) is not None
+        alternatives.append(rb"(?<!\d)" + escaped + rb"(?!\d)" if numeric else escaped)
+    return re.compile(b"|".join(alternatives), re.IGNORECASE)
+
+
+def _sqlite_cells(path: Path) -> bytes:
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        lines = [str(cell) for t in tables for row in db.execute(f'SELECT * FROM "{t}"')
+                 for cell in row]
+    return "\n".join(lines).encode(errors="replace")
 
 
 def readable_bytes(path: Path) -> bytes:
-    """The file's bytes; for Parquet (compressed pages) also its decoded cells."""
+    """The file's bytes, followed for Parquet and SQLite by their decoded cells."""
     data = path.read_bytes()
     if path.suffix == ".parquet":
-        data += pd.read_parquet(path).astype(str).to_csv(index=False).encode()
+        cells = pd.read_parquet(path).to_numpy().ravel()
+        data += b"\n" + "\n".join(map(str, cells)).encode(errors="replace")
+    elif data.startswith(b"SQLite format 3\x00"):
+        data += b"\n" + _sqlite_cells(path)
     return data
 
 
-def assert_no_identifiers(paths: Iterable[Path], values: Iterable[str]) -> None:
-    """Fail naming the file and the identifier if any of ``paths`` holds one."""
+def assert_no_identifiers(paths: Iterable[Path], values: Iterable[object]) -> int:
+    """Fail naming the file and the identifier if any of ``paths`` holds one.
+
+    Folders are skipped, a path that does not exist is an error (a renamed output must
+    not pass unsearched), and at least one file must be searched. Returns the count.
+    """
     pattern = identifier_pattern(values)
+    n = 0
     for path in paths:
-        if not path.is_file():
+        assert path.exists(), f"{path}: nothing to search (missing)"
+        if path.is_dir():
             continue
         hit = pattern.search(readable_bytes(path))
         assert hit is None, f"{hit.group().decode(errors='replace')!r} found in {path}"
+        n += 1
+    assert n, "no file searched"
+    return n

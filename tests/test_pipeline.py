@@ -154,4 +154,5 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     # No fake identifier of the archive anywhere in the outputs or the tracking store.
     phi = pd.read_csv(work / "data" / "truth" / "phi.csv", dtype=str)
     identifiers = phi[["name", "patient_id", "accession", "birth_date"]].to_numpy().ravel()
-    assert_no_identifiers([*(work / "outputs").rglob("*"), work / "mlflow.db"], identifiers)
+    assert_no_identifiers([*(work / "outputs").rglob("*"), work / "mlflow.db",
+                           *(work / "mlruns").rglob("*")], identifiers)

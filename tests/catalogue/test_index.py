@@ -141,8 +141,11 @@ def test_paths_named_after_patients_are_counted_and_warned_about(tmp_path: Path)
     assert_no_identifiers([out / name for name in REPORT_FILES], [p0["id"], p1["id"]])
 
 
-def test_short_ids_and_other_patients_ids_are_not_a_path_match() -> None:
+def test_an_id_is_a_path_match_only_as_a_whole_token_of_4_or_more_characters() -> None:
     assert path_holds_id("site/fakeid-90210/SE1/IM1.dcm", "FAKEID-90210")
+    assert path_holds_id("site/FAKEID-90210_CT/IM1.dcm", "FAKEID-90210")
+    assert path_holds_id("site/x/FAKEID-90210", "FAKEID-90210")
+    assert not path_holds_id("site/ST1/123456789/IM1.dcm", "45678")  # inside a number
     assert not path_holds_id("site/ST12/SE12/IM12.dcm", "12")  # under 4 characters
     assert not path_holds_id("site/FAKEID-31337/IM1.dcm", "FAKEID-90210")
     assert not path_holds_id("site/ST1/IM1.dcm", None)

@@ -73,11 +73,22 @@ MIN_ID_IN_PATH = 4
 
 
 def path_holds_id(relpath: str, patient_id: str | None) -> bool:
-    """Whether ``relpath`` contains ``patient_id`` (case-insensitive), e.g. an export
-    laid out as ``<PatientID>/<study>/...``; IDs under ``MIN_ID_IN_PATH`` characters are
-    not compared."""
-    pid = (patient_id or "").strip()
-    return len(pid) >= MIN_ID_IN_PATH and pid.casefold() in relpath.casefold()
+    """Whether ``relpath`` contains ``patient_id`` as a whole token, in any letter case:
+    an export laid out as ``<PatientID>/<study>/...`` or ``<PatientID>_CT/...``, but not
+    an ID's digits inside a longer number or name. IDs under ``MIN_ID_IN_PATH``
+    characters are not compared."""
+    pid = (patient_id or "").strip().casefold()
+    if len(pid) < MIN_ID_IN_PATH:
+        return False
+    path = relpath.casefold()
+    start = path.find(pid)
+    while start >= 0:
+        end = start + len(pid)
+        if (start == 0 or not path[start - 1].isalnum()) and \
+                (end == len(path) or not path[end].isalnum()):
+            return True
+        start = path.find(pid, start + 1)
+    return False
 
 
 def display_path(relpath: str) -> str:
