@@ -6,7 +6,9 @@ import dataclasses
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
+from fedct.catalogue.scan import secret_exposure
 from fedct.stages import catalogue as stage
 from tests.catalogue.archive import PARAMS
 
@@ -24,3 +26,16 @@ def test_dask_cluster_gives_the_same_catalogue(archive, catalogued, tmp_path: Pa
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out" / "series.parquet"), series)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out" / "rejects.parquet"),
                                   rejects)
+
+
+@pytest.mark.parametrize(("address", "warned"), [
+    ("tls://10.0.0.5:8786", False), ("inproc://10.0.0.5/123/1", False),
+    ("tcp://127.0.0.1:8786", False), ("tcp://localhost:8786", False),
+    ("tcp://[::1]:8786", False), ("tcp://10.0.0.5:8786", True),
+    ("10.0.0.5:8786", True), ("ucx://node7:13337", True)])
+def test_a_secret_sent_unencrypted_off_this_machine_is_warned_about(address: str,
+                                                                    warned: bool) -> None:
+    why = secret_exposure(address)
+    assert (why is not None) == warned
+    if warned:
+        assert address in why and "tls://" in why

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -38,6 +39,22 @@ class ScanStats:
     errors: list[WalkError] = field(default_factory=list)
 
 
+def secret_exposure(address: str) -> str | None:
+    """Why sending the pseudonym secret to the workers of scheduler ``address`` is a risk,
+    or None when it stays in this process or machine (``inproc://``, loopback) or travels
+    encrypted (``tls://``). Every task carries the secret: workers hash the identifiers
+    they read, so that no raw identifier leaves them."""
+    scheme, sep, rest = address.partition("://")
+    scheme = scheme.lower() if sep else "tcp"
+    host = (rest if sep else address).rsplit(":", 1)[0].strip("[]").lower()
+    if scheme in ("tls", "inproc") or (scheme == "tcp" and (
+            host in ("localhost", "::1") or host.startswith("127."))):
+        return None
+    return (f"catalogue: scheduler {address}: the pseudonym secret goes to its workers "
+            f"with every task over {scheme}://, unencrypted; use a tls:// scheduler "
+            f"(distributed's TLS security) on the archive's own network")
+
+
 class _Runner:
     """Runs ``parse_files`` on chunks: in-process, on a process pool, or on Dask.
 
@@ -66,6 +83,8 @@ class _Runner:
             if self._client is None:
                 from distributed import Client
 
+                if (why := secret_exposure(self.scheduler)) is not None:
+                    warnings.warn(why, stacklevel=2)
                 self._client = Client(self.scheduler, set_as_default=False)
             fut = self._client.submit(parse_files, self.root, items, self.secret, pure=False)
         else:
