@@ -228,7 +228,7 @@ def _num(x: Any) -> float | None:
 
 def catalogue_metrics(series: pd.DataFrame, rejects: pd.DataFrame, n_files: int,
                       key: PseudonymKey, head: dict[str, Any],
-                      n_paths_with_patient_id: int = 0) -> dict[str, Any]:
+                      n_paths_with_patient_id: int) -> dict[str, Any]:
     """Counts of the catalogue and the shift headline (deterministic: no timings)."""
     n_usable = int(series["usable"].sum()) if not series.empty else 0
     return {
@@ -254,7 +254,7 @@ def parquet_metadata(key: PseudonymKey) -> dict[str, str]:
 
 
 def write_outputs(series: pd.DataFrame, rejects: pd.DataFrame, out: Path, key: PseudonymKey,
-                  n_files: int, n_paths_with_patient_id: int = 0) -> dict[str, Any]:
+                  n_files: int, n_paths_with_patient_id: int) -> dict[str, Any]:
     """Write series.parquet, rejects.parquet, the reports and metrics.json; the metrics.
 
     ``n_paths_with_patient_id``: files whose archive path contains their own PatientID
