@@ -18,7 +18,7 @@ SRC = REPO / "src"
 # Keys that only say where or how fast a stage runs: listing them would rerun work
 # whose results cannot change.
 OPERATIONAL = {"catalogue.workers", "catalogue.scheduler", "catalogue.chunk_size",
-               "train.device", "uncertainty.workers", "uncertainty.device",
+               "train.device", "train.workers", "uncertainty.workers", "uncertainty.device",
                "evaluate.workers", "evaluate.device", "federate.device"}
 
 

@@ -1,6 +1,6 @@
 """End to end: `dvc repro` of the repository's dvc.yaml on the tiny archive.
 
-Runs the real CLI through DVC (synth, catalogue, cohort, train@A/B/pooled, uncertainty,
+Runs the real CLI through DVC (synth, catalogue, cohort, train (A, B, pooled), uncertainty,
 federate, evaluate, promote, report) with small network settings, then checks that a second
 `dvc repro` does nothing, that a regenerated archive keeps `dvc status` clean, that
 `fedct seeds` runs a second report seed as a DVC experiment without touching the

@@ -119,18 +119,23 @@ def cohort(catalogue_dir: Path, out_dir: Path, archive_dir: Path, labels_dir: Pa
 
 @main.command()
 @click.argument("cohort_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--site", required=True, help="Site letter, or 'pooled' for all training sites.")
+@click.argument("models_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--site", "sites", multiple=True,
+              help="Site letter, or 'pooled' for all training sites (repeatable; default: "
+                   "train.sites).")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Resume a killed run from here.")
 @PARAMS
-def train(cohort_dir: Path, out_dir: Path, site: str, checkpoint_dir: Path | None,
-          params_file: Path) -> None:
-    """Train the Bayesian U-Net of one site (or the pooled model)."""
+def train(cohort_dir: Path, models_dir: Path, sites: tuple[str, ...],
+          checkpoint_dir: Path | None, params_file: Path) -> None:
+    """Train the Bayesian U-Net of each site and the pooled model into MODELS_DIR/<site>."""
     from fedct.stages import train as stage
 
-    metrics = stage.run(_load(params_file).train, site, cohort_dir, out_dir, checkpoint_dir)
-    click.echo(metrics)
+    params = _load(params_file).train
+    results = stage.run_sites(params, sites or params.sites, cohort_dir, models_dir,
+                              checkpoint_dir)
+    for site, metrics in results.items():
+        click.echo(f"{site}: {metrics}")
 
 
 @main.command()

@@ -92,8 +92,8 @@ class CohortParams:
 class TrainParams:
     """``fedct train``: one Bayesian U-Net per site, plus the pooled model."""
 
-    # The DVC ``foreach`` of the train stage: every site that trains a local model
-    # (not the held-out ones) and ``pooled``, the centralised upper bound.
+    # Every site that trains a local model (not the held-out ones) and ``pooled``, the
+    # centralised upper bound: one model folder each under the train stage's output.
     sites: tuple[str, ...] = ("A", "B", "D", "E", "pooled")
     seed: int = 0
     # Training length: every model (local or pooled) trains until its validation loss has
@@ -123,6 +123,9 @@ class TrainParams:
     num_res_units: int = 1
     amp: bool = True
     device: str = "auto"
+    # Models trained at once, each in its own process (CPU: with an equal share of the
+    # threads; GPU: sharing the device).
+    workers: int = 2
 
 
 @dataclass(frozen=True)

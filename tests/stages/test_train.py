@@ -3,6 +3,7 @@ their run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -81,3 +82,80 @@ def test_the_fingerprint_sees_case_contents_not_only_their_size(tmp_path: Path) 
     assert files[0].stat().st_size == (cohort / "cases" / "k1.npz").stat().st_size
     assert fingerprint(TINY, "A", files) != before
     assert fingerprint(TINY, "B", files) != fingerprint(TINY, "A", files)
+    now = fingerprint(TINY, "A", files)
+    assert fingerprint(dataclasses.replace(TINY, steps=5), "A", files) != now
+    # How many models train at once is no property of a model: its checkpoint still fits.
+    assert fingerprint(dataclasses.replace(TINY, workers=7), "A", files) == now
+
+
+def _weights(model_dir: Path) -> dict:
+    from fedct.model.io import load_model
+
+    model, _ = load_model(model_dir / "model.pt")
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_models_trained_in_parallel_equal_those_trained_one_by_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two worker processes change the speed only: each model equals the one a single
+    process trains with the same number of threads."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    cohort = _tiny_cohort(tmp_path / "cohort")
+    params = dataclasses.replace(TINY, sites=("A", "pooled"), workers=2)
+    threads = max(1, torch.get_num_threads() // 2)
+    results = stage.run_sites(params, params.sites, cohort, tmp_path / "par", tmp_path / "ck")
+    assert set(results) == {"A", "pooled"}
+    assert not list((tmp_path / "ck").rglob("checkpoint.pt"))  # all finished: none kept
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        stage.run(params, "A", cohort, tmp_path / "seq")
+    finally:
+        torch.set_num_threads(before)
+    par, seq = _weights(tmp_path / "par" / "A"), _weights(tmp_path / "seq")
+    assert par.keys() == seq.keys()
+    assert all(torch.equal(par[k], seq[k]) for k in par)
+    for site in ("A", "pooled"):
+        card = json.loads((tmp_path / "par" / site / "model_card.json").read_text())
+        assert card["site"] == site
+
+
+def test_a_failed_site_keeps_the_finished_models_and_a_rerun_restores_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedct.errors import FedctError
+
+    monkeypatch.chdir(tmp_path)
+    cohort = _tiny_cohort(tmp_path / "cohort")
+    params = dataclasses.replace(TINY, sites=("A", "Z"), workers=2)
+    ckpts = tmp_path / "ck"
+    with pytest.raises(FedctError) as err:
+        stage.run_sites(params, params.sites, cohort, tmp_path / "m", ckpts)
+    message = str(err.value)
+    assert "site 'Z'" in message and "site Z failed" in message, message
+    assert "finished and kept: A" in message, message
+    assert (tmp_path / "m" / "A" / "model.pt").exists()
+    assert (ckpts / "A" / "checkpoint.pt").exists()  # the rerun's to restore
+    first = _weights(tmp_path / "m" / "A")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished model was trained again")
+
+    monkeypatch.setattr("fedct.training.loop.train_step", no_training)
+    # In this process (one worker), so that the patched step would be seen.
+    stage.run_sites(dataclasses.replace(params, workers=1), ["A"], cohort, tmp_path / "m2",
+                    ckpts)
+    again = _weights(tmp_path / "m2" / "A")
+    import torch
+
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not (ckpts / "A" / "checkpoint.pt").exists()
+    assert list(pd.read_csv(tmp_path / "m2" / "A" / "history.csv")["step"]) == [2, 4]
+
+
+def test_no_sites_is_an_error(tmp_path: Path) -> None:
+    from fedct.errors import FedctError
+
+    with pytest.raises(FedctError, match="no sites"):
+        stage.run_sites(TINY, [], tmp_path, tmp_path / "m")

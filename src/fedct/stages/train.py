@@ -1,18 +1,36 @@
-"""``fedct train``: one Bayesian U-Net per site (or the pooled model on all training sites).
+"""``fedct train``: one Bayesian U-Net per site, and the pooled model on all training sites.
 
 Inputs: the cohort (``cohort.csv``, ``spec.json``, ``labels.json``, prepared ``cases/``).
-Output folder: ``model.pt`` and ``model_card.json`` (weights, architecture and card, so MC
-dropout works after loading), ``reference.json`` (mean structure volumes of the training
-set, for label-free volume checks), ``history.csv`` (at every validation pass: training
-loss, validation loss and Dice per structure), ``curves.png`` and ``metrics.json``. A
-checkpoint in ``checkpoint_dir`` lets a killed run resume; it is only reused when params,
-training data and training code are the same, and is deleted when the run completes.
+Output: one folder per model, ``MODELS_DIR/<site>`` (``pooled`` for the pooled model), with
+``model.pt`` and ``model_card.json`` (weights, architecture and card, so MC dropout works
+after loading), ``reference.json`` (mean structure volumes of the training set, for
+label-free volume checks), ``history.csv`` (at every validation pass: training loss,
+validation loss and Dice per structure), ``curves.png`` and ``metrics.json``.
+
+The models train in ``train.workers`` processes at once, longest first (the pooled model
+has a cap of ``train.steps`` x its sites). On the CPU each process gets an equal share of
+the threads: a 3D U-Net of the demo's size uses two cores poorly from one process (one
+step on 2 threads takes about 0.7x the time of one thread), so two trainings of one
+thread each finish sooner than the same trainings one after the other
+(``benchmarks/train_parallel.py``: x1.27 for two 400-step models on 2 cores). The number
+of threads per process changes the float rounding of convolutions, so a model is
+reproducible for a given machine and ``train.workers``, like every result of a CPU with a
+given number of cores.
+
+A checkpoint in ``checkpoint_dir`` lets a killed run resume; it is only reused when params,
+training data and training code are the same. The checkpoints of finished models stay
+until every model of the run has finished (a rerun after one model failed then restores
+the others instead of training them again) and are deleted when all have: a finished
+run's weights must not come back when DVC reruns the stage under the same params.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -28,6 +46,7 @@ from fedct.data.cases import (
     training_cases,
 )
 from fedct.devices import pick_device
+from fedct.errors import FedctError
 from fedct.model.io import save_model
 from fedct.training.curves import plot_curves
 from fedct.training.loop import fingerprint, model_arch, reference_volumes, train_model
@@ -41,9 +60,16 @@ def pooled_params(params: TrainParams, cases) -> TrainParams:
     return dataclasses.replace(params, steps=params.steps * n_sites)
 
 
+def checkpoint_path(checkpoint_dir: Path, site: str) -> Path:
+    return Path(checkpoint_dir) / site / "checkpoint.pt"
+
+
 def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
-        checkpoint_dir: Path | None = None) -> dict:
-    """Train the model of ``site`` (a site letter or ``pooled``); log to MLflow."""
+        checkpoint_dir: Path | None = None, *, keep_checkpoint: bool = False,
+        position: int | None = None) -> dict:
+    """Train the model of ``site`` (a site letter or ``pooled``) into ``out_dir``; log to
+    MLflow. ``keep_checkpoint``: leave the finished run's checkpoint (``run_sites`` deletes
+    it once every model has finished); ``position``: the progress bar's line."""
     from fedct import tracking
 
     cohort_dir, out_dir = Path(cohort_dir), Path(out_dir)
@@ -62,7 +88,7 @@ def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
     train = [c for c, s in zip(loaded, cases["split"], strict=True) if s == "train"]
     val = [c for c, s in zip(loaded, cases["split"], strict=True) if s == "val"]
     fp = fingerprint(params, site, files)
-    ckpt = Path(checkpoint_dir) / site / "checkpoint.pt" if checkpoint_dir else None
+    ckpt = checkpoint_path(checkpoint_dir, site) if checkpoint_dir else None
     spacing = tuple(spec["spacing_mm"])
     name = f"fedct-{POOLED}" if site == POOLED else f"fedct-local-{site}"
     with tracking.start_run("train", run_name=f"train-{site}",
@@ -74,7 +100,8 @@ def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
         model, history = train_model(
             params, labels, train, val, ckpt, fp,
             on_check=lambda row: mlrun.log_metrics(
-                {k: v for k, v in row.items() if k != "step"}, step=int(row["step"])))
+                {k: v for k, v in row.items() if k != "step"}, step=int(row["step"])),
+            desc=f"train {site}: steps", position=position)
         reference = reference_volumes([c["label"][0] for c in train], spacing, labels)
         (out_dir / "reference.json").write_text(json.dumps(
             {"structures": list(labels.structures.values()), "volume_ml": reference}, indent=1))
@@ -100,6 +127,79 @@ def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
         tracking.log_fedct_model(mlrun, out_dir, registered_name=name)
     # The checkpoint serves a killed run only: a finished one must not come back when DVC
     # reruns this stage (changed code or cases under the same params).
-    if ckpt is not None:
+    if ckpt is not None and not keep_checkpoint:
         ckpt.unlink(missing_ok=True)
     return metrics
+
+
+def _train_job(job: tuple) -> dict:
+    """One model in a worker process: its share of the CPU threads, then ``run``."""
+    import torch
+
+    params, site, cohort_dir, out_dir, checkpoint_dir, threads, position = job
+    torch.set_num_threads(threads)
+    return run(params, site, cohort_dir, out_dir, checkpoint_dir, keep_checkpoint=True,
+               position=position)
+
+
+def step_cap(params: TrainParams, site: str) -> int:
+    """The step cap of ``site``'s model: ``train.steps``, times the sites for pooled."""
+    n_local = len([s for s in params.sites if s != POOLED])
+    return params.steps * max(1, n_local) if site == POOLED else params.steps
+
+
+def run_sites(params: TrainParams, sites: Sequence[str], cohort_dir: Path, models_dir: Path,
+              checkpoint_dir: Path | None = None) -> dict[str, dict]:
+    """Train the models of ``sites`` into ``models_dir/<site>``, ``train.workers`` at once.
+
+    The longest trainings start first. A model that fails does not stop the others: every
+    model that finishes is written, and then a FedctError names each failed site and its
+    reason (the finished models' checkpoints are kept, so a rerun restores them).
+    Returns site -> the model's metrics.
+    """
+    from fedct import tracking
+
+    sites = list(dict.fromkeys(sites))
+    if not sites:
+        raise FedctError("train: no sites to train (train.sites is empty)")
+    models_dir = Path(models_dir)
+    read_cohort(Path(cohort_dir))  # a missing cohort is one error, not one per site
+    # The tracking store and experiment are created here once, not raced by the workers.
+    tracking.configure()
+    order = sorted(sites, key=lambda s: -step_cap(params, s))
+    workers = max(1, min(params.workers, len(order)))
+    results: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    if workers == 1:
+        for site in order:
+            try:
+                results[site] = run(params, site, cohort_dir, models_dir / site,
+                                    checkpoint_dir, keep_checkpoint=True)
+            except FedctError as exc:
+                failed[site] = str(exc)
+    else:
+        import torch
+
+        threads = max(1, torch.get_num_threads() // workers)
+        # Spawned, not forked: a fork after torch has started its OpenMP threads can hang.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futures = {site: pool.submit(_train_job, (params, site, cohort_dir,
+                                                      models_dir / site, checkpoint_dir,
+                                                      threads, i % workers))
+                       for i, site in enumerate(order)}
+            for site, future in futures.items():
+                try:
+                    results[site] = future.result()
+                except Exception as exc:  # noqa: BLE001 - reported per site below
+                    failed[site] = (str(exc) if isinstance(exc, FedctError)
+                                    else f"{type(exc).__name__}: {exc}")
+    if failed:
+        done = ", ".join(s for s in order if s in results) or "none"
+        raise FedctError("train: " + "; ".join(f"site {s} failed: {m}" for s, m in
+                                                failed.items())
+                         + f" (finished and kept: {done}; a rerun restores them)")
+    if checkpoint_dir is not None:
+        for site in order:
+            checkpoint_path(checkpoint_dir, site).unlink(missing_ok=True)
+    return results

@@ -75,8 +75,10 @@ def train_transforms(params: TrainParams):
 
 def fingerprint(params: TrainParams, site: str, case_files: list[Path]) -> str:
     """What a resumable checkpoint must match: params, site, the cases' names and bytes,
-    and the training code."""
-    h = hashlib.sha256(json.dumps(to_dict(params), sort_keys=True, default=str).encode())
+    and the training code. ``workers`` and ``sites`` are left out: how many models train
+    at once is no property of one model, and the cases a model trains on are hashed."""
+    keyed = {k: v for k, v in to_dict(params).items() if k not in ("workers", "sites")}
+    h = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode())
     h.update(site.encode())
     # The code that decides the weights: a checkpoint of other code must not be resumed.
     h.update(source_digest(fedct.training, fedct.model).encode())
@@ -214,7 +216,8 @@ def steps_per_epoch(n_cases: int, batch_size: int) -> int:
 
 def train_model(params: TrainParams, labels: LabelSet, train_cases: list[dict],
                 val_cases: list[dict], checkpoint: Path | None, fp: str,
-                on_check: Callable[[dict], None] | None = None
+                on_check: Callable[[dict], None] | None = None, *,
+                desc: str = "train: steps", position: int | None = None
                 ) -> tuple[torch.nn.Module, pd.DataFrame]:
     """The training loop; returns the best model (by validation loss) and the history.
 
@@ -223,7 +226,8 @@ def train_model(params: TrainParams, labels: LabelSet, train_cases: list[dict],
     previous row, ``lr``, ``val_loss``, ``val_dice_mean`` and ``val_dice_<structure>``.
     Without validation cases the model trains for the whole cap and the last weights are
     kept. ``checkpoint`` (optional) is written at every row and resumed from when its
-    fingerprint equals ``fp``; ``on_check(row)`` sees each row.
+    fingerprint equals ``fp``; ``on_check(row)`` sees each row. ``desc`` and ``position``
+    label the progress bar (``position``: its line, when several trainings run at once).
     """
     from monai.utils import set_determinism
 
@@ -252,7 +256,8 @@ def train_model(params: TrainParams, labels: LabelSet, train_cases: list[dict],
     done = step >= params.steps or (val_cases and stale >= params.patience > 0)
     batches = _batches(train_cases, params, step)
     losses: list[float] = []
-    bar = tqdm(total=params.steps, initial=step, desc="train: steps", disable=bool(done))
+    bar = tqdm(total=params.steps, initial=step, desc=desc, position=position,
+               disable=bool(done))
     while not done:
         losses.append(train_step(model, opt, next(batches), loss_fn, device, amp))
         if step + 1 < total:
