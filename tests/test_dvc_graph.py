@@ -15,8 +15,9 @@ import yaml
 
 REPO = Path(__file__).parents[1]
 SRC = REPO / "src"
-# Keys that only say where or how fast a stage runs: listing them would rerun work
-# whose results cannot change.
+# Keys that only say where or how fast a stage runs: listing them would rerun work whose
+# results cannot change, except by float rounding (threads per process), as on a machine
+# with another number of cores.
 OPERATIONAL = {"catalogue.workers", "catalogue.scheduler", "catalogue.chunk_size",
                "train.device", "train.workers", "uncertainty.workers", "uncertainty.device",
                "evaluate.workers", "evaluate.device", "federate.device"}

@@ -97,8 +97,8 @@ def _weights(model_dir: Path) -> dict:
 
 def test_models_trained_in_parallel_equal_those_trained_one_by_one(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two worker processes change the speed only: each model equals the one a single
-    process trains with the same number of threads."""
+    """Two worker processes change the speed only: each model (local and pooled) equals
+    the one a single process trains with the same number of threads."""
     import torch
 
     monkeypatch.chdir(tmp_path)
@@ -111,15 +111,37 @@ def test_models_trained_in_parallel_equal_those_trained_one_by_one(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        stage.run(params, "A", cohort, tmp_path / "seq")
+        stage.run_sites(dataclasses.replace(params, workers=1), params.sites, cohort,
+                        tmp_path / "seq")
     finally:
         torch.set_num_threads(before)
-    par, seq = _weights(tmp_path / "par" / "A"), _weights(tmp_path / "seq")
-    assert par.keys() == seq.keys()
-    assert all(torch.equal(par[k], seq[k]) for k in par)
     for site in ("A", "pooled"):
+        par, seq = _weights(tmp_path / "par" / site), _weights(tmp_path / "seq" / site)
+        assert par.keys() == seq.keys()
+        assert all(torch.equal(par[k], seq[k]) for k in par), site
         card = json.loads((tmp_path / "par" / site / "model_card.json").read_text())
         assert card["site"] == site
+    history = pd.read_csv(tmp_path / "par" / "pooled" / "history.csv")
+    assert list(history["step"]) == [2, 4]  # pooled on one site: 4 steps x 1 site
+
+
+def test_a_bug_in_one_model_lets_the_others_finish_then_surfaces_with_its_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cohort = _tiny_cohort(tmp_path / "cohort")
+    real = stage.run
+
+    def buggy(params, site, *args, **kwargs):
+        if site == "pooled":  # trained first (the longest)
+            raise RuntimeError("boom")
+        return real(params, site, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "run", buggy)
+    params = dataclasses.replace(TINY, sites=("A", "pooled"), workers=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        stage.run_sites(params, params.sites, cohort, tmp_path / "m", tmp_path / "ck")
+    assert (tmp_path / "m" / "A" / "model.pt").exists()  # trained after the bug
+    assert (tmp_path / "ck" / "A" / "checkpoint.pt").exists()  # kept for the rerun
 
 
 def test_a_failed_site_keeps_the_finished_models_and_a_rerun_restores_them(
@@ -134,6 +156,7 @@ def test_a_failed_site_keeps_the_finished_models_and_a_rerun_restores_them(
         stage.run_sites(params, params.sites, cohort, tmp_path / "m", ckpts)
     message = str(err.value)
     assert "site 'Z'" in message and "site Z failed" in message, message
+    assert "failed: train:" not in message and "\n" not in message, message
     assert "finished and kept: A" in message, message
     assert (tmp_path / "m" / "A" / "model.pt").exists()
     assert (ckpts / "A" / "checkpoint.pt").exists()  # the rerun's to restore
@@ -159,3 +182,60 @@ def test_no_sites_is_an_error(tmp_path: Path) -> None:
 
     with pytest.raises(FedctError, match="no sites"):
         stage.run_sites(TINY, [], tmp_path, tmp_path / "m")
+
+
+@pytest.mark.parametrize("how", ["sigterm", "parent_killed"])
+def test_a_stopped_run_leaves_no_worker_process(tmp_path: Path, how: str) -> None:
+    """SIGTERM stops the workers by PID; a parent killed outright (no ``finally``) leaves
+    workers that notice and end themselves."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    cohort = _tiny_cohort(tmp_path / "cohort")
+    script = (
+        "import dataclasses, sys\n"
+        "from fedct.config import TrainParams\n"
+        "from fedct.stages.train import run_sites\n"
+        "p = TrainParams(sites=('A', 'pooled'), steps=100000, channels=(4, 8), strides=(2,),"
+        " patch_size=(16, 16, 8), max_shift=(0, 0, 0), val_checks=1, patience=0,"
+        " device='cpu', workers=2)\n"
+        f"run_sites(p, p.sites, {str(cohort)!r}, {str(tmp_path / 'm')!r})\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'run.db'}"}
+    log = (tmp_path / "stderr.txt").open("wb")  # a file: a pipe nobody reads would fill
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 240
+        workers: list[psutil.Process] = []
+        while time.monotonic() < deadline and len(workers) < 2:
+            time.sleep(0.5)
+            workers = [c for c in parent.children()
+                       if "spawn_main" in " ".join(c.cmdline())]
+            assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+        assert len(workers) == 2, "the workers did not start"
+        # Stopped while both train (their progress bars are out), not while they import.
+        err = tmp_path / "stderr.txt"
+        while time.monotonic() < deadline and not all(
+                f"train {s}: steps" in err.read_text(errors="replace") for s in ("A", "pooled")):
+            time.sleep(0.5)
+        if how == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            proc.kill()
+        proc.wait(timeout=60)
+        _, alive = psutil.wait_procs(workers, timeout=60)
+        assert not alive, f"workers left running: {[w.pid for w in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+        for c in psutil.Process().children(recursive=True):
+            if c.pid != os.getpid():
+                with __import__("contextlib").suppress(psutil.Error):
+                    c.kill()

@@ -133,7 +133,9 @@ class FederationConfig:
         init = Path(self.init_model)
         if self.init_model and not init.is_file():
             raise FedctError(f"{init}: initial model not found")
-        key = {"sites": self.sites, "params": to_dict(self.train_params),
+        # train.workers says how many local models train at once: no property of a federation.
+        params = {k: v for k, v in to_dict(self.train_params).items() if k != "workers"}
+        key = {"sites": self.sites, "params": params,
                "rounds": self.rounds, "local_steps": self.local_steps, "mu": self.mu,
                "seed": self.seed, "weights": self.site_weights,
                "init": hashlib.sha256(init.read_bytes()).hexdigest() if self.init_model

@@ -14,8 +14,10 @@ step on 2 threads takes about 0.7x the time of one thread), so two trainings of 
 thread each finish sooner than the same trainings one after the other
 (``benchmarks/train_parallel.py``: x1.27 for two 400-step models on 2 cores). The number
 of threads per process changes the float rounding of convolutions, so a model is
-reproducible for a given machine and ``train.workers``, like every result of a CPU with a
-given number of cores.
+reproducible for a given machine, ``train.workers`` and number of models (threads per
+process: the cores over the processes that run), as every CPU result is for a given
+number of cores; ``train.workers`` is therefore treated like the machine (not a DVC
+param).
 
 A checkpoint in ``checkpoint_dir`` lets a killed run resume; it is only reused when params,
 training data and training code are the same. The checkpoints of finished models stay
@@ -26,11 +28,17 @@ run's weights must not come back when DVC reruns the stage under the same params
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
-from collections.abc import Sequence
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from tqdm import tqdm
@@ -84,7 +92,8 @@ def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
         params = pooled_params(params, cases)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [case_path(cohort_dir, k) for k in cases["series_key"]]
-    loaded = [load_case(f) for f in tqdm(files, desc=f"train {site}: load")]
+    loaded = [load_case(f) for f in tqdm(files, desc=f"train {site}: load",
+                                         position=position)]
     train = [c for c, s in zip(loaded, cases["split"], strict=True) if s == "train"]
     val = [c for c, s in zip(loaded, cases["split"], strict=True) if s == "val"]
     fp = fingerprint(params, site, files)
@@ -132,14 +141,53 @@ def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
     return metrics
 
 
+_SLOT: int | None = None  # a worker process's progress-bar line (set by _init_worker)
+
+
+def _init_worker(lock, slots, parent: int) -> None:
+    """Each worker process draws the next free bar line once and shares tqdm's lock; it
+    ends itself when its parent is gone (killed outright, no ``finally`` ran there)."""
+    global _SLOT
+    tqdm.set_lock(lock)
+    with slots.get_lock():
+        _SLOT = slots.value
+        slots.value += 1
+    # ``parent`` comes from the parent: read here, it could already be init's PID (a
+    # parent killed while this process was still importing).
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fedct-train-parent-watch", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler, ``kill``) ends the run like Ctrl-C: the workers are stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _train_job(job: tuple) -> dict:
     """One model in a worker process: its share of the CPU threads, then ``run``."""
     import torch
 
-    params, site, cohort_dir, out_dir, checkpoint_dir, threads, position = job
+    params, site, cohort_dir, out_dir, checkpoint_dir, threads = job
     torch.set_num_threads(threads)
     return run(params, site, cohort_dir, out_dir, checkpoint_dir, keep_checkpoint=True,
-               position=position)
+               position=_SLOT)
 
 
 def step_cap(params: TrainParams, site: str) -> int:
@@ -148,14 +196,38 @@ def step_cap(params: TrainParams, site: str) -> int:
     return params.steps * max(1, n_local) if site == POOLED else params.steps
 
 
+def _reason(exc: FedctError) -> str:
+    """One line: the error without the stage's own prefix."""
+    text = " ".join(str(exc).split())
+    return text[len("train: "):] if text.startswith("train: ") else text
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and end the worker processes by PID (an interrupted
+    worker would otherwise go on to the next model)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # before shutdown
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+
+
 def run_sites(params: TrainParams, sites: Sequence[str], cohort_dir: Path, models_dir: Path,
               checkpoint_dir: Path | None = None) -> dict[str, dict]:
     """Train the models of ``sites`` into ``models_dir/<site>``, ``train.workers`` at once.
 
     The longest trainings start first. A model that fails does not stop the others: every
     model that finishes is written, and then a FedctError names each failed site and its
-    reason (the finished models' checkpoints are kept, so a rerun restores them).
-    Returns site -> the model's metrics.
+    reason (the finished models' checkpoints are kept, so a rerun restores them). An
+    unexpected exception (a bug) is raised with its traceback after the other models have
+    finished; an interrupt (Ctrl-C) stops every worker at once. Returns site -> metrics.
+
+    The workers log to the same MLflow store; MLflow's SQLite store waits up to 20 s for
+    a lock (``PRAGMA busy_timeout``), far longer than any of the stage's short writes.
     """
     from fedct import tracking
 
@@ -170,30 +242,46 @@ def run_sites(params: TrainParams, sites: Sequence[str], cohort_dir: Path, model
     workers = max(1, min(params.workers, len(order)))
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}
+    bug: BaseException | None = None
     if workers == 1:
         for site in order:
             try:
                 results[site] = run(params, site, cohort_dir, models_dir / site,
                                     checkpoint_dir, keep_checkpoint=True)
             except FedctError as exc:
-                failed[site] = str(exc)
+                failed[site] = _reason(exc)
+            except Exception as exc:  # a bug: the others still train, then it is raised
+                failed[site], bug = f"{type(exc).__name__}: {exc}", bug or exc
     else:
         import torch
 
         threads = max(1, torch.get_num_threads() // workers)
         # Spawned, not forked: a fork after torch has started its OpenMP threads can hang.
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            futures = {site: pool.submit(_train_job, (params, site, cohort_dir,
-                                                      models_dir / site, checkpoint_dir,
-                                                      threads, i % workers))
-                       for i, site in enumerate(order)}
-            for site, future in futures.items():
-                try:
-                    results[site] = future.result()
-                except Exception as exc:  # noqa: BLE001 - reported per site below
-                    failed[site] = (str(exc) if isinstance(exc, FedctError)
-                                    else f"{type(exc).__name__}: {exc}")
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(ctx.RLock(), ctx.Value("i", 0), os.getpid()))
+        with _terminate_as_interrupt():
+            try:
+                futures = {site: pool.submit(_train_job, (params, site, cohort_dir,
+                                                          models_dir / site, checkpoint_dir,
+                                                          threads))
+                           for site in order}
+                for site, future in futures.items():
+                    try:
+                        results[site] = future.result()
+                    except FedctError as exc:
+                        failed[site] = _reason(exc)
+                    except BrokenProcessPool:
+                        failed[site] = ("its worker process died (killed, or out of memory) "
+                                        "or the pool broke before it ran")
+                    except Exception as exc:  # a bug: raised after the others have finished
+                        failed[site], bug = f"{type(exc).__name__}: {exc}", bug or exc
+            except BaseException:
+                _stop_workers(pool)
+                raise
+        pool.shutdown(wait=True)
+    if bug is not None:
+        raise bug
     if failed:
         done = ", ".join(s for s in order if s in results) or "none"
         raise FedctError("train: " + "; ".join(f"site {s} failed: {m}" for s, m in
