@@ -128,6 +128,14 @@ class TrainParams:
     workers: int = 2
 
 
+def model_params(params: TrainParams) -> dict:
+    """``params`` as a dict without the keys that say how a run is organised, not what a
+    model is: ``workers`` (how many models train at once) and ``sites`` (which models the
+    stage trains; a model's own cases are hashed beside it). Checkpoint fingerprints key on
+    this."""
+    return {k: v for k, v in to_dict(params).items() if k not in ("workers", "sites")}
+
+
 @dataclass(frozen=True)
 class UncertaintyParams:
     """``fedct uncertainty``: every model on every site's test set with MC dropout."""

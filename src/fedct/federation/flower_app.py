@@ -54,7 +54,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log
 
-from fedct.config import TrainParams, from_dict, to_dict
+from fedct.config import TrainParams, from_dict, model_params, to_dict
 from fedct.errors import FedctError
 from fedct.federation.aggregate import weighted_average
 
@@ -133,9 +133,7 @@ class FederationConfig:
         init = Path(self.init_model)
         if self.init_model and not init.is_file():
             raise FedctError(f"{init}: initial model not found")
-        # train.workers says how many local models train at once: no property of a federation.
-        params = {k: v for k, v in to_dict(self.train_params).items() if k != "workers"}
-        key = {"sites": self.sites, "params": params,
+        key = {"sites": self.sites, "params": model_params(self.train_params),
                "rounds": self.rounds, "local_steps": self.local_steps, "mu": self.mu,
                "seed": self.seed, "weights": self.site_weights,
                "init": hashlib.sha256(init.read_bytes()).hexdigest() if self.init_model

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -190,12 +191,6 @@ def _train_job(job: tuple) -> dict:
                position=_SLOT)
 
 
-def step_cap(params: TrainParams, site: str) -> int:
-    """The step cap of ``site``'s model: ``train.steps``, times the sites for pooled."""
-    n_local = len([s for s in params.sites if s != POOLED])
-    return params.steps * max(1, n_local) if site == POOLED else params.steps
-
-
 def _reason(exc: FedctError) -> str:
     """One line: the error without the stage's own prefix."""
     text = " ".join(str(exc).split())
@@ -238,20 +233,31 @@ def run_sites(params: TrainParams, sites: Sequence[str], cohort_dir: Path, model
     read_cohort(Path(cohort_dir))  # a missing cohort is one error, not one per site
     # The tracking store and experiment are created here once, not raced by the workers.
     tracking.configure()
-    order = sorted(sites, key=lambda s: -step_cap(params, s))
+    # Pooled first: its cap is train.steps x its sites (``pooled_params``), the longest.
+    order = sorted(sites, key=lambda s: s != POOLED)
     workers = max(1, min(params.workers, len(order)))
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}
     bug: BaseException | None = None
-    if workers == 1:
-        for site in order:
+
+    def collect(outcomes: Iterator[tuple[str, Callable[[], dict]]]) -> None:
+        """Each site's result, or its reason; a bug is kept to raise after the rest."""
+        nonlocal bug
+        for site, result in outcomes:
             try:
-                results[site] = run(params, site, cohort_dir, models_dir / site,
-                                    checkpoint_dir, keep_checkpoint=True)
+                results[site] = result()
             except FedctError as exc:
                 failed[site] = _reason(exc)
+            except BrokenProcessPool:
+                failed[site] = ("its worker process died (killed, or out of memory) or the "
+                                "pool broke before it ran")
             except Exception as exc:  # a bug: the others still train, then it is raised
                 failed[site], bug = f"{type(exc).__name__}: {exc}", bug or exc
+
+    if workers == 1:
+        collect((site, functools.partial(run, params, site, cohort_dir, models_dir / site,
+                                         checkpoint_dir, keep_checkpoint=True))
+                for site in order)
     else:
         import torch
 
@@ -266,16 +272,7 @@ def run_sites(params: TrainParams, sites: Sequence[str], cohort_dir: Path, model
                                                           models_dir / site, checkpoint_dir,
                                                           threads))
                            for site in order}
-                for site, future in futures.items():
-                    try:
-                        results[site] = future.result()
-                    except FedctError as exc:
-                        failed[site] = _reason(exc)
-                    except BrokenProcessPool:
-                        failed[site] = ("its worker process died (killed, or out of memory) "
-                                        "or the pool broke before it ran")
-                    except Exception as exc:  # a bug: raised after the others have finished
-                        failed[site], bug = f"{type(exc).__name__}: {exc}", bug or exc
+                collect((site, future.result) for site, future in futures.items())
             except BaseException:
                 _stop_workers(pool)
                 raise

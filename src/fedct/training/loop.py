@@ -31,7 +31,7 @@ from tqdm import tqdm
 import fedct.model
 import fedct.training
 from fedct.analysis.metrics import dice_per_structure
-from fedct.config import TrainParams, to_dict
+from fedct.config import TrainParams, model_params
 from fedct.data.labels import LabelSet
 from fedct.devices import pick_device, use_amp
 from fedct.errors import FedctError
@@ -75,10 +75,8 @@ def train_transforms(params: TrainParams):
 
 def fingerprint(params: TrainParams, site: str, case_files: list[Path]) -> str:
     """What a resumable checkpoint must match: params, site, the cases' names and bytes,
-    and the training code. ``workers`` and ``sites`` are left out: how many models train
-    at once is no property of one model, and the cases a model trains on are hashed."""
-    keyed = {k: v for k, v in to_dict(params).items() if k not in ("workers", "sites")}
-    h = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode())
+    and the training code (params: ``config.model_params``)."""
+    h = hashlib.sha256(json.dumps(model_params(params), sort_keys=True, default=str).encode())
     h.update(site.encode())
     # The code that decides the weights: a checkpoint of other code must not be resumed.
     h.update(source_digest(fedct.training, fedct.model).encode())
