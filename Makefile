@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# CPU build of torch (CI, laptops). On a GPU node: make TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
+# torch: CI's pip finds the CPU wheel on disk (find-links); on PyPI alone pip takes the CUDA
+# build, so elsewhere add --index-url https://download.pytorch.org/whl/cpu for the CPU one.
+# On a GPU node: make TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH_SPEC ?= torch==2.13.0
 PIP_SPEC ?= pip==26.3
 UV_SPEC ?= uv==$(shell sed -n 's/^uv==//p' requirements.lock)
@@ -62,8 +64,10 @@ bench: venv
 	$(BIN)/python benchmarks/mc_dropout.py
 	$(DEMO_ENV) $(BIN)/python benchmarks/mc_dropout.py
 
+# The run cache goes too: with it `dvc repro` would restore every stage without running
+# it, and the new MLflow store would get no run.
 clean-demo:
-	rm -rf data outputs mlruns mlflow.db
+	rm -rf data outputs mlruns mlflow.db .dvc/cache/runs
 
 # A shared MLflow server: PostgreSQL backend store (database created if missing), artifacts
 # in MLFLOW_ARTIFACTS, on loopback until Ctrl-C (which stops it by its PID). Clients:

@@ -60,7 +60,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per method")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--amp", action="store_true", help="on CUDA also time with autocast")
-    p.add_argument("--n-classes", type=int, default=9, help="output classes (phantom: 9)")
+    p.add_argument("--n-classes", type=int, default=11,
+                   help="output classes (phantom: 10 structures + background)")
     p.add_argument("--channels", type=str, default=None, help="default train.channels")
     p.add_argument("--params", type=str, default="params.yaml")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
