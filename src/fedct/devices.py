@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import platform
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,3 +50,32 @@ def use_amp(device: torch.device, amp: bool = True) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and cpu_has_bf16()
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def runtime(device: torch.device, amp: bool = True) -> dict[str, Any]:
+    """Where a result was computed, for a model card and its MLflow run.
+
+    Float rounding, and so a model's weights, depends on it: a CPU result repeats for one
+    CPU kind and thread count (``train.workers`` sets the threads of each training), a GPU
+    one for one card and build. Nothing here identifies a patient or a host.
+    """
+    info: dict[str, Any] = {"device": str(device), "torch": torch.__version__,
+                            "bf16_autocast": use_amp(device, amp)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu"] = cpu_model()
+        info["threads"] = torch.get_num_threads()
+    return info

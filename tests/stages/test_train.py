@@ -121,6 +121,11 @@ def test_models_trained_in_parallel_equal_those_trained_one_by_one(
         assert all(torch.equal(par[k], seq[k]) for k in par), site
         card = json.loads((tmp_path / "par" / site / "model_card.json").read_text())
         assert card["site"] == site
+        # The card says what the rounding depended on: each worker's share of the threads.
+        assert card["runtime"]["threads"] == threads
+        assert card["runtime"]["device"] == "cpu" and card["runtime"]["cpu"]
+        seq_card = json.loads((tmp_path / "seq" / site / "model_card.json").read_text())
+        assert seq_card["runtime"] == card["runtime"]
     history = pd.read_csv(tmp_path / "par" / "pooled" / "history.csv")
     assert list(history["step"]) == [2, 4]  # pooled on one site: 4 steps x 1 site
 

@@ -54,7 +54,7 @@ from fedct.data.cases import (
     read_spec,
     training_cases,
 )
-from fedct.devices import pick_device
+from fedct.devices import pick_device, runtime
 from fedct.errors import FedctError
 from fedct.model.io import save_model
 from fedct.training.curves import plot_curves
@@ -101,10 +101,13 @@ def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
     ckpt = checkpoint_path(checkpoint_dir, site) if checkpoint_dir else None
     spacing = tuple(spec["spacing_mm"])
     name = f"fedct-{POOLED}" if site == POOLED else f"fedct-local-{site}"
+    # What the weights' rounding depends on (threads: this process's share of the cores).
+    where = runtime(pick_device(params.device), params.amp)
     with tracking.start_run("train", run_name=f"train-{site}",
                             tags={"fedct.site": site}) as mlrun:
         mlrun.log_params({**to_dict(params), "site": site, "n_train": len(train),
-                          "n_val": len(val), "device": str(pick_device(params.device))})
+                          "n_val": len(val),
+                          **{f"runtime.{k}": v for k, v in where.items()}})
         mlrun.log_dataset(cases, name=f"cohort-{site}", source=str(cohort_dir / "cohort.csv"),
                           context="training")
         model, history = train_model(
@@ -118,7 +121,8 @@ def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
         save_model(model, out_dir / "model.pt", model_arch(params, labels),
                    {"site": site, "labels": labels.to_json(), "preprocessing": spec,
                     "reference_ml": reference, "fingerprint": fp,
-                    "n_train": len(train), "n_val": len(val), "training": to_dict(params)})
+                    "n_train": len(train), "n_val": len(val), "training": to_dict(params),
+                    "runtime": where})
         history.to_csv(out_dir / "history.csv", index=False)
         plot_curves(history, out_dir / "curves.png", name, labels)
         # The kept weights: best validation loss, or the last step without validation.
