@@ -23,6 +23,10 @@ Run it on a development seed (``synth.dev_seeds``), never on the report seed:
 
     python benchmarks/ablation.py --profile demo --workers 2 --out ablation.csv
 
+``--profile local`` trains the model as the pipeline trains a local model (one training
+site's split of the demo archive, ``params.yaml``'s ``train`` settings); ``demo`` is the
+earlier profile (6 patients, 480 steps).
+
 Outputs: ``--out`` (one row per factor), ``<out>_cases.csv`` (one row per factor and
 test patient) and ``<out>_run.json`` (settings, timings, the model's validation curve).
 """
@@ -47,7 +51,9 @@ from fedct.analysis.stats import paired_difference
 from fedct.config import TrainParams, load_params
 from fedct.data.labels import parse_labels
 from fedct.data.preprocess import PrepSpec, prepare_case
+from fedct.stages.cohort import split_sizes
 from fedct.synth.anatomy import STRUCTURES
+from fedct.synth.archive import PROFILES as ARCHIVE_PROFILES
 from fedct.synth.factors import (
     BY_NAME,
     CONTROL,
@@ -66,11 +72,16 @@ TRAIN, VAL, TEST = 0, 1, 2
 
 @dataclass(frozen=True)
 class Profile:
-    """Sizes of one ablation run: synth profile, patients, model grid, train overrides."""
+    """Sizes of one ablation run: synth profile, patients, model grid, train overrides.
+
+    ``n_train`` / ``n_val`` None: as many as the cohort's split (``params.yaml`` cohort
+    fractions) gives one training site of the ``synth`` archive profile, so the model is
+    trained on the data a local model of the pipeline gets.
+    """
 
     synth: str
-    n_train: int
-    n_val: int
+    n_train: int | None
+    n_val: int | None
     n_test: int
     spec: PrepSpec | None  # None: the cohort's grid from params.yaml
     train: dict
@@ -85,6 +96,9 @@ PROFILES = {
     # development seeds (channels 8-64, peak lr 0.01, 480 steps).
     "demo": Profile("demo", 6, 2, 12, None,
                     dict(steps=480, channels=(8, 16, 32, 64), learning_rate=0.01)),
+    # A local model of the pipeline: one training site's split of the demo archive (8
+    # patients: 4 train, 1 val) and params.yaml's train settings unchanged (train.steps).
+    "local": Profile("demo", None, None, 12, None, {}),
 }
 
 
@@ -243,6 +257,16 @@ def train_params(args: argparse.Namespace, base: TrainParams, prof: Profile) -> 
     return params
 
 
+def patients(prof: Profile, args: argparse.Namespace, cohort) -> tuple[int, int, int]:
+    """Train, val and test patients: the options, else the profile, else (train, val)
+    one training site's split of the profile's archive under ``cohort``'s fractions."""
+    site = split_sizes(ARCHIVE_PROFILES[prof.synth].patients_per_site, cohort)
+    n_train = args.n_train or prof.n_train or site["train"]
+    n_val = args.n_val if args.n_val is not None else (
+        prof.n_val if prof.n_val is not None else site["val"])
+    return n_train, n_val, args.n_test or prof.n_test
+
+
 def run(argv: list[str] | None = None) -> pd.DataFrame:
     """The whole ablation; returns the factor table (also written to ``--out``)."""
     import torch
@@ -270,9 +294,7 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
         raise SystemExit(f"ablation: unknown factors {unknown}; "
                          f"choose from {[f.name for f in FACTORS]}")
     names = [*names, CONTROL.name]
-    n_train = args.n_train or prof.n_train
-    n_val = prof.n_val if args.n_val is None else args.n_val
-    n_test = args.n_test or prof.n_test
+    n_train, n_val, n_test = patients(prof, args, cohort)
     labels = parse_labels({"0": "background", **{str(k): v for k, v in STRUCTURES.items()}},
                           "fedct.synth.anatomy.STRUCTURES")
     print(f"ablation: seed {seed}, profile {args.profile}, reference {REFERENCE_SITE}/"

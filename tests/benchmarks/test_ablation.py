@@ -108,3 +108,22 @@ def test_tiny_ablation_end_to_end(tmp_path: Path) -> None:
 
     dev = load_params(ROOT / "params.yaml").synth.dev_seeds
     assert info["seed"] == dev[0] and info["steps_run"] == 4 and info["seconds"]["total"] > 0
+
+
+def test_the_local_profile_trains_on_what_a_local_model_of_the_pipeline_gets() -> None:
+    from fedct.config import load_params
+    from fedct.synth.archive import PROFILES
+
+    params = load_params(ROOT / "params.yaml")
+    args = ablation.parse_args(["--profile", "local"])
+    n_train, n_val, n_test = ablation.patients(ablation.PROFILES["local"], args, params.cohort)
+    # The demo archive's 8 patients per site: 2 test, 1 val, 1 calib, 4 train.
+    assert PROFILES["demo"].patients_per_site == 8
+    assert (n_train, n_val, n_test) == (4, 1, 12)
+    # Its training settings are params.yaml's, unchanged (train.steps, not the old 480).
+    local = ablation.train_params(args, params.train, ablation.PROFILES["local"])
+    assert local == params.train
+    assert ablation.train_params(args, params.train, ablation.PROFILES["demo"]).steps == 480
+    # Options still win.
+    args = ablation.parse_args(["--profile", "local", "--n-train", "6", "--n-val", "0"])
+    assert ablation.patients(ablation.PROFILES["local"], args, params.cohort)[:2] == (6, 0)

@@ -58,6 +58,21 @@ def _site_rng(seed: int, site: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
+def split_sizes(n: int, params: CohortParams) -> dict[str, int]:
+    """Patients of a training site with ``n`` patients in each split (the rule above)."""
+    n_test = max(1, int(round(params.test_fraction * n))) if n >= 2 else 0
+    n_val = int(round(params.val_fraction * n))
+    if n >= 3:
+        n_val = max(1, n_val)
+    n_val = min(n_val, n - n_test - 1) if n - n_test > 1 else 0
+    n_calib = int(round(params.calib_fraction * n))
+    if n >= 4 and params.calib_fraction > 0:
+        n_calib = max(1, n_calib)
+    n_calib = min(n_calib, max(0, n - n_test - n_val - 1))
+    return {"test": n_test, "val": n_val, "calib": n_calib,
+            "train": n - n_test - n_val - n_calib}
+
+
 def split_patients(chosen: pd.DataFrame, params: CohortParams) -> pd.DataFrame:
     """Add ``split`` (train/val/calib/test), ``role`` (train/holdout) and ``labelled``.
 
@@ -72,16 +87,8 @@ def split_patients(chosen: pd.DataFrame, params: CohortParams) -> pd.DataFrame:
         if holdout:
             split = dict.fromkeys(patients, "test")
         else:
-            n_test = max(1, int(round(params.test_fraction * n))) if n >= 2 else 0
-            n_val = int(round(params.val_fraction * n))
-            if n >= 3:
-                n_val = max(1, n_val)
-            n_val = min(n_val, n - n_test - 1) if n - n_test > 1 else 0
-            n_calib = int(round(params.calib_fraction * n))
-            if n >= 4 and params.calib_fraction > 0:
-                n_calib = max(1, n_calib)
-            n_calib = min(n_calib, max(0, n - n_test - n_val - 1))
-            bounds = np.cumsum([n_test, n_val, n_calib])
+            size = split_sizes(n, params)
+            bounds = np.cumsum([size["test"], size["val"], size["calib"]])
             names = np.array(["test", "val", "calib", "train"])
             split = {p: str(names[np.searchsorted(bounds, i, side="right")])
                      for i, p in enumerate(patients)}
