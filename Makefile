@@ -64,10 +64,11 @@ bench: venv
 	$(BIN)/python benchmarks/mc_dropout.py
 	$(DEMO_ENV) $(BIN)/python benchmarks/mc_dropout.py
 
-# The run cache goes too: with it `dvc repro` would restore every stage without running
-# it, and the new MLflow store would get no run.
+# DVC's cache goes too: with it `dvc repro` would check every stage's outputs out of the
+# cache without running it ("is cached - skipping run"), and the new MLflow store would get
+# no run. Afterwards the repository is as a fresh clone.
 clean-demo:
-	rm -rf data outputs mlruns mlflow.db .dvc/cache/runs
+	rm -rf data outputs mlruns mlflow.db .dvc/cache
 
 # A shared MLflow server: PostgreSQL backend store (database created if missing), artifacts
 # in MLFLOW_ARTIFACTS, on loopback until Ctrl-C (which stops it by its PID). Clients:
