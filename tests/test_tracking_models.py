@@ -86,6 +86,19 @@ def test_a_missing_model_or_alias_is_one_line_naming_the_uri(registered, uri: st
     with pytest.raises(FedctError) as err:
         tracking.download_model(uri, tmp_path / "dl")
     assert str(err.value).startswith(f"{uri}: no such model") and "\n" not in str(err.value)
+    # An alias names a version only after a promotion that won; the error says what to do.
+    assert ("name a version, models:/<name>/<version>" in str(err.value)) == ("@" in uri)
+
+
+def test_no_store_in_the_working_directory_is_an_error_not_a_new_empty_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FedctError, match=r"models:/fedct-seg/1: no MLflow store in .*"
+                                         r"\(no mlflow.db\): run this where the pipeline "
+                                         r"ran, or set MLFLOW_TRACKING_URI"):
+        tracking.download_model("models:/fedct-seg/1", tmp_path / "dl")
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_a_missing_alias_in_a_file_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch

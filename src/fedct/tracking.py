@@ -21,6 +21,7 @@ from typing import Any
 from fedct.errors import FedctError
 
 EXPERIMENT = "fedct"
+DEFAULT_STORE = "mlflow.db"  # the embedded SQLite store, in the working directory
 
 
 def _git_commit() -> str:
@@ -39,9 +40,12 @@ def git_commit() -> str:
 
 
 def _git_dirty() -> bool:
+    """Whether tracked files differ from the commit; ``dvc.lock`` does not count, as
+    ``dvc repro`` rewrites it after every stage (every later run would be "dirty")."""
     try:
         out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--",
+             ":(top)", ":(top,exclude)dvc.lock"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -398,7 +402,8 @@ def log_fedct_model(run: Run, model_dir: Path, artifact_path: str = "model",
 def _set_tracking_uri() -> str:
     """The tracking URI of ``configure`` without creating an experiment (a read)."""
     mlflow = _mlflow()
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    uri = (os.environ.get("MLFLOW_TRACKING_URI")
+           or f"sqlite:///{Path(DEFAULT_STORE).resolve()}")
     mlflow.set_tracking_uri(uri)
     # The registry lives in the tracking store (MLflow writes MLFLOW_REGISTRY_URI back into
     # the environment when it is set, so that variable cannot be trusted here).
@@ -426,6 +431,10 @@ def download_model(uri: str, dst: Path) -> Path:
     mlflow = _mlflow()
     from mlflow.exceptions import MlflowException
 
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not Path(DEFAULT_STORE).exists():
+        # MLflow would create an empty store here and then find no model in it.
+        raise FedctError(f"{uri}: no MLflow store in {Path.cwd()} (no {DEFAULT_STORE}): run "
+                         "this where the pipeline ran, or set MLFLOW_TRACKING_URI")
     tracking_uri = _set_tracking_uri()
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
@@ -436,8 +445,10 @@ def download_model(uri: str, dst: Path) -> Path:
         # MLflow 3.17 answers a missing alias with INVALID_PARAMETER_VALUE, the rest of
         # "not found" with RESOURCE_DOES_NOT_EXIST.
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in reason:
+            hint = ("; a refused promotion sets no alias: name a version, "
+                    "models:/<name>/<version>" if "@" in uri else "")
             raise FedctError(f"{uri}: no such model, version or alias in the MLflow "
-                             f"registry at {tracking_uri} ({reason})") from exc
+                             f"registry at {tracking_uri} ({reason}{hint})") from exc
         raise FedctError(f"{uri}: cannot get the model from MLflow at {tracking_uri} "
                          f"({reason})") from exc
     except OSError as exc:

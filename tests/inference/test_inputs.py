@@ -94,3 +94,43 @@ def test_other_files_and_missing_paths(tmp_path: Path) -> None:
         read_input(tmp_path / "scan.png")
     with pytest.raises(FedctError, match="nothing: no such file or folder"):
         read_input(tmp_path / "nothing")
+
+
+def _edit(folder: Path, change) -> None:
+    import pydicom
+
+    for k, path in enumerate(sorted(folder.glob("*.dcm"), key=lambda p: -int(p.stem[2:]))):
+        ds = pydicom.dcmread(path)
+        change(ds, k)
+        ds.save_as(path)
+
+
+def test_a_coronal_reformat_is_refused_as_the_catalogue_refuses_it(tmp_path: Path) -> None:
+    write_series(tmp_path / "MPR")
+
+    def coronal(ds, k):
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # rows along x, columns along -z
+        ds.ImagePositionPatient = [-7.5, -7.5 + 2.0 * k, 100.0]  # stacked along y
+        ds.ImageType = ["DERIVED", "SECONDARY", "MPR"]
+
+    _edit(tmp_path / "MPR", coronal)
+    with pytest.raises(FedctError, match=r"MPR: coronal slices; a derived reformat: not an "
+                                         r"axial 3D stack"):
+        read_input(tmp_path / "MPR")
+
+
+def test_irregular_slice_spacing_is_refused(tmp_path: Path) -> None:
+    write_series(tmp_path / "gaps")
+    # Alternating 2 mm and 3 mm gaps: one grid spacing would misplace half the slices.
+    _edit(tmp_path / "gaps", lambda ds, k: setattr(
+        ds, "ImagePositionPatient", [-7.5, -7.5, 100.0 + 2.5 * k + 0.5 * (k % 2)]))
+    with pytest.raises(FedctError, match=r"gaps: irregular slice spacing \(2.00-3.00 mm\)"):
+        read_input(tmp_path / "gaps")
+
+
+def test_derived_axial_images_are_still_segmented(tmp_path: Path) -> None:
+    # The catalogue keeps derived axial recons (e.g. from volume data); so does predict.
+    write_series(tmp_path / "recon")
+    _edit(tmp_path / "recon", lambda ds, k: setattr(ds, "ImageType",
+                                                    ["DERIVED", "SECONDARY", "AXIAL"]))
+    assert read_input(tmp_path / "recon").image.GetSize() == (16, 16, N_SLICES)

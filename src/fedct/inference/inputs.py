@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from fedct.catalogue.series import SPACING_TOL_MM, SPACING_TOL_REL
 from fedct.config import CatalogueParams
 from fedct.dicom.readers import read_headers
 from fedct.dicom.tags import DICOMDIR, NOT_CT, NOT_DICOM
-from fedct.dicom.values import parse_floats, slice_normal
+from fedct.dicom.values import image_type_class, orientation_class, parse_floats, slice_normal
 from fedct.dicom.volume import read_volume
 from fedct.errors import FedctError
 
@@ -76,8 +77,33 @@ def read_volume_file(path: Path) -> InputImage:
     return InputImage(image, "volume", path)
 
 
-def _slice_order(headers: list) -> list[int]:
-    """Indices of ``headers`` sorted along the slice normal (ImagePositionPatient)."""
+def _check_usable(folder: Path, headers: list, positions: np.ndarray) -> None:
+    """The catalogue's usability rule for a series to segment: an axial stack of original
+    or derived axial images (no localizer, no reformat), regularly spaced slices.
+
+    A coronal reformat or a stack with alternating gaps would otherwise be resampled onto
+    a grid it does not have, and its label map would land in the wrong place.
+    """
+    orient = orientation_class(headers[0].values.get("ImageOrientationPatient"))
+    kind = image_type_class(headers[0].values.get("ImageType"))
+    reasons = []
+    if orient != "axial":
+        reasons.append(f"{orient} slices" if orient != "unknown" else "unknown orientation")
+    if kind in ("localizer", "reformat"):
+        reasons.append("a localizer" if kind == "localizer" else "a derived reformat")
+    gaps = np.diff(positions)
+    spacing = float(np.median(gaps))
+    if float(gaps.max() - gaps.min()) > max(SPACING_TOL_MM, SPACING_TOL_REL * spacing):
+        reasons.append(f"irregular slice spacing ({gaps.min():.2f}-{gaps.max():.2f} mm)")
+    if reasons:
+        raise FedctError(f"{folder}: {'; '.join(reasons)}: not an axial 3D stack the models "
+                         "can segment (the catalogue's usability rule); pass the original "
+                         "axial series")
+
+
+def _slice_order(headers: list) -> tuple[list[int], np.ndarray]:
+    """Indices of ``headers`` sorted along the slice normal (ImagePositionPatient), and
+    the sorted positions (mm)."""
     iop = parse_floats(headers[0].values.get("ImageOrientationPatient"), 6)
     normal = slice_normal(iop) if iop is not None else None
     if normal is None:
@@ -94,7 +120,7 @@ def _slice_order(headers: list) -> list[int]:
         k = int(np.argmax(np.diff(pos) < 1e-3))
         raise FedctError(f"{headers[order[k + 1]].path}: same slice position as "
                          f"{Path(headers[order[k]].path).name} (duplicate slice)")
-    return order
+    return order, pos
 
 
 def read_dicom_series(folder: Path, min_slices: int = MIN_SLICES) -> InputImage:
@@ -127,7 +153,8 @@ def read_dicom_series(folder: Path, min_slices: int = MIN_SLICES) -> InputImage:
         # Checked here too so that reading a short series' pixels is skipped.
         raise FedctError(f"{folder}: {len(images)} slices, fewer than {min_slices} (not a "
                          "3D stack the models can segment: the catalogue's min_slices rule)")
-    order = _slice_order(images)
+    order, positions = _slice_order(images)
+    _check_usable(folder, images, positions)
     paths = [Path(images[i].path) for i in order]
     image = read_volume(folder, [str(p.relative_to(folder)) for p in paths])
     datasets = []
