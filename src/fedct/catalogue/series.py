@@ -189,12 +189,21 @@ def aggregate_series(files: pd.DataFrame, min_slices: int = 32) -> tuple[pd.Data
     s["thickness_class"] = thickness_class(s["slice_thickness"])
     s["slice_spacing"] = s["spacing"]
     s["z_extent"] = s["z_max"] - s["z_min"]
-    tol = np.maximum(SPACING_TOL_MM, SPACING_TOL_REL * s["spacing"].fillna(0))
     s["spacing_regular"] = (
-        ((s["spacing_max"] - s["spacing_min"]).fillna(0) <= tol) & (s["n_dup_pos"] == 0)
+        spacing_regular(s["spacing_min"], s["spacing_max"], s["spacing"]) & (s["n_dup_pos"] == 0)
     )
     s["usable"], s["reason"] = usability(s, min_slices)
     return s, duplicates
+
+
+def spacing_regular(gap_min, gap_max, spacing):
+    """Whether slice positions are regular: every gap within ``SPACING_TOL_MM`` or
+    ``SPACING_TOL_REL`` of the median gap ``spacing``. Scalars or arrays (one per series);
+    NaN gaps (a single slice) count as regular. The one rule of the catalogue and predict."""
+    spread = np.nan_to_num(np.asarray(gap_max, dtype=float) - np.asarray(gap_min, dtype=float))
+    tol = np.maximum(SPACING_TOL_MM,
+                     SPACING_TOL_REL * np.nan_to_num(np.asarray(spacing, dtype=float)))
+    return spread <= tol
 
 
 def usability(s: pd.DataFrame, min_slices: int) -> tuple[pd.Series, pd.Series]:

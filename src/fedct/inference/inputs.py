@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from fedct.catalogue.series import SPACING_TOL_MM, SPACING_TOL_REL
+from fedct.catalogue.series import spacing_regular
 from fedct.config import CatalogueParams
 from fedct.dicom.readers import read_headers
 from fedct.dicom.tags import DICOMDIR, NOT_CT, NOT_DICOM
@@ -92,8 +92,7 @@ def _check_usable(folder: Path, headers: list, positions: np.ndarray) -> None:
     if kind in ("localizer", "reformat"):
         reasons.append("a localizer" if kind == "localizer" else "a derived reformat")
     gaps = np.diff(positions)
-    spacing = float(np.median(gaps))
-    if float(gaps.max() - gaps.min()) > max(SPACING_TOL_MM, SPACING_TOL_REL * spacing):
+    if not spacing_regular(gaps.min(), gaps.max(), np.median(gaps)):
         reasons.append(f"irregular slice spacing ({gaps.min():.2f}-{gaps.max():.2f} mm)")
     if reasons:
         raise FedctError(f"{folder}: {'; '.join(reasons)}: not an axial 3D stack the models "
