@@ -134,3 +134,30 @@ def test_derived_axial_images_are_still_segmented(tmp_path: Path) -> None:
     _edit(tmp_path / "recon", lambda ds, k: setattr(ds, "ImageType",
                                                     ["DERIVED", "SECONDARY", "AXIAL"]))
     assert read_input(tmp_path / "recon").image.GetSize() == (16, 16, N_SLICES)
+
+
+def test_a_label_map_passed_as_ct_is_refused(tmp_path: Path) -> None:
+    # The label map of the phantom: 0 air, 1 body, 2 bone (NIfTI has no modality to check).
+    hu = phantom()
+    labels = np.where(hu == 700, 2, np.where(hu == 40, 1, 0)).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(tmp_path / "seg.nii.gz"))
+    with pytest.raises(FedctError, match=r"seg.nii.gz: no voxel below 0: a label map, not CT "
+                                         r"\(3 integer values 0-2\)"):
+        read_input(tmp_path / "seg.nii.gz")
+
+
+def test_stored_values_without_the_rescale_are_refused(tmp_path: Path) -> None:
+    # CT saved as its stored values (HU + 1024): thousands of values, none negative.
+    rng = np.random.default_rng(0)
+    raw = (phantom() + 1024 + rng.integers(0, 200, phantom().shape)).astype(np.uint16)
+    sitk.WriteImage(sitk.GetImageFromArray(raw), str(tmp_path / "raw.nii.gz"))
+    with pytest.raises(FedctError, match="raw.nii.gz: no voxel below 0: not CT in Hounsfield"):
+        read_input(tmp_path / "raw.nii.gz")
+
+
+def test_a_volume_in_hu_with_fat_is_accepted(tmp_path: Path) -> None:
+    # A tight field of view inside the body: no air, but fat is negative in HU.
+    vol = phantom().astype(np.float32)
+    vol[vol == -1000] = -100
+    sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "body.nii.gz"))
+    assert read_input(tmp_path / "body.nii.gz").image.GetSize()[2] == vol.shape[0]

@@ -4,8 +4,9 @@ Contract: :class:`InputImage` holds the volume as a 3D SimpleITK image in HU (fl
 LPS, spacing in mm) and, for DICOM, the source slices' headers (pydicom, no pixel data)
 in the image's slice order, which the DICOM SEG references. Bad input is a
 :class:`FedctError` naming the file or folder: no DICOM in a folder, a file that is
-corrupt or cut short, a modality other than CT, several series, or fewer slices than the
-catalogue's ``min_slices`` rule (an axial 3D stack of >= 32 slices).
+corrupt or cut short, a modality other than CT, several series, fewer slices than the
+catalogue's ``min_slices`` rule (an axial 3D stack of >= 32 slices), or a volume file with
+no negative value (a label map, or values not in HU: NIfTI carries no modality).
 """
 
 from __future__ import annotations
@@ -74,7 +75,32 @@ def read_volume_file(path: Path) -> InputImage:
         raise FedctError(f"{path}: expected one 3D scalar volume, got "
                          f"{image.GetDimension()}D with "
                          f"{image.GetNumberOfComponentsPerPixel()} components")
+    check_hounsfield(sitk.GetArrayViewFromImage(image), path)
     return InputImage(image, "volume", path)
+
+
+# A label map has a handful of integer values; a CT in HU has thousands.
+LABEL_MAP_MAX_VALUES = 64
+
+
+def check_hounsfield(values: np.ndarray, path: Path) -> None:
+    """Refuse a volume that cannot be CT in Hounsfield units (NIfTI has no modality).
+
+    Every CT of a body holds fat (about -100 HU) and air (-1000 HU), so a volume without a
+    negative value is not CT in HU: a label map passed by mistake (it would be segmented,
+    and only flagged), or stored values saved without DICOM's rescale slope and intercept.
+    """
+    if values.size == 0 or float(values.min()) < 0.0:
+        return
+    distinct = np.unique(values)
+    if distinct.size <= LABEL_MAP_MAX_VALUES and np.all(distinct == np.round(distinct)):
+        what = (f"a label map, not CT ({distinct.size} integer values "
+                f"{int(distinct[0])}-{int(distinct[-1])})")
+    else:
+        what = (f"not CT in Hounsfield units (values {float(distinct[0]):g} to "
+                f"{float(distinct[-1]):g}: no fat or air, which are negative in HU; "
+                "stored values without the rescale slope and intercept?)")
+    raise FedctError(f"{path}: no voxel below 0: {what}; pass the CT volume in HU")
 
 
 def _check_usable(folder: Path, headers: list, positions: np.ndarray) -> None:
