@@ -150,3 +150,17 @@ def test_the_test_bed_stage_feeds_the_pipeline_through_files_only() -> None:
     assert {"data/archive", "data/labels"} <= outs
     assert "data/archive" in dep_paths(stages()["catalogue"])
     assert "data/labels" in dep_paths(stages()["cohort"])
+
+
+def test_the_learning_curve_plots_show_every_model_the_pipeline_trains() -> None:
+    # dvc.yaml's plots name each model's history file: a site added to train.sites (or a
+    # Flower method to federate.methods) without its line would silently drop off the plot.
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    plots = {name: spec for item in yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+             if isinstance(item, dict) for name, spec in item.items()}
+    trained = {f"outputs/models/{s}/history.csv" for s in params["train"]["sites"]}
+    for name in ("training loss", "validation Dice"):
+        assert set(plots[name]["y"]) == trained, name
+    flower = {f"outputs/federated/{m}/history.csv" for m in params["federate"]["methods"]
+              if m in ("fedavg", "fedprox")}
+    assert set(plots["federated validation Dice by round"]["y"]) == flower

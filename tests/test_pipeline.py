@@ -94,6 +94,13 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
         assert set(card["scores"]) == set(params["federate"]["select_from"])
         assert card["scores"][card["chosen"]] == min(card["scores"].values())
     assert len(pd.read_csv(fed / "fedavg" / "history.csv")) == 2
+    # Every federated card records where its weights were computed: each Flower client's
+    # process (one thread each, ray actors), and this stage's for what it computes itself.
+    fedavg = json.loads((fed / "fedavg" / "model_card.json").read_text())["runtime"]
+    assert set(fedavg["clients"]) == set(params["federate"]["sites"])
+    assert {c["threads"] for c in fedavg["clients"].values()} == {1}
+    for card_path in fed.glob("**/model_card.json"):
+        assert json.loads(card_path.read_text())["runtime"]["stage"]["device"] == "cpu"
     heldout = json.loads((work / "outputs/evaluate/metrics.json").read_text())["heldout_dice"]
     assert {"fedavg", "pooled", "local", "one_shot", "uw_merge", "tent",
             "uw_select"} <= set(heldout)

@@ -97,6 +97,7 @@ def test_rounds_merge_the_client_updates_weighted_by_training_cases(
             torch.testing.assert_close(v, 0.4 * a[k] + 0.6 * b[k], msg=k)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the sites did differ
     assert card["site"] == "federated" and card["federation"]["n_train"] == {"A": 2, "B": 3}
+    assert card["runtime"]["clients"]["B"]["threads"] == torch.get_num_threads()
     assert card["labels"] == {"0": "background", "1": "muscle", "2": "femur"}
     assert json.loads((Path(cfg.out_dir) / HISTORY).read_text()) == json.loads(
         json.dumps(history))

@@ -91,6 +91,11 @@ def test_a_killed_two_site_federation_resumes_and_merges_the_last_updates(
         if v.is_floating_point():
             torch.testing.assert_close(v, 0.4 * a[k] + 0.6 * b[k], msg=k)
     assert card["federation"]["sites"] == ["A", "B"]
+    # Each site's updates ran in a ray actor of one CPU: its card says so.
+    clients = card["runtime"]["clients"]
+    assert set(clients) == {"A", "B"}
+    assert all(c["device"] == "cpu" and c["threads"] == 1 and c["torch"] == torch.__version__
+               for c in clients.values())
     # MC dropout survives saving: two samples of the loaded model differ.
     samples = mc_predict(model, torch.rand(1, 1, 16, 16, 8), n_samples=2, batch=2, seed=0)
     assert samples.shape[0] == 2 and not torch.equal(samples[0], samples[1])

@@ -185,6 +185,7 @@ def _site_cases(cfg: FederationConfig, site: str, split: str) -> list[dict]:
 
 def _client_query(msg: Message, context: Context, cfg: FederationConfig) -> Message:
     from fedct.data.cases import cohort_labels, read_spec
+    from fedct.devices import pick_device, runtime
     from fedct.training.loop import reference_volumes
 
     site, index = _site(context, cfg)
@@ -197,7 +198,10 @@ def _client_query(msg: Message, context: Context, cfg: FederationConfig) -> Mess
         "info": ConfigRecord({"site": site, "labels": json.dumps(labels.to_json()),
                               "spec": json.dumps(spec)}),
         "counts": MetricRecord({"site-index": index, "n-train": len(train), "n-val": n_val,
-                                "reference-ml": [float(v) for v in ref]})})
+                                "reference-ml": [float(v) for v in ref]}),
+        # Where this site's updates are computed (their float rounding depends on it).
+        "runtime": ConfigRecord(runtime(pick_device(cfg.train_params.device),
+                                        cfg.train_params.amp))})
     return Message(content=content, reply_to=msg)
 
 
@@ -338,7 +342,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def _handshake(grid: Grid, cfg: FederationConfig) -> dict[int, dict]:
-    """Node id -> {site, labels, spec, n_train, n_val, reference_ml} of each site."""
+    """Node id -> {site, labels, spec, n_train, n_val, reference_ml, runtime} of each site."""
     # Wait for every site; after ``timeout`` go on with those connected, if enough.
     deadline = time.monotonic() + cfg.timeout
     while len(nodes := list(grid.get_node_ids())) < len(cfg.sites):
@@ -358,7 +362,8 @@ def _handshake(grid: Grid, cfg: FederationConfig) -> dict[int, dict]:
         info[reply.metadata.src_node_id] = {
             "site": str(conf["site"]), "labels": json.loads(str(conf["labels"])),
             "spec": json.loads(str(conf["spec"])), "n_train": int(counts["n-train"]),
-            "n_val": int(counts["n-val"]), "reference_ml": list(counts["reference-ml"])}
+            "n_val": int(counts["n-val"]), "reference_ml": list(counts["reference-ml"]),
+            "runtime": dict(reply.content.config_records.get("runtime") or {})}
     if len(info) < cfg.min_clients:
         raise FedctError(f"federation: {len(info)} sites answered the handshake, fewer than "
                          f"min-clients {cfg.min_clients}")
@@ -498,7 +503,9 @@ def run_server(grid: Grid, cfg: FederationConfig,
                        "sites": list(cfg.sites), "rounds": cfg.rounds,
                        "local_steps": cfg.local_steps, "proximal_mu": cfg.mu,
                        "min_clients": cfg.min_clients, "seed": cfg.seed,
-                       "n_train": n_train, "site_weights": cfg.site_weights}})
+                       "n_train": n_train, "site_weights": cfg.site_weights},
+        # Each site's device, CPU or GPU model, threads, torch build and bf16 autocast.
+        "runtime": {"clients": {i["site"]: i["runtime"] for i in info.values()}}})
     _atomic_save(history, out_dir / HISTORY)
     return history
 

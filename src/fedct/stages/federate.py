@@ -46,7 +46,7 @@ import torch
 
 from fedct.config import FederateParams, TrainParams, to_dict
 from fedct.data.cases import case_path, load_image, read_cohort, save_case
-from fedct.devices import pick_device
+from fedct.devices import pick_device, runtime
 from fedct.errors import FedctError
 from fedct.federation import LABEL_FREE
 from fedct.federation.aggregate import case_weights, site_weights, weighted_average
@@ -79,11 +79,14 @@ def _weights(params: FederateParams, n_train: dict[str, int]) -> dict[str, float
     return case_weights(n_train)
 
 
-def _card(base_card: dict, method: str, **extra) -> dict:
-    """A federated model's card: the local cards' labels and preprocessing, its own name."""
+def _card(base_card: dict, method: str, where: dict, **extra) -> dict:
+    """A federated model's card: the local cards' labels and preprocessing, its own name,
+    and ``runtime``: where its weights were computed (``where``: ``stage``, this stage's
+    process, for what it computes itself; ``clients``, each site's, for Flower's methods)."""
     keep = {k: base_card[k] for k in ("labels", "preprocessing", "reference_ml")
             if k in base_card}
-    return {**keep, "site": method, "kind": "federated", "method": method, **extra}
+    return {**keep, "site": method, "kind": "federated", "method": method, **extra,
+            "runtime": where}
 
 
 def _save(model: torch.nn.Module, out: Path, arch: dict, card: dict) -> Path:
@@ -257,6 +260,7 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
     metrics: dict = {"sites": list(sites), "weights": weights}
     device = pick_device(params.device)
     amp = train.amp  # bf16 where the device has it (fedct.devices.use_amp)
+    here = {"stage": runtime(device, amp)}
     needs_targets = set(LABEL_FREE) & set(params.methods)
     targets = _target_images(cohort, cohort_dir) if needs_targets else {}
     if needs_targets and not targets:
@@ -277,7 +281,8 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
         [locals_[s][1] for s in sites], [weights[s] for s in sites])}
     fedavg_path = out_dir / "fedavg" / "model.pt"
     with tracking.start_run("federate", run_name="federate") as parent:
-        parent.log_params({**to_dict(params), "n_train": n_train})
+        parent.log_params({**to_dict(params), "n_train": n_train,
+                           **{f"runtime.{k}": v for k, v in here["stage"].items()}})
         if "one_shot" in params.methods:
             with _timed("one_shot"), tracking.start_run(
                     "federate", run_name="one_shot", nested=True,
@@ -286,7 +291,7 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                                           [weights[s] for s in sites])
                 model = locals_[sites[0]][0]
                 model.load_state_dict(merged)
-                card = _card(base_card, "one_shot", clients=list(sites), weights=weights)
+                card = _card(base_card, "one_shot", here, clients=list(sites), weights=weights)
                 path = _save(model, out_dir / "one_shot", arch, card)
                 mlrun.log_params({"weights": weights})
                 tracking.log_fedct_model(mlrun, path.parent)
@@ -304,7 +309,8 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                     name, mu, params, train, cohort_dir, sites, out_dir / name,
                     checkpoint_dir, mlrun,
                     site_weights_=weights if params.weighting == "equal" else None)
-                _finish_card(path, base_card, name, clients=list(sites), rounds=params.rounds,
+                _finish_card(path, base_card, name, here, clients=list(sites),
+                             rounds=params.rounds,
                              local_steps=params.local_steps, proximal_mu=mu)
                 tracking.log_fedct_model(mlrun, path.parent)
                 mlrun.log_artifact(path.parent / "history.csv")
@@ -331,7 +337,7 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                                               w)
                     model = load_model(Path(models_dir) / sites[0] / "model.pt")[0]
                     model.load_state_dict({k: v.cpu() for k, v in merged.items()})
-                    card = _card(base_card, "uw_merge", target_site=target,
+                    card = _card(base_card, "uw_merge", here, target_site=target,
                                  clients=list(sites), weights=w, scores=scores,
                                  signal=params.uw_signal)
                     path = _save(model, out_dir / "uw_merge" / target, arch, card)
@@ -346,10 +352,11 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                     "federate", run_name="tent", nested=True,
                     tags={"fedct.method": "tent"}) as mlrun:
                 for target, imgs in targets.items():
-                    teacher, card = load_model(fedavg_path)
+                    teacher, start = load_model(fedavg_path)
                     adapted = tent_adapt(teacher.to(device), imgs, steps=params.tent_steps,
                                          lr=params.tent_lr, seed=params.seed, amp=amp)
-                    card = _card(base_card, "tent", target_site=target, start="fedavg",
+                    card = _card(base_card, "tent", {**start.get("runtime", {}), **here},
+                                 target_site=target, start="fedavg",
                                  steps=params.tent_steps, lr=params.tent_lr)
                     path = _save(adapted, out_dir / "tent" / target, arch, card)
                     tracking.log_fedct_model(mlrun, path.parent, artifact_path=f"model-{target}")
@@ -367,7 +374,7 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                     "self_train", 0.0, params, fine_tune, derived, clients,
                     out_dir / "self_train", checkpoint_dir, mlrun, init_model=fedavg_path,
                     rounds=params.self_train_rounds, min_clients=params.min_clients)
-                _finish_card(path, base_card, "self_train", clients=list(clients),
+                _finish_card(path, base_card, "self_train", here, clients=list(clients),
                              pseudo_labelled=sorted(targets), kept_fraction=kept,
                              rounds=params.self_train_rounds)
                 shutil.rmtree(derived, ignore_errors=True)  # images stay in the cohort
@@ -394,8 +401,10 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                     except ValueError as exc:
                         raise FedctError(f"federate uw_select, target {target}: {exc}") from exc
                     model, src_card = load_model(paths[chosen])
-                    card = _card(base_card, "uw_select", target_site=target, chosen=chosen,
-                                 scores=scores, signal=params.uw_signal,
+                    # The weights are the chosen model's; the choice (MC dropout) is here.
+                    card = _card(base_card, "uw_select",
+                                 {**src_card.get("runtime", {}), **here}, target_site=target,
+                                 chosen=chosen, scores=scores, signal=params.uw_signal,
                                  chosen_card={k: src_card.get(k) for k in
                                               ("method", "target_site", "clients")})
                     path = _save(model, out_dir / "uw_select" / target, arch, card)
@@ -413,9 +422,10 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
     return metrics
 
 
-def _finish_card(path: Path, base_card: dict, method: str, **extra) -> None:
-    """Give a model written by the Flower server the card of a federated candidate."""
+def _finish_card(path: Path, base_card: dict, method: str, where: dict, **extra) -> None:
+    """Give a model written by the Flower server the card of a federated candidate (its
+    ``runtime``: the clients' from the server's card, and ``where``, the stage's)."""
     model, card = load_model(path)
-    full = _card(base_card, method, **extra)
+    full = _card(base_card, method, {**card.get("runtime", {}), **where}, **extra)
     full.update({k: card[k] for k in ("fingerprint",) if k in card})
     save_model(model, path, card["arch"], full)
