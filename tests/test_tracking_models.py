@@ -143,3 +143,21 @@ def test_log_refuses_a_folder_without_a_model(tmp_path: Path) -> None:
     with tracking.start_run("promote") as run, pytest.raises(
             FedctError, match=r"half: not a fedct model folder \(no model_card.json\)"):
         tracking.log_fedct_model(run, tmp_path / "half")
+
+
+def test_a_dataset_with_integer_columns_is_logged_without_mlflow_s_schema_hint(
+        tmp_path: Path) -> None:
+    import warnings
+
+    import mlflow
+    import pandas as pd
+
+    cases = pd.DataFrame({"series_key": ["k1", "k2"], "n_slices": [40, 64]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with tracking.start_run("cohort") as run:
+            run.log_dataset(cases, name="cohort", source="cohort.csv", context="training")
+            run_id = run.run_id
+    assert not [w for w in caught if "Inferred schema" in str(w.message)]
+    inputs = mlflow.get_run(run_id).inputs.dataset_inputs
+    assert [i.dataset.name for i in inputs] == ["cohort"]

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,12 @@ class Run:
     def log_dataset(self, df: Any, name: str, source: str, context: str) -> None:
         """Record a pandas table as a run input (``mlflow.log_input``)."""
         mlflow = _mlflow()
-        dataset = mlflow.data.from_pandas(df, source=source, name=name)
-        mlflow.log_input(dataset, context=context)
+        with warnings.catch_warnings():
+            # MLflow's hint on integer columns concerns a model's input schema; this table
+            # only records which cases a run used (printed once per model otherwise).
+            warnings.filterwarnings("ignore", message=r"Hint: Inferred schema contains integer")
+            dataset = mlflow.data.from_pandas(df, source=source, name=name)
+            mlflow.log_input(dataset, context=context)
 
     def log_torch_model(
         self, model: Any, name: str, registered_name: str | None = None
