@@ -82,6 +82,11 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     assert set(cases["model"]) == {"A", "B", "pooled"}
     assert set(cases["site"]) == set("ABCDEFGHIJ")
     assert (work / "outputs/uncertainty/shift_dice.png").stat().st_size > 0
+    # The flag threshold: strict JSON, with the T it was calibrated with (predict and
+    # evaluate score with the same T).
+    record = json.loads((work / "outputs/uncertainty/threshold.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"threshold.json holds {c}"))
+    assert record["mc_samples"] == params["uncertainty"]["mc_samples"]
     # Federation, held-out comparison, the registry's decision and the report.
     fed = work / "outputs/federated"
     for method in ("one_shot", "fedavg", "fedprox", "self_train"):

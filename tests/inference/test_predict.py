@@ -98,6 +98,18 @@ def test_flag_follows_the_card_threshold(nifti_volume: Path, tmp_path: Path,
     assert "calibrated with 10 MC samples, scored with 3" in report["failure"]["note"]
 
 
+def test_an_infinite_threshold_flags_only_missed_structures_in_strict_json(
+        nifti_volume: Path, tmp_path: Path) -> None:
+    # An unbounded signal whose calibration pairs missed a structure calibrates at +inf;
+    # threshold.json writes it "inf", and report.json must stay strict JSON.
+    model = make_model(tmp_path / "m", failure={"signal": "volume_deviation",
+                                                "threshold": "inf", "aggregation": "mean"})
+    report = predict.run(str(model), nifti_volume, tmp_path / "out", mc_samples=3)
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written["failure"]["threshold"] == "inf" == report["failure"]["threshold"]
+    assert written["failure"]["flag"] is (written["failure"]["score"] == "inf")
+
+
 def test_cli_predicts_from_the_registry_alias(dicom_series: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient

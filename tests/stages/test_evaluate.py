@@ -196,6 +196,13 @@ def test_bad_inputs_are_errors_naming_the_file(
     stale.write_text(json.dumps({"signal": "entropy", "threshold": 1.0, "aggregate": "mean"}))
     with pytest.raises(FedctError, match="threshold.json: threshold of signal 'entropy'"):
         stage.read_threshold(stale, "sample_disagreement", "mean")
+    # A threshold calibrated with another T (the signal's scale depends on it).
+    other_t = tmp_path / "threshold_t.json"
+    other_t.write_text(json.dumps({"signal": "entropy", "threshold": 1.0, "aggregate": "mean",
+                                   "mc_samples": 20}))
+    with pytest.raises(FedctError, match="calibrated with 20 MC samples, but evaluate"):
+        stage.read_threshold(other_t, "entropy", "mean", 10)
+    assert stage.read_threshold(other_t, "entropy", "mean", 20) == 1.0
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, model_dirs: tuple[Path, Path]) -> None:

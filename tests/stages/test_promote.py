@@ -56,7 +56,7 @@ def layout(tmp_path: Path) -> dict[str, Path]:
     _model(d["federated"] / "fedavg", 0)
     (d["uncertainty"] / "threshold.json").write_text(json.dumps(
         {"signal": "sample_disagreement", "threshold": 0.2, "aggregate": "mean",
-         "rule": "youden"}))  # the uncertainty stage's threshold.json
+         "rule": "youden", "mc_samples": 12}))  # the uncertainty stage's threshold.json
     return d
 
 
@@ -74,6 +74,8 @@ def test_a_clear_win_is_promoted_and_a_rerun_adds_no_version(layout, tmp_path):
     card = json.loads((layout["promote"] / "model" / "model_card.json").read_text())
     assert card["failure"]["threshold"] == 0.2
     assert card["failure"]["aggregation"] == "mean"
+    # predict scores with the T the threshold was calibrated with.
+    assert card["failure"]["mc_samples"] == 12
     again = _run(layout, 0.05, tmp_path)
     assert again["version"] == first["version"]
     assert len(tracking.list_versions("fedct-seg")) == 1

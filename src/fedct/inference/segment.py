@@ -211,7 +211,8 @@ def failure_flag(probs: torch.Tensor, card: ModelCard) -> dict[str, Any]:
     network grid, with the card's reference volumes) and are aggregated over structures
     by ``aggregate_cases``; the case is flagged when its score is >= the card's
     threshold (the stage's rule). Without a threshold ``flag`` is None and ``reason``
-    says so. A structure not predicted at all scores +inf, written as ``"inf"``.
+    says so. A structure not predicted at all scores +inf, written as ``"inf"``, as is a
+    threshold of +inf (flag only such cases).
     """
     case = pd.Series({"site": "input", "series_key": "input", "split": "predict",
                       "role": "predict"})
@@ -219,7 +220,10 @@ def failure_flag(probs: torch.Tensor, card: ModelCard) -> dict[str, Any]:
                         card.spec.spacing_mm, card.labels)
     score = float(aggregate_cases(pd.DataFrame(rows), card.aggregation)[card.signal].iloc[0])
     out: dict[str, Any] = {
-        "signal": card.signal, "aggregation": card.aggregation, "threshold": card.threshold,
+        "signal": card.signal, "aggregation": card.aggregation,
+        # +inf (an unbounded signal whose calibration pairs missed a structure): "inf".
+        "threshold": (card.threshold if card.threshold is None or np.isfinite(card.threshold)
+                      else "inf"),
         "score": score if np.isfinite(score) else ("inf" if score > 0 else None),
         "per_structure": {r["structure"]: (float(r[card.signal])
                                            if np.isfinite(r[card.signal]) else "inf")

@@ -127,8 +127,12 @@ def _check_cards(candidates: list[Candidate], spec: dict, cohort_dir: Path) -> N
                                  f"other candidates' {labels}")
 
 
-def read_threshold(path: Path | None, signal: str, aggregation: str) -> float:
-    """The flag threshold of the uncertainty stage (``threshold.json``), NaN without one."""
+def read_threshold(path: Path | None, signal: str, aggregation: str,
+                   mc_samples: int | None = None) -> float:
+    """The flag threshold of the uncertainty stage (``threshold.json``), NaN without one.
+
+    A threshold of another signal or aggregation, or calibrated with another number of MC
+    samples than ``mc_samples`` (the signal's scale depends on T), is refused."""
     if path is None:
         return math.nan
     try:
@@ -140,6 +144,11 @@ def read_threshold(path: Path | None, signal: str, aggregation: str) -> float:
         raise FedctError(f"{path}: threshold of signal {data.get('signal')!r} "
                          f"({data.get('aggregate')}), but uncertainty.signal is {signal!r} "
                          f"({aggregation}); rerun `fedct uncertainty`")
+    calibrated = data.get("mc_samples")
+    if mc_samples is not None and calibrated is not None and int(calibrated) != mc_samples:
+        raise FedctError(f"{path}: threshold calibrated with {calibrated} MC samples, but "
+                         f"evaluate.mc_samples is {mc_samples}; set them equal "
+                         "(uncertainty.mc_samples)")
     return threshold
 
 
@@ -161,7 +170,7 @@ def run(params: EvaluateParams, uncertainty: UncertaintyParams, cohort_dir: Path
     sites = sorted(test["site"].astype(str).unique())
     candidates = find_candidates(models_dir, federated_dir, sites)
     _check_cards(candidates, read_spec(cohort_dir), cohort_dir)
-    threshold = read_threshold(threshold_file, signal, aggregation)
+    threshold = read_threshold(threshold_file, signal, aggregation, params.mc_samples)
     device = pick_device(params.device)
     jobs = [(c.name, path, test if site is None else test[test["site"].astype(str) == site])
             for c in candidates for site, path in c.models]

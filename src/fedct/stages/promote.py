@@ -108,7 +108,9 @@ def run(params: PromoteParams, evaluate_dir: Path, federated_dir: Path,
     # The card carries the flag settings that `fedct predict` uses.
     card["failure"] = {"signal": failure.get("signal"), "threshold": failure.get("threshold"),
                        "aggregation": failure.get("aggregation", failure.get("aggregate")),
-                       "rule": failure.get("rule")}
+                       "rule": failure.get("rule"),
+                       # T of the calibration: predict scores with it (or says it did not).
+                       "mc_samples": failure.get("mc_samples")}
     (model_dir / "model_card.json").write_text(json.dumps(card, indent=1, default=str))
     comparison = out_dir / "comparison.csv"
     table.to_csv(comparison, index=False)

@@ -24,6 +24,7 @@ structure; one deterministic pass and the image's noise level give the baselines
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -124,8 +125,12 @@ def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: 
         heatmap(dice_m, out_dir / "shift_dice.png", "Mean test Dice", "viridis")
         heatmap(unc_m, out_dir / "shift_uncertainty.png", f"Mean {chosen}", "magma", ".3g")
         scatter(test, chosen, threshold, fail_at, out_dir / "uncertainty_vs_dice.png")
+        # Strict JSON: +inf (only an unbounded signal reaches it) as "inf", NaN as null;
+        # read back with float() by evaluate, promote and predict.
         (out_dir / "threshold.json").write_text(json.dumps({
-            "signal": chosen, "threshold": threshold, "rule": rule,
+            "signal": chosen, "threshold": (None if math.isnan(threshold) else
+                                            threshold if math.isfinite(threshold) else "inf"),
+            "rule": rule, "mc_samples": params.mc_samples,
             "aggregate": params.aggregation, "failure_percentile": params.failure_percentile,
             "failure_dice": fail_at, "calibrated_on": f"{calib_split} split pairs"}, indent=1))
         metrics = _metrics(test, signals, ranking, params, fail_at, threshold,
