@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,7 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
 
 def test_types_are_checked_and_coerced(tmp_path: Path) -> None:
     def edit(raw: dict) -> None:
-        raw["train"].update(learning_rate=1, channels=[8, 16])
+        raw["train"].update(learning_rate=1, channels=[8, 16], strides=[2])
         raw["cohort"]["holdout_sites"] = ["A"]
 
     params = load_params(_write(tmp_path, edit))
@@ -95,3 +96,29 @@ def test_report_seeds_were_never_development_seeds() -> None:
                          params.synth.dev_seeds, params.cohort.dev_seeds)
     assert len(pairs) >= 3
     assert pairs[0] == (params.synth.seed, params.cohort.seed)
+
+
+@pytest.mark.parametrize("section, changes, message", [
+    ("train", {"batch_size": 0}, "train.batch_size = 0: expected >= 1"),
+    ("train", {"steps": 0}, "train.steps = 0: expected >= 1"),
+    ("train", {"strides": [2, 2]}, "train.strides = [2, 2]: expected one stride >= 1 "
+                                   "between each two levels"),
+    ("train", {"dropout": 1.0}, "train.dropout = 1.0: expected a probability in [0, 1)"),
+    ("cohort", {"test_fraction": -0.1}, "cohort.test_fraction = -0.1: expected a fraction"),
+    ("cohort", {"val_fraction": 0.5, "test_fraction": 0.5},
+     "cohort.test_fraction = 0.5: expected a sum below 1"),
+    ("cohort", {"hu_min": 1000.0}, "cohort.hu_max = 1000.0: expected hu_min < hu_max"),
+    ("uncertainty", {"mc_samples": 1}, "uncertainty.mc_samples = 1: expected >= 2"),
+    ("federate", {"self_train_rounds": 0}, "federate.self_train_rounds = 0: expected >= 1"),
+    ("evaluate", {"n_boot": 0}, "evaluate.n_boot = 0: expected >= 1"),
+])
+def test_values_out_of_range_are_one_error_naming_the_keys(
+        tmp_path: Path, section: str, changes: dict, message: str) -> None:
+    # Each would otherwise fail deep inside a stage as a traceback (a division by zero, a
+    # shape error in the network, an empty split).
+    raw = yaml.safe_load(REPO_PARAMS.read_text())
+    raw[section].update(changes)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_params(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -327,7 +328,104 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "params") -> T:
     if missing:
         raise ConfigError(f"{where}: missing key(s) {', '.join(f'{where}.{n}' for n in missing)}")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    for keys, ok, expected in _RULES.get(cls, ()):
+        values = [getattr(obj, k) for k in keys]
+        if not ok(*values):
+            shown = ", ".join(f"{where}.{k} = {_show(v)}" for k, v in zip(keys, values,
+                                                                            strict=True))
+            raise ConfigError(f"{shown}: expected {expected}")
+    return obj
+
+
+def _show(value: Any) -> str:
+    return str(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+def _all(cond: Callable[[Any], bool]) -> Callable[[tuple], bool]:
+    return lambda values: all(cond(v) for v in values)
+
+
+def _pos(v: float) -> bool:
+    return v > 0
+
+
+def _unit(v: float) -> bool:
+    return 0.0 <= v < 1.0
+
+
+# Ranges and consistency of values, checked when params.yaml is read (a value out of range
+# would otherwise fail deep inside a stage, as a traceback): (keys, test, what it expects).
+_RULES: dict[type, list[tuple[tuple[str, ...], Callable[..., bool], str]]] = {
+    CatalogueParams: [
+        (("min_slices",), _pos, ">= 1"),
+        (("workers",), _pos, ">= 1"),
+        (("chunk_size",), _pos, ">= 1"),
+        (("site_level",), lambda v: v >= 0, ">= 0"),
+    ],
+    CohortParams: [
+        (("val_fraction",), _unit, "a fraction in [0, 1)"),
+        (("calib_fraction",), _unit, "a fraction in [0, 1)"),
+        (("test_fraction",), _unit, "a fraction in [0, 1)"),
+        (("val_fraction", "calib_fraction", "test_fraction"), lambda a, b, c: a + b + c < 1,
+         "a sum below 1 (the rest of each site's patients train)"),
+        (("spacing_mm",), _all(_pos), "sizes > 0 mm"),
+        (("roi_size",), _all(_pos), "sizes >= 1 voxel"),
+        (("hu_min", "hu_max"), lambda lo, hi: lo < hi, "hu_min < hu_max"),
+    ],
+    TrainParams: [
+        (("steps",), _pos, ">= 1"),
+        (("val_checks",), _pos, ">= 1"),
+        (("patience",), lambda v: v >= 0, ">= 0 (0: never stop early)"),
+        (("batch_size",), _pos, ">= 1"),
+        (("learning_rate",), _pos, "> 0"),
+        (("dropout",), _unit, "a probability in [0, 1)"),
+        (("dropout_depth",), lambda v: v >= 0, ">= 0"),
+        (("channels",), lambda v: len(v) >= 2 and all(c >= 1 for c in v),
+         "at least two levels of >= 1 channel"),
+        (("channels", "strides"), lambda c, s: len(s) == len(c) - 1 and all(x >= 1 for x in s),
+         "one stride >= 1 between each two levels (len(strides) = len(channels) - 1)"),
+        (("num_res_units",), lambda v: v >= 0, ">= 0"),
+        (("patch_size",), _all(_pos), "sizes >= 1 voxel"),
+        (("max_shift",), _all(lambda v: v >= 0), "shifts >= 0 voxels"),
+        (("workers",), _pos, ">= 1"),
+    ],
+    UncertaintyParams: [
+        (("mc_samples",), lambda v: v >= 2, ">= 2 (MC dropout compares samples)"),
+        (("mc_batch",), _pos, ">= 1"),
+        (("failure_percentile",), lambda v: 0 < v < 100, "a percentile in (0, 100)"),
+        (("failure_sweep",), _all(lambda v: 0 < v < 100), "percentiles in (0, 100)"),
+        (("threshold_min_failures",), _pos, ">= 1"),
+        (("threshold_in_domain_quantile",), lambda v: 0 < v <= 1, "a quantile in (0, 1]"),
+        (("n_boot",), _pos, ">= 1"),
+        (("workers",), _pos, ">= 1"),
+    ],
+    FederateParams: [
+        (("rounds",), _pos, ">= 1"),
+        (("local_steps",), _pos, ">= 1"),
+        (("min_clients",), _pos, ">= 1"),
+        (("proximal_mu",), lambda v: v >= 0, ">= 0"),
+        (("mc_samples",), lambda v: v >= 2, ">= 2 (MC dropout compares samples)"),
+        (("mc_batch",), _pos, ">= 1"),
+        (("uw_temperature",), _pos, "> 0"),
+        (("tent_steps",), lambda v: v >= 0, ">= 0"),
+        (("tent_lr",), _pos, "> 0"),
+        (("pseudo_p_min",), lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+        (("pseudo_std_max",), lambda v: v >= 0, ">= 0"),
+        (("self_train_rounds",), _pos, ">= 1"),
+        (("self_train_lr",), _pos, "> 0"),
+    ],
+    EvaluateParams: [
+        (("mc_samples",), lambda v: v >= 2, ">= 2 (MC dropout compares samples)"),
+        (("mc_batch",), _pos, ">= 1"),
+        (("n_boot",), _pos, ">= 1"),
+        (("workers",), _pos, ">= 1"),
+    ],
+    PromoteParams: [
+        (("n_boot",), _pos, ">= 1"),
+        (("site_tolerance",), lambda v: v >= 0, ">= 0"),
+    ],
+}
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

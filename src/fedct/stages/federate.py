@@ -139,7 +139,7 @@ def _multi_round(name: str, mu: float, params: FederateParams, train: TrainParam
     from fedct import tracking
     from fedct.federation.simulation import run_federation
 
-    rounds = rounds or params.rounds
+    rounds = params.rounds if rounds is None else rounds
 
     def on_round(rec: dict) -> None:
         step = int(rec["round"])
@@ -373,7 +373,10 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                 path, history = _multi_round(
                     "self_train", 0.0, params, fine_tune, derived, clients,
                     out_dir / "self_train", checkpoint_dir, mlrun, init_model=fedavg_path,
-                    rounds=params.self_train_rounds, min_clients=params.min_clients)
+                    rounds=params.self_train_rounds, min_clients=params.min_clients,
+                    # federate.weighting holds here too, pseudo-labelled sites included.
+                    site_weights_=(site_weights({s: 1.0 for s in clients})
+                                   if params.weighting == "equal" else None))
                 _finish_card(path, base_card, "self_train", here, clients=list(clients),
                              pseudo_labelled=sorted(targets), kept_fraction=kept,
                              rounds=params.self_train_rounds)
