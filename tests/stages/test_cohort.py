@@ -16,7 +16,7 @@ from fedct.config import CatalogueParams, CohortParams
 from fedct.errors import FedctError
 from fedct.stages import catalogue as catalogue_stage
 from fedct.stages import cohort as cohort_stage
-from fedct.stages.cohort import select_series, split_patients
+from fedct.stages.cohort import one_site_per_patient, select_series, split_patients
 from tests.dicom.writers import FAKE_PATIENTS, write_series
 
 
@@ -95,14 +95,16 @@ def test_small_sites_still_get_a_training_patient(n: int) -> None:
 
 
 def _catalogued_archive(tmp_path: Path) -> tuple[Path, Path]:
-    """Two sites x two patients, one usable 34-slice series each; catalogued, and the
-    catalogue's per-file index deleted (the cohort must not need it)."""
+    """Two sites x two patients (four people), one usable 34-slice series each;
+    catalogued, and the catalogue's per-file index deleted (the cohort must not need it)."""
     archive = tmp_path / "archive"
     for site in "AB":
         for i, patient in enumerate(FAKE_PATIENTS[:2]):
             # Head first: IM00001 is the top slice, so file names are not in slice order.
+            # Each site's own patients: one PatientID at both would be one patient, kept
+            # at one site only (test_a_patient_at_several_sites_is_kept_at_one_site_only).
             write_series(archive / site / f"ST{i}" / "SE2", 34, positions=range(33, -1, -1),
-                         patient=patient)
+                         patient={**patient, "id": f"{patient['id']}-{site}"})
     catalogue = tmp_path / "catalogue"
     catalogue_stage.run(CatalogueParams(workers=1), archive, catalogue,
                         index_dir=tmp_path / "index", track=False, progress=False)
@@ -204,3 +206,32 @@ def test_a_label_on_its_series_grid_is_read_and_a_corrupt_one_named(tmp_path: Pa
     bad.write_bytes(b"not a NIfTI file")
     with pytest.raises(FedctError, match=r"bad\.nii\.gz: cannot read the label map"):
         cohort_stage.read_label(bad, image)
+
+
+def test_a_patient_at_several_sites_is_kept_at_one_site_only() -> None:
+    # Patients 0-3 of A are also scanned at B (training) or D (held out): the same
+    # PatientID at two hospitals (a national patient number) gives the same patient key.
+    cat = _catalogue()
+    shared = []
+    for p, other in ((0, "B"), (1, "B"), (2, "D"), (3, "D")):
+        rows = cat[cat["patient_key"] == f"A-p{p}"].copy()
+        rows["site"] = other
+        rows["study_key"] = rows["study_key"].str.replace("A-", f"{other}-x", regex=False)
+        rows["series_key"] = rows["series_key"].str.replace("A-", f"{other}-x", regex=False)
+        shared.append(rows)
+    cat = pd.concat([cat, *shared], ignore_index=True)
+    params = CohortParams(holdout_sites=("D",), seed=3)
+    chosen, dropped, n_shared = one_site_per_patient(select_series(cat), params.holdout_sites)
+    assert n_shared == 4 and dropped == sum(len(select_series(r)) for r in shared)
+    sites = chosen.groupby("patient_key")["site"].agg(set)
+    assert (sites.map(len) == 1).all()
+    # Held out wins (the held-out test stays whole), else the first site in order.
+    assert sites["A-p2"] == sites["A-p3"] == {"D"} and sites["A-p0"] == sites["A-p1"] == {"A"}
+    cohort = split_patients(chosen, params)
+    assert (cohort.groupby("patient_key")["split"].nunique() == 1).all()
+    trained = set(cohort.loc[cohort["role"] == "train", "patient_key"])
+    assert not trained & set(cohort.loc[cohort["site"] == "D", "patient_key"])
+    # Without such patients nothing changes.
+    plain = select_series(_catalogue())
+    kept, dropped, n_shared = one_site_per_patient(plain, ("D",))
+    assert (dropped, n_shared) == (0, 0) and kept.equals(plain)

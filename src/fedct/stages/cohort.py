@@ -18,6 +18,11 @@ least one when a site has four or more) to calib (the failure definition and the
 threshold of the uncertainty stage, which nothing else sees), the rest to train.
 Held-out sites put every patient in test: they never train a model. Unlabelled sites keep
 their split but carry ``labelled = False``; only label-free methods may use them.
+One site per patient: a patient key found at several sites (the same PatientID at two
+hospitals, as with a national patient number) is kept at one of them only, the first
+held-out site among them, else the first in order, and its series at the others are left
+out (counted in ``metrics.json``), so that no patient trains a model at one site and is
+tested at another, or is split two ways.
 """
 
 from __future__ import annotations
@@ -51,6 +56,21 @@ def select_series(series: pd.DataFrame) -> pd.DataFrame:
     usable["_num"] = usable["series_number"].fillna(np.inf)
     usable = usable.sort_values(["study_key", "_neg_slices", "_thick", "_num", "series_key"])
     return usable.drop_duplicates("study_key").drop(columns=["_neg_slices", "_thick", "_num"])
+
+
+def one_site_per_patient(chosen: pd.DataFrame, holdout_sites: Iterable[str]
+                         ) -> tuple[pd.DataFrame, int, int]:
+    """``chosen`` with each patient kept at one site (the rule above); also the number of
+    series left out and of patients found at several sites."""
+    holdout = set(holdout_sites)
+    sites = chosen.groupby("patient_key")["site"].agg(lambda v: sorted(set(map(str, v))))
+    several = sites[sites.map(len) > 1]
+    if several.empty:
+        return chosen, 0, 0
+    home = several.map(lambda v: next((s for s in v if s in holdout), v[0]))
+    elsewhere = (chosen["patient_key"].isin(home.index)
+                 & (chosen["site"].astype(str) != chosen["patient_key"].map(home)))
+    return chosen[~elsewhere], int(elsewhere.sum()), len(several)
 
 
 def _site_rng(seed: int, site: str) -> np.random.Generator:
@@ -168,6 +188,10 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
     unknown -= set(series["site"].astype(str))
     if unknown:
         raise FedctError(f"cohort: sites {sorted(unknown)} are not in {series_path}")
+    chosen, n_dropped, n_shared = one_site_per_patient(chosen, params.holdout_sites)
+    if n_shared:
+        print(f"cohort: {n_shared} patients have series at several sites; each is kept at "
+              f"one site only ({n_dropped} series left out)", flush=True)
     cohort = split_patients(chosen, params)
     key = load_key(catalogue_params)
     if "key_id" in series and (series["key_id"].astype(str) != key.key_id).any():
@@ -224,6 +248,8 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
             "n_labelled": int(cohort["has_label"].sum()),
             "n_labelled_site_without_label": unmatched,
             "n_orphan_label_files": orphans,
+            "n_patients_at_several_sites": n_shared,
+            "n_series_left_out_other_site": n_dropped,
         }
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
         mlrun.log_metrics(summary)
