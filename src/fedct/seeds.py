@@ -23,11 +23,15 @@ MLflow: one run ``seeds`` with the tables as artifacts and the means as metrics.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -47,15 +51,65 @@ FILES = {"cases": "outputs/evaluate/cases.csv", "evaluate": "outputs/evaluate/me
 TARGET = "evaluate"
 
 
+def run_group(cmd: list[str], cwd: Path, env: dict | None = None, capture: bool = True,
+              grace_s: float = 30.0) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group and wait; stop the whole group if we stop.
+
+    ``dvc exp run`` starts the pipeline's stages, which start training workers and ray: an
+    interrupt (Ctrl-C) or SIGTERM (``kill``, a scheduler) of this process would otherwise
+    leave them running. Here either one sends SIGTERM to the group (its PID), waits up to
+    ``grace_s`` seconds, then SIGKILLs what is left, and re-raises.
+    """
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def stop(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        try:
+            proc = subprocess.Popen(cmd, cwd=cwd, env=env, text=True, start_new_session=True,
+                                    stdout=subprocess.PIPE if capture else None,
+                                    stderr=subprocess.PIPE if capture else None)
+        except OSError as exc:
+            raise FedctError(f"cannot run {' '.join(cmd)} ({exc})") from exc
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            _stop_group(proc, grace_s)
+            raise
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM to ``proc``'s process group, SIGKILL to what is left after ``grace_s``."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        proc.wait()
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, so that only live members keep the group
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def _dvc(args: list[str], repo: Path, env: dict | None = None, capture: bool = True
          ) -> subprocess.CompletedProcess:
     dvc = Path(sys.executable).with_name("dvc")
     cmd = [str(dvc) if dvc.exists() else "dvc", *args]
-    try:
-        return subprocess.run(cmd, cwd=repo, env=env, text=True, check=False,
-                              capture_output=capture)
-    except OSError as exc:
-        raise FedctError(f"cannot run {' '.join(cmd)} ({exc})") from exc
+    return run_group(cmd, repo, env=env, capture=capture)
 
 
 def existing_experiments(repo: Path) -> set[str]:
