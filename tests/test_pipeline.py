@@ -162,6 +162,14 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     assert (work / "dvc.lock").read_text() == lock_before
     assert "changed" not in _run(dvc + ["status"], work, env)
     assert "running experiment" not in _run([fedct, "seeds"], work, env)
+    # An edited, uncommitted params.yaml: this commit's experiments ran without the edit,
+    # so they are not summarised as if they had.
+    committed = (work / "params.yaml").read_text()
+    (work / "params.yaml").write_text(committed.replace("tent_steps: 1", "tent_steps: 2"))
+    edited = subprocess.run([fedct, "seeds", "--no-run"], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert edited.returncode == 1 and "params.yaml differs from the commit" in edited.stderr
+    (work / "params.yaml").write_text(committed)
 
     # No fake identifier of the archive anywhere in the outputs or the tracking store.
     phi = pd.read_csv(work / "data" / "truth" / "phi.csv", dtype=str)

@@ -82,3 +82,32 @@ def test_stopping_fedct_seeds_stops_the_experiment_and_its_children(
                 os.kill(int(p), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_experiments_of_the_commit_are_not_reused_for_edited_params(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Experiment names hold only the seeds: with params.yaml edited after the commit, the
+    # commit's experiments ran with other params and must not be summarised as these.
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "params.yaml").write_text("train: {steps: 400}\n")
+    subprocess.run([*git, "add", "params.yaml"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "p"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    params = Params()
+    names = {f"report-{s}-{c}" for s, c in zip(params.synth.report_seeds,
+                                               params.cohort.report_seeds, strict=True)}
+    monkeypatch.setattr(seeds, "existing_experiments", lambda repo: names)
+    read: list[str] = []
+
+    def fake_read(repo: Path, name: str) -> dict:
+        read.append(name)
+        raise FedctError("read")
+
+    monkeypatch.setattr(seeds, "read_experiment", fake_read)
+    with pytest.raises(FedctError, match="read"):  # unedited: the experiments are read
+        seeds.run(params, tmp_path / "out", run_missing=False)
+    assert read
+    (tmp_path / "params.yaml").write_text("train: {steps: 800}\n")
+    with pytest.raises(FedctError, match="params.yaml differs from the commit"):
+        seeds.run(params, tmp_path / "out", run_missing=False)

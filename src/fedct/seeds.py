@@ -120,6 +120,16 @@ def existing_experiments(repo: Path) -> set[str]:
     return {line.strip() for line in out.stdout.splitlines() if line.strip()}
 
 
+def _params_edited(repo: Path) -> bool:
+    """Whether ``params.yaml`` differs from the commit (``git diff``; False outside git)."""
+    try:
+        out = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "params.yaml"],
+                             cwd=repo, capture_output=True, check=False)
+    except OSError:
+        return False
+    return out.returncode == 1
+
+
 def _tracking_env() -> dict:
     """The environment of an experiment: the workspace's MLflow store by absolute path
     (``--temp`` runs in another folder, where the relative default would be lost); the
@@ -177,6 +187,13 @@ def run(params: Params, out_dir: Path, run_missing: bool = True, force: bool = F
     names = [experiment_name(s, c) for s, c in pairs]
     have = existing_experiments(repo)
     todo = [(p, n) for p, n in zip(pairs, names, strict=True) if force or n not in have]
+    reused = [n for n in names if n in have and not force]
+    if reused and _params_edited(repo):
+        # An experiment's name holds its seeds only: one of this commit ran with the
+        # committed params.yaml, not with the edited one.
+        raise FedctError(f"params.yaml differs from the commit, whose experiments {reused} "
+                         "ran with the committed params; commit the change (new experiments "
+                         "then run) or rerun them all with --force")
     if todo and not run_missing:
         raise FedctError(f"experiments {[n for _, n in todo]} do not exist for this commit; "
                          "run `fedct seeds` without --no-run")
