@@ -111,3 +111,16 @@ def test_experiments_of_the_commit_are_not_reused_for_edited_params(
     (tmp_path / "params.yaml").write_text("train: {steps: 800}\n")
     with pytest.raises(FedctError, match="params.yaml differs from the commit"):
         seeds.run(params, tmp_path / "out", run_missing=False)
+
+
+def test_another_params_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from fedct.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "other.yaml").write_text("{}")
+    result = CliRunner().invoke(main, ["seeds", "--params", "other.yaml", "--no-run"])
+    assert result.exit_code == 1
+    assert "--params other.yaml: the experiments run with the repository's params.yaml" \
+        in result.output

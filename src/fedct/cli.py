@@ -255,6 +255,11 @@ def seeds(out_dir: Path, run_missing: bool, force: bool, params_file: Path) -> N
     tables in OUT."""
     from fedct import seeds as command
 
+    if params_file.resolve() != Path("params.yaml").resolve():
+        # `dvc exp run` reads the repository's params.yaml: another file would be
+        # summarised beside experiments that never saw it.
+        raise FedctError(f"--params {params_file}: the experiments run with the repository's "
+                         "params.yaml (DVC); edit and commit that file instead")
     result = command.run(_load(params_file), out_dir, run_missing=run_missing, force=force)
     click.echo(f"summarised {len(result['experiments'])} report seeds "
                f"({', '.join(result['experiments'])}) in {out_dir}")
