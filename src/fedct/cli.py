@@ -225,7 +225,9 @@ def report(outputs_dir: Path, out_file: Path) -> None:
 @click.option("-o", "--out", "out_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--mc-samples", type=click.IntRange(min=2), default=None,
-              help="MC-dropout samples [default: the model card's].")
+              help="MC-dropout samples [default: the model card's; at another number "
+                   "the failure score is not flagged, its threshold being calibrated at the "
+                   "card's].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1...")
 @click.option("--uncertainty", type=click.Choice(["entropy", "variance", "mutual_information"]),
               default="entropy", show_default=True, help="Voxel uncertainty map to write.")
@@ -237,9 +239,11 @@ def predict(model_uri: str, input_path: Path, out_dir: Path, mc_samples: int | N
     from fedct.inference import predict as command
 
     report = command.run(model_uri, input_path, out_dir, mc_samples, device, uncertainty)
-    flag = report["failure"]["flag"]
+    failure = report["failure"]
+    flag = failure["flag"]
+    why = failure["reason"] if failure.get("note") else "no threshold"
     click.echo(f"wrote {', '.join(v for v in report['outputs'].values() if v)} to {out_dir}; "
-               f"failure flag: {'none (no threshold)' if flag is None else flag}")
+               f"failure flag: {f'none ({why})' if flag is None else flag}")
 
 
 @main.command()

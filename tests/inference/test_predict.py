@@ -92,10 +92,14 @@ def test_flag_follows_the_card_threshold(nifti_volume: Path, tmp_path: Path,
                                          threshold: float, flag: bool) -> None:
     model = make_model(tmp_path / "m", failure={"signal": "max_softmax_deficit",
                                                 "threshold": threshold,
-                                                "aggregation": "mean"})
+                                                "aggregation": "mean", "mc_samples": 3})
     report = predict.run(str(model), nifti_volume, tmp_path / "out", mc_samples=3)
     assert report["failure"]["flag"] is flag and report["failure"]["threshold"] == threshold
-    assert "calibrated with 10 MC samples, scored with 3" in report["failure"]["note"]
+    assert "note" not in report["failure"]
+    # At another T the score's scale differs from the calibration's: reported, not flagged.
+    other = predict.run(str(model), nifti_volume, tmp_path / "out4", mc_samples=4)
+    assert other["failure"]["flag"] is None and other["failure"]["score"] is not None
+    assert "calibrated with 3 MC samples, scored with 4" in other["failure"]["reason"]
 
 
 def test_an_infinite_threshold_flags_only_missed_structures_in_strict_json(
@@ -103,7 +107,8 @@ def test_an_infinite_threshold_flags_only_missed_structures_in_strict_json(
     # An unbounded signal whose calibration pairs missed a structure calibrates at +inf;
     # threshold.json writes it "inf", and report.json must stay strict JSON.
     model = make_model(tmp_path / "m", failure={"signal": "volume_deviation",
-                                                "threshold": "inf", "aggregation": "mean"})
+                                                "threshold": "inf", "aggregation": "mean",
+                                                "mc_samples": 3})
     report = predict.run(str(model), nifti_volume, tmp_path / "out", mc_samples=3)
     written = json.loads((tmp_path / "out" / "report.json").read_text())
     assert written["failure"]["threshold"] == "inf" == report["failure"]["threshold"]
@@ -116,19 +121,41 @@ def test_cli_predicts_from_the_registry_alias(dicom_series: Path, tmp_path: Path
 
     monkeypatch.chdir(tmp_path)  # the SQLite store puts artifacts under ./mlruns
     model = make_model(tmp_path / "A", failure={"signal": "sample_disagreement",
-                                                "threshold": 0.0})
+                                                "threshold": 0.0, "mc_samples": 4})
     with tracking.start_run("promote") as run:
         logged = tracking.log_fedct_model(run, model, registered_name="fedct-seg")
     MlflowClient().set_registered_model_alias("fedct-seg", "champion", logged.version)
     result = CliRunner().invoke(main, ["predict", "models:/fedct-seg@champion",
                                        str(dicom_series), "-o", str(tmp_path / "out"),
-                                       "--mc-samples", "4", "--device", "cpu"])
+                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "failure flag: True" in result.output
+    assert json.loads((tmp_path / "out" / predict.REPORT).read_text())["mc_samples"] == 4
+    other_t = CliRunner().invoke(main, ["predict", "models:/fedct-seg@champion",
+                                        str(dicom_series), "-o", str(tmp_path / "out"),
+                                        "--mc-samples", "2", "--device", "cpu"])
+    assert other_t.exit_code == 0, other_t.output
+    assert "failure flag: none (not flagged: threshold calibrated with 4 MC samples, " \
+           "scored with 2" in other_t.output
+    result = CliRunner().invoke(main, ["predict", "models:/fedct-seg@champion",
+                                       str(dicom_series), "-o", str(tmp_path / "out"),
+                                       "--device", "cpu"])
     report = json.loads((tmp_path / "out" / predict.REPORT).read_text())
     assert report["model"]["uri"] == "models:/fedct-seg@champion"
     assert report["failure"]["flag"] is True
     assert (tmp_path / "out" / predict.SEG_DICOM).is_file()
+
+
+def test_a_reused_output_folder_keeps_no_file_of_the_earlier_input(
+        dicom_series: Path, nifti_volume: Path, model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    predict.run(str(model_dir), dicom_series, out, mc_samples=2)
+    assert (out / predict.SEG_DICOM).is_file()
+    (out / "notes.txt").write_text("the user's own file")
+    report = predict.run(str(model_dir), nifti_volume, out, mc_samples=2)
+    # No DICOM SEG of the earlier series (another patient's data) beside this result.
+    assert not (out / predict.SEG_DICOM).exists() and "dicom_seg" not in report["outputs"]
+    assert (out / "notes.txt").read_text() == "the user's own file"
 
 
 def test_cli_errors_are_one_line(dicom_series: Path, model_dir: Path, tmp_path: Path,

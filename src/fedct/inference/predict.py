@@ -33,9 +33,12 @@ def run(model_uri: str, input_path: Path, out_dir: Path, mc_samples: int | None 
         seed: int | None = UncertaintyParams().seed) -> dict[str, Any]:
     """Segment ``input_path`` (DICOM series folder or NIfTI) with the model at ``model_uri``.
 
-    ``mc_samples`` overrides the card's T (the failure threshold was calibrated with the
-    card's T, so the flag is only comparable at that T); ``seed`` makes the MC samples
-    reproducible (the uncertainty stage's seed by default). Returns the report.
+    ``mc_samples`` overrides the card's T; the failure threshold was calibrated with the
+    card's T and the signal's scale depends on T, so at another T the score is reported
+    but not flagged (``flag`` None, with the reason). ``seed`` makes the MC samples
+    reproducible (the uncertainty stage's seed by default). Outputs of an earlier run in
+    ``out_dir`` (the files this command writes) are replaced, a DICOM SEG included when
+    this input writes none. Returns the report.
     """
     from fedct import tracking
     from fedct.model.io import CARD_FILE, load_model
@@ -71,6 +74,9 @@ def run(model_uri: str, input_path: Path, out_dir: Path, mc_samples: int | None 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # An earlier run's files must not stay beside this one's (another patient's SEG).
+    for name in (SEGMENTATION, UNCERTAINTY, SEG_DICOM, REPORT):
+        (out_dir / name).unlink(missing_ok=True)
     outputs.write_image(seg, out_dir / SEGMENTATION)
     outputs.write_image(unc, out_dir / UNCERTAINTY)
     written = {"segmentation": SEGMENTATION, "uncertainty": UNCERTAINTY, "report": REPORT}
@@ -97,5 +103,7 @@ def run(model_uri: str, input_path: Path, out_dir: Path, mc_samples: int | None 
     if n_samples != card.mc_samples and failure["threshold"] is not None:
         failure["note"] = (f"threshold calibrated with {card.mc_samples} MC samples, "
                            f"scored with {n_samples}")
+        failure.update(flag=None, reason=f"not flagged: {failure['note']} (the score's scale "
+                                         "depends on T; rerun without --mc-samples)")
     outputs.write_json(report, out_dir / REPORT)
     return report
