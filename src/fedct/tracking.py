@@ -443,6 +443,9 @@ def download_model(uri: str, dst: Path) -> Path:
     tracking_uri = _set_tracking_uri()
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
+    # Two small files: MLflow's progress bar on stderr is noise beside the one result line.
+    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
         path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
     except MlflowException as exc:
@@ -458,6 +461,11 @@ def download_model(uri: str, dst: Path) -> Path:
                          f"({reason})") from exc
     except OSError as exc:
         raise FedctError(f"{uri}: cannot download the model ({exc})") from exc
+    finally:
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
     found = _fedct_files(Path(path))
     if found is None:
         raise FedctError(f"{uri}: the MLflow model has no {MODEL_FILE} with "

@@ -130,6 +130,7 @@ def test_cli_predicts_from_the_registry_alias(dicom_series: Path, tmp_path: Path
                                        "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "failure flag: True" in result.output
+    assert "Downloading artifacts" not in result.output  # one result line, no bar
     assert json.loads((tmp_path / "out" / predict.REPORT).read_text())["mc_samples"] == 4
     other_t = CliRunner().invoke(main, ["predict", "models:/fedct-seg@champion",
                                         str(dicom_series), "-o", str(tmp_path / "out"),
