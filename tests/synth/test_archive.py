@@ -13,6 +13,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from fedct.catalogue.series import spacing_regular
 from fedct.errors import FedctError
 from fedct.synth.anatomy import STRUCTURES
 from fedct.synth.archive import generate
@@ -81,6 +82,15 @@ def test_distractors_are_present(tiny_archive: dict[str, Path]) -> None:
     assert not truth.loc[truth["kind"] != "axial", "usable"].any()
     assert (truth.loc[truth["kind"] == "thick", "n_slices"] < 32).all()
     assert (truth.loc[truth["kind"] == "coronal", "n_slices"] >= 8).all()
+    # A reformat's planes are evenly spaced, as a scanner's MPR writes them: the catalogue
+    # rejects it for its orientation alone, not also for irregular spacing.
+    for rel in truth.loc[truth["kind"].isin(["coronal", "sagittal"]), "path"]:
+        planes = [pydicom.dcmread(f, stop_before_pixels=True)
+                  for f in (tiny_archive["archive"] / rel).iterdir()]
+        normal = np.cross(*np.reshape(np.asarray(planes[0].ImageOrientationPatient,
+                                                 dtype=float), (2, 3)))
+        gaps = np.diff(sorted(float(np.dot(ds.ImagePositionPatient, normal)) for ds in planes))
+        assert spacing_regular(gaps.min(), gaps.max(), np.median(gaps)), (rel, gaps)
     files = pd.read_csv(tiny_archive["truth"] / "files.csv")
     assert {"corrupt", "truncated_pixels", "truncated_header", "duplicate", "not_dicom"} <= set(
         files["kind"])

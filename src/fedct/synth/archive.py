@@ -491,8 +491,12 @@ def _patient(args: tuple) -> dict:
         rows.append(row(uid, folder, "thick", len(tz), False, profile.thick_recon_mm, "axial"))
 
     # 4. Coronal / sagittal multiplanar reformats: 3D stacks, but not axial.
-    n_ref = profile.reformat_slices
-    picks = np.linspace(0, profile.matrix - 1, n_ref).round().astype(int)
+    # Evenly spaced planes, as a scanner's MPR writes them: an integer stride of columns
+    # (rounded linspace steps alternate, which reads as irregular slice spacing).
+    n_ref = min(profile.reformat_slices, profile.matrix)
+    stride = max(1, (profile.matrix - 1) // max(1, n_ref - 1))
+    first = (profile.matrix - 1 - stride * (n_ref - 1)) // 2
+    picks = first + stride * np.arange(n_ref)
     reformats = (("coronal", 4, [1, 0, 0, 0, 0, -1]), ("sagittal", 5, [0, 1, 0, 0, 0, -1]))
     for kind, number, iop in reformats:
         if kind not in p.distractors:
