@@ -125,20 +125,29 @@ def test_paths_named_after_patients_are_counted_and_warned_about(tmp_path: Path)
     the files whose path holds their PatientID, warns at every run (rebuilt or not), and
     keeps the ID out of the reports and metrics (only the path tables hold it)."""
     root = tmp_path / "archive"
-    p0, p1 = FAKE_PATIENTS[:2]
+    p0, p1, p2 = FAKE_PATIENTS[:3]
     write_series(root / "A" / p0["id"] / "SE1", 5, patient=p0)
     write_series(root / "A" / "ST2" / "SE1", 5, patient=p1)  # a UID-style path
+    # Named by the patient's name and birth date ("Thirdfake^Human", 19030405).
+    family, given = p2["name"].split("^")
+    write_series(root / "A" / f"{family}_{given}_{p2['birth']}" / "SE1", 5, patient=p2)
     params = dataclasses.replace(PARAMS, min_slices=5)
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="paths of 5 files contain their PatientID"):
+    with pytest.warns(UserWarning, match="paths of 10 files contain their own PatientID, a "
+                                         "part of the PatientName or the PatientBirthDate"):
         first = stage.run(params, root, out, track=False, progress=False)
-    assert first.metrics["n_paths_with_patient_id"] == 5 and first.metrics["n_usable"] == 2
-    with pytest.warns(UserWarning, match="paths of 5 files"):
+    assert first.metrics["n_paths_with_patient_id"] == 10 and first.metrics["n_usable"] == 3
+    with pytest.warns(UserWarning, match="paths of 10 files"):
         again = stage.run(params, root, out, track=False, progress=False)
     assert again.up_to_date
     files = pd.read_parquet(out / "series_files.parquet")
     assert files["relpath"].str.contains(p0["id"]).sum() == 5  # still readable by cohort
-    assert_no_identifiers([out / name for name in REPORT_FILES], [p0["id"], p1["id"]])
+    # The name and birth date were compared, never stored: only the path tables hold them.
+    assert_no_identifiers([out / name for name in REPORT_FILES],
+                          [p["id"] for p in (p0, p1, p2)] + [p2["name"], p2["birth"]])
+    series = pd.read_parquet(out / "series.parquet")
+    assert not series.astype(str).apply(
+        lambda c: c.str.contains(family, case=False) | c.str.contains(p2["birth"])).any().any()
 
 
 def test_an_id_is_a_path_match_only_as_a_whole_token_of_4_or_more_characters() -> None:
@@ -149,3 +158,16 @@ def test_an_id_is_a_path_match_only_as_a_whole_token_of_4_or_more_characters() -
     assert not path_holds_id("site/ST12/SE12/IM12.dcm", "12")  # under 4 characters
     assert not path_holds_id("site/FAKEID-31337/IM1.dcm", "FAKEID-90210")
     assert not path_holds_id("site/ST1/IM1.dcm", None)
+
+
+def test_a_name_part_or_birth_date_is_a_path_match_only_as_a_whole_token() -> None:
+    name, birth = "Doe^John Paul", "19650312"
+    assert path_holds_id("site/DOE^JOHN/IM1.dcm", "X1", name)
+    assert path_holds_id("site/Doe_John_19650312/IM1.dcm", "X1", name, birth)
+    assert path_holds_id("site/paul/IM1.dcm", "X1", name)
+    assert path_holds_id("site/x/19650312/IM1.dcm", "X1", None, birth)
+    assert path_holds_id("site/1965-03-12_CT/IM1.dcm", "X1", None, birth)
+    assert not path_holds_id("site/Doeville/IM1.dcm", "X1", name)  # inside another word
+    assert not path_holds_id("site/Li/IM1.dcm", "X1", "Li^Al")  # too short to compare
+    assert not path_holds_id("site/ST1/2019650312/IM1.dcm", "X1", None, birth)  # in a number
+    assert not path_holds_id("site/ST1/IM1.dcm", "X1", name, birth)

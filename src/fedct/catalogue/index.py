@@ -27,7 +27,7 @@ PART_ROWS = 500_000
 # More parts than this (many small incremental rescans) are compacted.
 MAX_PARTS = 64
 # Bump when the per-file row changes meaning: an index of another version is rebuilt.
-INDEX_VERSION = 2  # 2: path_has_patient_id
+INDEX_VERSION = 3  # 2: path_has_patient_id; 3: it covers the name and birth date too
 
 
 @dataclass(frozen=True)

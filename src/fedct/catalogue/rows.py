@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,24 +71,44 @@ def path_hash(relpath: str, _blake2b: Any = hashlib.blake2b,
 
 # Shorter PatientIDs ("12", "A1") turn up in paths by chance (series numbers, dates).
 MIN_ID_IN_PATH = 4
+# Name parts shorter than this ("Li", "Al") are not compared: they match by chance.
+MIN_NAME_PART = 3
 
 
-def path_holds_id(relpath: str, patient_id: str | None) -> bool:
-    """Whether ``relpath`` contains ``patient_id`` as a whole token, in any letter case:
-    an export laid out as ``<PatientID>/<study>/...`` or ``<PatientID>_CT/...``, but not
-    an ID's digits inside a longer number or name. IDs under ``MIN_ID_IN_PATH``
-    characters are not compared."""
-    pid = (patient_id or "").strip().casefold()
-    if len(pid) < MIN_ID_IN_PATH:
-        return False
-    path = relpath.casefold()
-    start = path.find(pid)
+def _holds_token(path: str, token: str) -> bool:
+    """Whether casefolded ``path`` contains casefolded ``token`` not inside a longer word or
+    number (its neighbours are not letters or digits)."""
+    start = path.find(token)
     while start >= 0:
-        end = start + len(pid)
+        end = start + len(token)
         if (start == 0 or not path[start - 1].isalnum()) and \
                 (end == len(path) or not path[end].isalnum()):
             return True
-        start = path.find(pid, start + 1)
+        start = path.find(token, start + 1)
+    return False
+
+
+def path_holds_id(relpath: str, patient_id: str | None, name: str | None = None,
+                  birth_date: str | None = None) -> bool:
+    """Whether ``relpath`` spells out its own patient: the PatientID, a part of the
+    PatientName or the PatientBirthDate as a whole token, in any letter case.
+
+    An export laid out as ``<PatientID>/<study>/...``, ``DOE^JOHN/...``,
+    ``Doe_John_19650312/...`` or ``.../1965-03-12/...``, but not an ID's digits inside a
+    longer number or a name part inside another word. IDs under ``MIN_ID_IN_PATH``
+    characters and name parts under ``MIN_NAME_PART`` letters are not compared; a birth
+    date only as its 8 digits (YYYYMMDD) or in ISO form (YYYY-MM-DD).
+    """
+    path = relpath.casefold()
+    pid = (patient_id or "").strip().casefold()
+    if len(pid) >= MIN_ID_IN_PATH and _holds_token(path, pid):
+        return True
+    parts = re.split(r"[\s^,]+", (name or "").casefold())
+    if any(len(part) >= MIN_NAME_PART and _holds_token(path, part) for part in parts):
+        return True
+    date = (birth_date or "").strip()
+    if len(date) == 8 and date.isdigit():
+        return any(_holds_token(path, d) for d in (date, f"{date[:4]}-{date[4:6]}-{date[6:]}"))
     return False
 
 
@@ -170,6 +191,8 @@ def parse_files(root: str, items: Sequence[tuple[str, int, int]], secret: bytes,
 
     sop, study, series, pid = (col(k) for k in ("SOPInstanceUID", "StudyInstanceUID",
                                                 "SeriesInstanceUID", "PatientID"))
+    # Read only to check each file's own path; neither is stored (SCAN_TAGS).
+    names, births = col("PatientName"), col("PatientBirthDate")
     series_key = [hasher("series", u, memo=True) if u else None for u in series]
     # No PatientID: each study is its own patient rather than all sharing one.
     patient_key = [
@@ -228,8 +251,8 @@ def parse_files(root: str, items: Sequence[tuple[str, int, int]], secret: bytes,
         "n_frames": _ints(col("NumberOfFrames"), default=1),
         "frame_pos": pa.array(frame_pos, pa.list_(pa.float64())),
         "frames_consistent": [h.frames_consistent for h in headers],
-        "path_has_patient_id": [path_holds_id(r, p) for (r, _, _), p in
-                                zip(items, pid, strict=True)],
+        "path_has_patient_id": [path_holds_id(r, p, n, b) for (r, _, _), p, n, b in
+                                zip(items, pid, names, births, strict=True)],
     }
     ok = pa.array([h.reject is None for h in headers])
     columns = []

@@ -58,6 +58,10 @@ def _element_text(value: Any) -> str:
         return value.decode("ascii", "replace")
     if isinstance(value, str):
         return value
+    from pydicom.valuerep import PersonName
+
+    if isinstance(value, PersonName):  # iterable over its characters, but one value
+        return str(value)
     if isinstance(value, Iterable):
         return "\\".join(str(v) for v in value)
     return str(value)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # Keyword -> tag of every value the catalogue reads. PatientID is read only so that the
-# caller can pseudonymise it; PatientName, PatientBirthDate and AccessionNumber are
-# never read at all.
+# caller can pseudonymise it; PatientName and PatientBirthDate only so that a file whose
+# archive path spells them out is counted (``catalogue.rows.path_holds_id``): neither is
+# stored anywhere. AccessionNumber is never read at all.
 SCAN_TAGS: dict[str, tuple[int, int]] = {
     "MediaStorageSOPClassUID": (0x0002, 0x0002),
     "TransferSyntaxUID": (0x0002, 0x0010),
@@ -19,7 +20,9 @@ SCAN_TAGS: dict[str, tuple[int, int]] = {
     "Manufacturer": (0x0008, 0x0070),
     "InstitutionName": (0x0008, 0x0080),
     "ManufacturerModelName": (0x0008, 0x1090),
+    "PatientName": (0x0010, 0x0010),
     "PatientID": (0x0010, 0x0020),
+    "PatientBirthDate": (0x0010, 0x0030),
     "BodyPartExamined": (0x0018, 0x0015),
     "SliceThickness": (0x0018, 0x0050),
     "KVP": (0x0018, 0x0060),

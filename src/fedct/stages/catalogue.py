@@ -147,7 +147,8 @@ def run(params: CatalogueParams, archive_dir: str | Path, out_dir: str | Path, *
         if metrics.get("n_paths_with_patient_id"):
             warnings.warn(
                 f"catalogue: the archive paths of {metrics['n_paths_with_patient_id']} files "
-                f"contain their PatientID (e.g. folders named after patients), so "
+                f"contain their own PatientID, a part of the PatientName or the "
+                f"PatientBirthDate (e.g. folders named after patients), so "
                 f"{reports.SERIES_FILES_FILE}, {reports.REJECTS_FILE} and the index "
                 f"{index_path} hold patient identifiers: keep {out} and the index inside "
                 f"the archive's privacy boundary (never push them to a DVC remote outside "
