@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -211,3 +212,17 @@ def test_fakes_cover_every_part() -> None:
     from fedct.report.sections import INPUT_DIRS
 
     assert set(PARTS) == set(INPUT_DIRS) == set(INPUTS)
+
+
+def test_a_method_that_continues_fedavg_is_drawn_after_its_rounds() -> None:
+    from fedct.report.sections import continued_rounds
+
+    fedavg = pd.DataFrame({"round": [1, 2, 3, 4], "val_dice": [0.2, 0.5, 0.7, 0.8]})
+    self_train = pd.DataFrame({"round": [1], "val_dice": [0.82]})
+    out = continued_rounds({"fedavg": fedavg, "self_train": self_train, "fedprox": fedavg},
+                           {"self_train": "fedavg", "fedprox": None})
+    assert list(out["self_train"]["round"]) == [5]
+    assert list(out["fedavg"]["round"]) == list(out["fedprox"]["round"]) == [1, 2, 3, 4]
+    # A start without rounds of its own (TENT's FedAvg absent here) moves nothing.
+    assert list(continued_rounds({"self_train": self_train}, {"self_train": "fedavg"})[
+        "self_train"]["round"]) == [1]

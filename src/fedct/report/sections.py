@@ -319,6 +319,11 @@ def federated_rounds(root: Path) -> Section:
             parts.append(paragraph(f"{rel}: no rounds yet"))
             continue
         histories[m.name] = h
+    starts = {}
+    for name in histories:
+        if (fed / name / "model_card.json").is_file():
+            starts[name] = (r.json(f"{FEDERATED}/{name}/model_card.json") or {}).get("start")
+    histories = continued_rounds(histories, starts)
     # One-shot averaging and target-adapted methods have no rounds: not a missing file.
     without = [m.name for m in methods if not (m / "history.csv").is_file()]
     if not any((m / "history.csv").is_file() for m in methods):
@@ -330,9 +335,23 @@ def federated_rounds(root: Path) -> Section:
     if histories:
         parts.insert(0, figure(figures.round_curves(histories), "federated round curves",
                                "Global validation Dice after each round (one line per "
-                               "method)"))
+                               "method; a method that continues another, as self-training "
+                               "continues FedAvg, follows its rounds)"))
         parts.insert(1, table(_round_summary(histories), "Per method"))
     return r.section("federated-rounds", "Federated training rounds", parts)
+
+
+def continued_rounds(histories: dict[str, pd.DataFrame], starts: dict[str, Any]
+                     ) -> dict[str, pd.DataFrame]:
+    """``histories`` with each method that continues another (``starts[method]``, its
+    card's ``start``: self-training starts from FedAvg's last round) numbered after that
+    method's last round, so that a round curve draws it after, not over, the first."""
+    out = dict(histories)
+    for name, h in histories.items():
+        start = starts.get(name)
+        if start in histories and start != name:
+            out[name] = h.assign(round=h["round"] + histories[start]["round"].max())
+    return out
 
 
 def _round_summary(histories: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -341,7 +360,7 @@ def _round_summary(histories: dict[str, pd.DataFrame]) -> pd.DataFrame:
         h = h.sort_values("round")
         best = h.loc[h["val_dice"].idxmax()] if h["val_dice"].notna().any() else None
         row: dict[str, Any] = {
-            "method": method, "rounds": int(h["round"].max()),
+            "method": method, "rounds": int(h["round"].nunique()),
             "final val Dice": float(h["val_dice"].iloc[-1]),
             "best val Dice": float(best["val_dice"]) if best is not None else float("nan"),
             "best round": int(best["round"]) if best is not None else None}

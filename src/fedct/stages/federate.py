@@ -377,7 +377,8 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                     # federate.weighting holds here too, pseudo-labelled sites included.
                     site_weights_=(site_weights({s: 1.0 for s in clients})
                                    if params.weighting == "equal" else None))
-                _finish_card(path, base_card, "self_train", here, clients=list(clients),
+                _finish_card(path, base_card, "self_train", here, start="fedavg",
+                             clients=list(clients),
                              pseudo_labelled=sorted(targets), kept_fraction=kept,
                              rounds=params.self_train_rounds)
                 shutil.rmtree(derived, ignore_errors=True)  # images stay in the cohort
