@@ -57,7 +57,10 @@ def test_stopping_fedct_seeds_stops_the_experiment_and_its_children(
     stand_in = (f"import os, subprocess, sys, time; "
                 f"c = subprocess.Popen(['sleep', '300']); "
                 f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{c.pid}}'); time.sleep(300)")
-    caller = (f"from pathlib import Path; from fedct.seeds import run_group; "
+    # As from a terminal: Ctrl-C raises KeyboardInterrupt (a test worker may have started
+    # this process with SIGINT ignored, which a child inherits).
+    caller = (f"import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              f"from pathlib import Path; from fedct.seeds import run_group; "
               f"run_group([{sys.executable!r}, '-c', {stand_in!r}], Path({str(tmp_path)!r}), "
               f"capture=False, grace_s=5)")
     proc = subprocess.Popen([sys.executable, "-c", caller])
