@@ -72,6 +72,10 @@ def test_case_table_aggregates_structures_and_flags() -> None:
     assert flagged.set_index(["model", "case"]).loc[("A", "C1"), "flagged"]
     unknown = heldout.case_table(recs, KINDS, "sample_disagreement")
     assert unknown["flagged"].isna().all() and unknown["threshold"].isna().all()
+    # A threshold of +inf is a threshold (flag only +inf scores, as uncertainty and
+    # predict do), not a missing one.
+    at_inf = heldout.case_table(recs, KINDS, "sample_disagreement", threshold=float("inf"))
+    assert at_inf["flagged"].notna().all() and not at_inf["flagged"].any()
     with pytest.raises(ValueError, match="no kind"):
         heldout.case_table(recs, {"A": "local"}, "sample_disagreement")
 

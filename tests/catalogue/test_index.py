@@ -131,13 +131,19 @@ def test_paths_named_after_patients_are_counted_and_warned_about(tmp_path: Path)
     # Named by the patient's name and birth date ("Thirdfake^Human", 19030405).
     family, given = p2["name"].split("^")
     write_series(root / "A" / f"{family}_{given}_{p2['birth']}" / "SE1", 5, patient=p2)
+    # A name with letters beyond ASCII (decoded by the file's character set, ISO_IR 100),
+    # and a de-identified "ANONYMOUS" in an "anonymous" folder: no person named there.
+    umlaut = {**p1, "name": "Müller^Jörg", "id": "FAKEID-55555"}
+    write_series(root / "B" / "mueller" / "müller" / "SE1", 5, patient=umlaut)
+    anon = {**p1, "name": "ANONYMOUS", "id": "FAKEID-66666"}
+    write_series(root / "B" / "anonymous" / "SE1", 5, patient=anon)
     params = dataclasses.replace(PARAMS, min_slices=5)
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="paths of 10 files contain their own PatientID, a "
+    with pytest.warns(UserWarning, match="paths of 15 files contain their own PatientID, a "
                                          "part of the PatientName or the PatientBirthDate"):
         first = stage.run(params, root, out, track=False, progress=False)
-    assert first.metrics["n_paths_with_patient_id"] == 10 and first.metrics["n_usable"] == 3
-    with pytest.warns(UserWarning, match="paths of 10 files"):
+    assert first.metrics["n_paths_with_patient_id"] == 15 and first.metrics["n_usable"] == 5
+    with pytest.warns(UserWarning, match="paths of 15 files"):
         again = stage.run(params, root, out, track=False, progress=False)
     assert again.up_to_date
     files = pd.read_parquet(out / "series_files.parquet")
@@ -171,3 +177,8 @@ def test_a_name_part_or_birth_date_is_a_path_match_only_as_a_whole_token() -> No
     assert not path_holds_id("site/Li/IM1.dcm", "X1", "Li^Al")  # too short to compare
     assert not path_holds_id("site/ST1/2019650312/IM1.dcm", "X1", None, birth)  # in a number
     assert not path_holds_id("site/ST1/IM1.dcm", "X1", name, birth)
+    # PN groups and values; placeholders and parts that are not words are not names.
+    assert path_holds_id("site/yamada/IM1.dcm", "X1", "Yamada^Tarou=山田^太郎")
+    assert path_holds_id("site/smith/IM1.dcm", "X1", "Doe\\Smith")
+    assert not path_holds_id("site/anonymous/IM1.dcm", "X1", "ANONYMOUS")
+    assert not path_holds_id("site/patient_001/IM1.dcm", "X1", "PATIENT^001")

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from fedct.errors import FedctError
-from fedct.inference.inputs import read_input
+from fedct.inference.inputs import check_hounsfield, read_input
 from tests.dicom.writers import truncate_copy
 from tests.inference.conftest import N_SLICES, SLICE_MM, phantom, write_series
 
@@ -161,3 +161,12 @@ def test_a_volume_in_hu_with_fat_is_accepted(tmp_path: Path) -> None:
     vol[vol == -1000] = -100
     sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "body.nii.gz"))
     assert read_input(tmp_path / "body.nii.gz").image.GetSize()[2] == vol.shape[0]
+
+
+def test_nan_outside_the_field_of_view_is_not_a_reason_to_refuse(tmp_path: Path) -> None:
+    vol = phantom().astype(np.float32)
+    vol[:, :2, :2] = np.nan  # outside the reconstruction circle
+    sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "nan.nii.gz"))
+    assert read_input(tmp_path / "nan.nii.gz").kind == "volume"
+    with pytest.raises(FedctError, match=r"empty.nii.gz: no finite voxel value"):
+        check_hounsfield(np.full_like(vol, np.nan), tmp_path / "empty.nii.gz")

@@ -127,7 +127,7 @@ def case_table(structures: pd.DataFrame, kinds: Mapping[str, str], signal: str,
     out["signal"] = signal
     out["threshold"] = float(threshold)
     flagged = pd.array(out["score"].to_numpy() >= threshold, dtype="boolean")
-    if not np.isfinite(threshold):
+    if np.isnan(threshold):  # no threshold; +inf flags only +inf scores, as elsewhere
         flagged[:] = pd.NA
     out["flagged"] = flagged
     columns = ["model", "kind", "site", "case", "dice", "hd95",

@@ -73,6 +73,9 @@ def path_hash(relpath: str, _blake2b: Any = hashlib.blake2b,
 MIN_ID_IN_PATH = 4
 # Name parts shorter than this ("Li", "Al") are not compared: they match by chance.
 MIN_NAME_PART = 3
+# PatientName words of de-identified, phantom or test data: folder names too, no person.
+NAME_PLACEHOLDERS = frozenset({"anonymous", "anonymized", "anonymised", "anon", "patient",
+                               "unknown", "phantom", "test", "research", "study", "subject"})
 
 
 def _holds_token(path: str, token: str) -> bool:
@@ -96,15 +99,19 @@ def path_holds_id(relpath: str, patient_id: str | None, name: str | None = None,
     An export laid out as ``<PatientID>/<study>/...``, ``DOE^JOHN/...``,
     ``Doe_John_19650312/...`` or ``.../1965-03-12/...``, but not an ID's digits inside a
     longer number or a name part inside another word. IDs under ``MIN_ID_IN_PATH``
-    characters and name parts under ``MIN_NAME_PART`` letters are not compared; a birth
-    date only as its 8 digits (YYYYMMDD) or in ISO form (YYYY-MM-DD).
+    characters, name parts that are not words of at least ``MIN_NAME_PART`` letters or
+    are placeholders (``NAME_PLACEHOLDERS``) are not compared; a birth date only as its 8
+    digits (YYYYMMDD) or in ISO form (YYYY-MM-DD).
     """
     path = relpath.casefold()
     pid = (patient_id or "").strip().casefold()
     if len(pid) >= MIN_ID_IN_PATH and _holds_token(path, pid):
         return True
-    parts = re.split(r"[\s^,]+", (name or "").casefold())
-    if any(len(part) >= MIN_NAME_PART and _holds_token(path, part) for part in parts):
+    # PN: components by "^", groups by "=", values by "\\"; only words of letters count,
+    # and not the placeholders of de-identified or test data ("ANONYMOUS", "PATIENT^001").
+    parts = re.split(r"[\s^,=\\]+", (name or "").casefold())
+    if any(len(part) >= MIN_NAME_PART and part.isalpha() and part not in NAME_PLACEHOLDERS
+           and _holds_token(path, part) for part in parts):
         return True
     date = (birth_date or "").strip()
     if len(date) == 8 and date.isdigit():

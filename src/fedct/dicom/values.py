@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 # Text values that may carry non-ASCII characters in the file's character set.
 TEXT_KEYWORDS = ("Manufacturer", "InstitutionName", "ManufacturerModelName",
-                 "BodyPartExamined", "ConvolutionKernel", "PatientID")
+                 "BodyPartExamined", "ConvolutionKernel", "PatientID", "PatientName")
 
 
 def decode_text(values: dict[str, str]) -> None:

@@ -90,9 +90,12 @@ def check_hounsfield(values: np.ndarray, path: Path) -> None:
     negative value is not CT in HU: a label map passed by mistake (it would be segmented,
     and only flagged), or stored values saved without DICOM's rescale slope and intercept.
     """
-    if values.size == 0 or float(values.min()) < 0.0:
+    finite = values[np.isfinite(values)] if np.isnan(values).any() else values
+    if finite.size == 0:
+        raise FedctError(f"{path}: no finite voxel value (all NaN): not a CT volume")
+    if float(finite.min()) < 0.0:
         return
-    distinct = np.unique(values)
+    distinct = np.unique(finite)
     if distinct.size <= LABEL_MAP_MAX_VALUES and np.all(distinct == np.round(distinct)):
         what = (f"a label map, not CT ({distinct.size} integer values "
                 f"{int(distinct[0])}-{int(distinct[-1])})")
