@@ -48,13 +48,17 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split(") ")[-1][:1] != "Z"
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("how, stubborn", [("SIGTERM", False), ("SIGINT", False),
+                                           ("SIGINT", True)])
 def test_stopping_fedct_seeds_stops_the_experiment_and_its_children(
-        tmp_path: Path, how: str) -> None:
+        tmp_path: Path, how: str, stubborn: bool) -> None:
     # `dvc exp run` starts stages that start workers: a stand-in command starts a child
-    # that starts a grandchild, and records their PIDs; then the caller is stopped.
+    # that starts a grandchild, and records their PIDs; then the caller is stopped. A
+    # stubborn group ignores SIGTERM: a second Ctrl-C must SIGKILL it at once, not cut the
+    # cleanup short (the grace period here is longer than the test waits).
     pids = tmp_path / "pids"
-    stand_in = (f"import os, subprocess, sys, time; "
+    ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN); " if stubborn else ""
+    stand_in = (f"import os, signal, subprocess, sys, time; {ignore}"
                 f"c = subprocess.Popen(['sleep', '300']); "
                 f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{c.pid}}'); time.sleep(300)")
     # As from a terminal: Ctrl-C raises KeyboardInterrupt (a test worker may have started
@@ -62,7 +66,7 @@ def test_stopping_fedct_seeds_stops_the_experiment_and_its_children(
     caller = (f"import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
               f"from pathlib import Path; from fedct.seeds import run_group; "
               f"run_group([{sys.executable!r}, '-c', {stand_in!r}], Path({str(tmp_path)!r}), "
-              f"capture=False, grace_s=5)")
+              f"capture=False, grace_s={120 if stubborn else 5})")
     proc = subprocess.Popen([sys.executable, "-c", caller])
     try:
         deadline = time.monotonic() + 60
@@ -72,6 +76,10 @@ def test_stopping_fedct_seeds_stops_the_experiment_and_its_children(
         started = [int(p) for p in pids.read_text().split()]
         assert all(_alive(p) for p in started)
         proc.send_signal(getattr(signal, how))
+        if stubborn:
+            time.sleep(2)
+            assert all(_alive(p) for p in started)  # SIGTERM ignored: still there
+            proc.send_signal(getattr(signal, how))  # the second Ctrl-C
         assert proc.wait(timeout=30) != 0
         deadline = time.monotonic() + 10
         while any(_alive(p) for p in started) and time.monotonic() < deadline:
@@ -114,6 +122,14 @@ def test_experiments_of_the_commit_are_not_reused_for_edited_params(
     (tmp_path / "params.yaml").write_text("train: {steps: 800}\n")
     with pytest.raises(FedctError, match="params.yaml differs from the commit"):
         seeds.run(params, tmp_path / "out", run_missing=False)
+    # Nor are new ones run with the edit (they would later pass for the commit's).
+    ran: list = []
+    monkeypatch.setattr(seeds, "existing_experiments", lambda repo: set())
+    monkeypatch.setattr(seeds, "run_experiment", lambda *a, **k: ran.append(a))
+    for force in (False, True):
+        with pytest.raises(FedctError, match="params.yaml differs from the commit"):
+            seeds.run(params, tmp_path / "out", force=force)
+    assert ran == []
 
 
 def test_another_params_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

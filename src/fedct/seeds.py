@@ -85,24 +85,37 @@ def run_group(cmd: list[str], cwd: Path, env: dict | None = None, capture: bool 
 
 
 def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM to ``proc``'s process group, SIGKILL to what is left after ``grace_s``."""
+    """SIGTERM to ``proc``'s process group, SIGKILL to what is left after ``grace_s`` (or
+    at once on a second Ctrl-C or SIGTERM, which must not cut this cleanup short)."""
+    urgent = False
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        def hurry(signum, frame):
+            nonlocal urgent
+            urgent = True
+
+        previous = {sig: signal.signal(sig, hurry) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        proc.wait()
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        proc.poll()  # reap the leader, so that only live members keep the group
         try:
-            os.killpg(proc.pid, 0)
+            os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+            proc.wait()
+            return
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and not urgent:
+            proc.poll()  # reap the leader, so that only live members keep the group
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _dvc(args: list[str], repo: Path, env: dict | None = None, capture: bool = True
@@ -187,13 +200,12 @@ def run(params: Params, out_dir: Path, run_missing: bool = True, force: bool = F
     names = [experiment_name(s, c) for s, c in pairs]
     have = existing_experiments(repo)
     todo = [(p, n) for p, n in zip(pairs, names, strict=True) if force or n not in have]
-    reused = [n for n in names if n in have and not force]
-    if reused and _params_edited(repo):
-        # An experiment's name holds its seeds only: one of this commit ran with the
-        # committed params.yaml, not with the edited one.
-        raise FedctError(f"params.yaml differs from the commit, whose experiments {reused} "
-                         "ran with the committed params; commit the change (new experiments "
-                         "then run) or rerun them all with --force")
+    if _params_edited(repo):
+        # An experiment's name holds its seeds only and belongs to the commit: one run with
+        # uncommitted params would later pass for the commit's, and one of the commit was
+        # not run with the edit.
+        raise FedctError("params.yaml differs from the commit: commit the change first (the "
+                         "report-seed experiments are named per commit and seed pair only)")
     if todo and not run_missing:
         raise FedctError(f"experiments {[n for _, n in todo]} do not exist for this commit; "
                          "run `fedct seeds` without --no-run")
