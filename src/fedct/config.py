@@ -80,6 +80,9 @@ class CohortParams:
     holdout_sites: tuple[str, ...] = ("C", "G")
     # Sites without labels: they only take part in label-free methods.
     unlabelled_sites: tuple[str, ...] = ()
+    # A patient key found at several sites: ``one_site`` (one person: kept at one site
+    # only, fedct.stages.cohort) or ``per_site`` (IDs issued per hospital: each site's own).
+    shared_patients: Literal["one_site", "per_site"] = "one_site"
     # Preprocessing of every chosen series (cached by the cohort stage): resampled to
     # ``spacing_mm`` (x, y, z), cropped/padded to ``roi_size`` voxels about the centre,
     # HU window [hu_min, hu_max] scaled to [0, 1].

@@ -235,3 +235,31 @@ def test_a_patient_at_several_sites_is_kept_at_one_site_only() -> None:
     plain = select_series(_catalogue())
     kept, dropped, n_shared = one_site_per_patient(plain, ("D",))
     assert (dropped, n_shared) == (0, 0) and kept.equals(plain)
+    # Between training sites a labelled one wins over an unlabelled one, whatever its name.
+    kept, _, _ = one_site_per_patient(select_series(cat), (), unlabelled_sites=("A",))
+    assert set(kept.loc[kept["patient_key"] == "A-p0", "site"]) == {"B"}
+
+
+def _same_ids_everywhere() -> pd.DataFrame:
+    """Every site numbers its patients p0, p1, ...: IDs issued per hospital, repeating."""
+    cat = _catalogue()
+    cat["patient_key"] = cat["patient_key"].str.split("-").str[1]
+    return cat
+
+
+def test_ids_that_repeat_at_every_site_stop_the_cohort_naming_the_setting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Keeping each "patient" at one site would empty the training sites: not shared
+    # patients but per-hospital IDs. The stage stops and names cohort.shared_patients.
+    catalogue = tmp_path / "catalogue"
+    catalogue.mkdir()
+    _same_ids_everywhere().assign(key_id="k").to_parquet(catalogue / "series.parquet")
+    params = CohortParams(holdout_sites=("D",))
+    with pytest.raises(FedctError, match=r"series.parquet: 9 patient keys appear at several "
+                                         r"sites.*9 of 9 patients from site A.*set "
+                                         r"cohort.shared_patients: per_site"):
+        cohort_stage.run(params, CatalogueParams(), catalogue, tmp_path, None, tmp_path / "o")
+    # per_site: every site splits its own patients, as before.
+    per_site = split_patients(select_series(_same_ids_everywhere()), params)
+    assert set(per_site["site"]) == set("ABCD")
+    assert (per_site[per_site["site"] != "D"].groupby("site")["split"].nunique() == 4).all()

@@ -18,11 +18,15 @@ least one when a site has four or more) to calib (the failure definition and the
 threshold of the uncertainty stage, which nothing else sees), the rest to train.
 Held-out sites put every patient in test: they never train a model. Unlabelled sites keep
 their split but carry ``labelled = False``; only label-free methods may use them.
-One site per patient: a patient key found at several sites (the same PatientID at two
-hospitals, as with a national patient number) is kept at one of them only, the first
-held-out site among them, else the first in order, and its series at the others are left
-out (counted in ``metrics.json``), so that no patient trains a model at one site and is
-tested at another, or is split two ways.
+Patients at several sites (``cohort.shared_patients``): with ``one_site`` a patient key
+found at several sites (the same PatientID at two hospitals, as with a national patient
+number) is one person, kept at one of them only (a held-out site first, then a labelled
+training site, then an unlabelled one, each in name order), and its series at the others
+are left out (counted in ``metrics.json``), so that no patient trains a model at one site
+and is tested at another, or is split two ways. Where that would take more than
+``MAX_SHARED_LOSS`` of a site's patients, the IDs are more likely issued per hospital and
+repeat by chance: the stage stops and names the setting. With ``per_site`` every site
+splits its own patients, whatever other sites hold.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ from fedct.dicom.volume import read_volume
 from fedct.errors import FedctError
 
 SERIES_FILES = "series_files.parquet"  # written by the catalogue stage
+# cohort.shared_patients one_site: more of a site's patients than this found elsewhere
+# means IDs that repeat across hospitals, not shared patients (the stage stops).
+MAX_SHARED_LOSS = 0.5
 
 
 def select_series(series: pd.DataFrame) -> pd.DataFrame:
@@ -58,19 +65,27 @@ def select_series(series: pd.DataFrame) -> pd.DataFrame:
     return usable.drop_duplicates("study_key").drop(columns=["_neg_slices", "_thick", "_num"])
 
 
-def one_site_per_patient(chosen: pd.DataFrame, holdout_sites: Iterable[str]
+def one_site_per_patient(chosen: pd.DataFrame, holdout_sites: Iterable[str],
+                         unlabelled_sites: Iterable[str] = ()
                          ) -> tuple[pd.DataFrame, int, int]:
-    """``chosen`` with each patient kept at one site (the rule above); also the number of
-    series left out and of patients found at several sites."""
-    holdout = set(holdout_sites)
+    """``chosen`` with each patient kept at one site (``one_site``, module docstring); also
+    the number of series left out and of patients found at several sites."""
+    holdout, unlabelled = set(holdout_sites), set(unlabelled_sites)
     sites = chosen.groupby("patient_key")["site"].agg(lambda v: sorted(set(map(str, v))))
     several = sites[sites.map(len) > 1]
     if several.empty:
         return chosen, 0, 0
-    home = several.map(lambda v: next((s for s in v if s in holdout), v[0]))
+    home = several.map(lambda v: min(v, key=lambda s: (s not in holdout, s in unlabelled, s)))
     elsewhere = (chosen["patient_key"].isin(home.index)
                  & (chosen["site"].astype(str) != chosen["patient_key"].map(home)))
     return chosen[~elsewhere], int(elsewhere.sum()), len(several)
+
+
+def shared_patient_losses(before: pd.DataFrame, after: pd.DataFrame) -> dict[str, tuple[int, int]]:
+    """Site -> (patients left out, patients before) for sites that lost any."""
+    n0 = before.groupby("site")["patient_key"].nunique()
+    n1 = after.groupby("site")["patient_key"].nunique().reindex(n0.index, fill_value=0)
+    return {str(s): (int(n0[s] - n1[s]), int(n0[s])) for s in n0.index if n1[s] < n0[s]}
 
 
 def _site_rng(seed: int, site: str) -> np.random.Generator:
@@ -188,10 +203,23 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
     unknown -= set(series["site"].astype(str))
     if unknown:
         raise FedctError(f"cohort: sites {sorted(unknown)} are not in {series_path}")
-    chosen, n_dropped, n_shared = one_site_per_patient(chosen, params.holdout_sites)
-    if n_shared:
-        print(f"cohort: {n_shared} patients have series at several sites; each is kept at "
-              f"one site only ({n_dropped} series left out)", flush=True)
+    n_dropped = n_shared = 0
+    if params.shared_patients == "one_site":
+        kept, n_dropped, n_shared = one_site_per_patient(chosen, params.holdout_sites,
+                                                         params.unlabelled_sites)
+        losses = shared_patient_losses(chosen, kept)
+        worst = {s: (k, n) for s, (k, n) in losses.items() if k > MAX_SHARED_LOSS * n}
+        if worst:
+            raise FedctError(
+                f"{series_path}: {n_shared} patient keys appear at several sites, and keeping "
+                f"each at one site would take " + ", ".join(
+                    f"{k} of {n} patients from site {s}" for s, (k, n) in sorted(worst.items()))
+                + ": PatientIDs that repeat across hospitals are likely issued per hospital; "
+                "then set cohort.shared_patients: per_site")
+        if n_shared:
+            print(f"cohort: {n_shared} patients have series at several sites; each is kept "
+                  f"at one site only ({n_dropped} series left out)", flush=True)
+        chosen = kept
     cohort = split_patients(chosen, params)
     key = load_key(catalogue_params)
     if "key_id" in series and (series["key_id"].astype(str) != key.key_id).any():
