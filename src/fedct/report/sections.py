@@ -323,7 +323,7 @@ def federated_rounds(root: Path) -> Section:
     for name in histories:
         if (fed / name / "model_card.json").is_file():
             starts[name] = (r.json(f"{FEDERATED}/{name}/model_card.json") or {}).get("start")
-    histories = continued_rounds(histories, starts)
+    drawn = continued_rounds(histories, starts)
     # One-shot averaging and target-adapted methods have no rounds: not a missing file.
     without = [m.name for m in methods if not (m / "history.csv").is_file()]
     if not any((m / "history.csv").is_file() for m in methods):
@@ -333,7 +333,7 @@ def federated_rounds(root: Path) -> Section:
         parts.append(paragraph("Methods without rounds (no history.csv): "
                                + ", ".join(without)))
     if histories:
-        parts.insert(0, figure(figures.round_curves(histories), "federated round curves",
+        parts.insert(0, figure(figures.round_curves(drawn), "federated round curves",
                                "Global validation Dice after each round (one line per "
                                "method; a method that continues another, as self-training "
                                "continues FedAvg, follows its rounds)"))
@@ -360,7 +360,7 @@ def _round_summary(histories: dict[str, pd.DataFrame]) -> pd.DataFrame:
         h = h.sort_values("round")
         best = h.loc[h["val_dice"].idxmax()] if h["val_dice"].notna().any() else None
         row: dict[str, Any] = {
-            "method": method, "rounds": int(h["round"].nunique()),
+            "method": method, "rounds": int(h["round"].max()),
             "final val Dice": float(h["val_dice"].iloc[-1]),
             "best val Dice": float(best["val_dice"]) if best is not None else float("nan"),
             "best round": int(best["round"]) if best is not None else None}
