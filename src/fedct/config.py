@@ -353,8 +353,16 @@ def _pos(v: float) -> bool:
     return v > 0
 
 
+def _nonneg(v: float) -> bool:
+    return v >= 0
+
+
 def _unit(v: float) -> bool:
     return 0.0 <= v < 1.0
+
+
+# MC dropout compares samples: one is no distribution.
+_MC = (("mc_samples",), lambda v: v >= 2, ">= 2 (MC dropout compares samples)")
 
 
 # Ranges and consistency of values, checked when params.yaml is read (a value out of range
@@ -364,7 +372,7 @@ _RULES: dict[type, list[tuple[tuple[str, ...], Callable[..., bool], str]]] = {
         (("min_slices",), _pos, ">= 1"),
         (("workers",), _pos, ">= 1"),
         (("chunk_size",), _pos, ">= 1"),
-        (("site_level",), lambda v: v >= 0, ">= 0"),
+        (("site_level",), _nonneg, ">= 0"),
     ],
     CohortParams: [
         (("val_fraction",), _unit, "a fraction in [0, 1)"),
@@ -379,22 +387,22 @@ _RULES: dict[type, list[tuple[tuple[str, ...], Callable[..., bool], str]]] = {
     TrainParams: [
         (("steps",), _pos, ">= 1"),
         (("val_checks",), _pos, ">= 1"),
-        (("patience",), lambda v: v >= 0, ">= 0 (0: never stop early)"),
+        (("patience",), _nonneg, ">= 0 (0: never stop early)"),
         (("batch_size",), _pos, ">= 1"),
         (("learning_rate",), _pos, "> 0"),
         (("dropout",), _unit, "a probability in [0, 1)"),
-        (("dropout_depth",), lambda v: v >= 0, ">= 0"),
+        (("dropout_depth",), _nonneg, ">= 0"),
         (("channels",), lambda v: len(v) >= 2 and all(c >= 1 for c in v),
          "at least two levels of >= 1 channel"),
         (("channels", "strides"), lambda c, s: len(s) == len(c) - 1 and all(x >= 1 for x in s),
          "one stride >= 1 between each two levels (len(strides) = len(channels) - 1)"),
-        (("num_res_units",), lambda v: v >= 0, ">= 0"),
+        (("num_res_units",), _nonneg, ">= 0"),
         (("patch_size",), _all(_pos), "sizes >= 1 voxel"),
-        (("max_shift",), _all(lambda v: v >= 0), "shifts >= 0 voxels"),
+        (("max_shift",), _all(_nonneg), "shifts >= 0 voxels"),
         (("workers",), _pos, ">= 1"),
     ],
     UncertaintyParams: [
-        (("mc_samples",), lambda v: v >= 2, ">= 2 (MC dropout compares samples)"),
+        _MC,
         (("mc_batch",), _pos, ">= 1"),
         (("failure_percentile",), lambda v: 0 < v < 100, "a percentile in (0, 100)"),
         (("failure_sweep",), _all(lambda v: 0 < v < 100), "percentiles in (0, 100)"),
@@ -407,26 +415,26 @@ _RULES: dict[type, list[tuple[tuple[str, ...], Callable[..., bool], str]]] = {
         (("rounds",), _pos, ">= 1"),
         (("local_steps",), _pos, ">= 1"),
         (("min_clients",), _pos, ">= 1"),
-        (("proximal_mu",), lambda v: v >= 0, ">= 0"),
-        (("mc_samples",), lambda v: v >= 2, ">= 2 (MC dropout compares samples)"),
+        (("proximal_mu",), _nonneg, ">= 0"),
+        _MC,
         (("mc_batch",), _pos, ">= 1"),
         (("uw_temperature",), _pos, "> 0"),
-        (("tent_steps",), lambda v: v >= 0, ">= 0"),
+        (("tent_steps",), _nonneg, ">= 0"),
         (("tent_lr",), _pos, "> 0"),
         (("pseudo_p_min",), lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-        (("pseudo_std_max",), lambda v: v >= 0, ">= 0"),
+        (("pseudo_std_max",), _nonneg, ">= 0"),
         (("self_train_rounds",), _pos, ">= 1"),
         (("self_train_lr",), _pos, "> 0"),
     ],
     EvaluateParams: [
-        (("mc_samples",), lambda v: v >= 2, ">= 2 (MC dropout compares samples)"),
+        _MC,
         (("mc_batch",), _pos, ">= 1"),
         (("n_boot",), _pos, ">= 1"),
         (("workers",), _pos, ">= 1"),
     ],
     PromoteParams: [
         (("n_boot",), _pos, ">= 1"),
-        (("site_tolerance",), lambda v: v >= 0, ">= 0"),
+        (("site_tolerance",), _nonneg, ">= 0"),
     ],
 }
 
