@@ -49,7 +49,7 @@ demo: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
 
 # The study over report seeds (params: synth.report_seeds, cohort.report_seeds): one
-# `dvc exp run --temp` per seed pair up to evaluate, then outputs/seeds/ (README).
+# `dvc exp run --temp` per seed pair up to evaluate, then outputs/seeds/ (docs/pipeline.md).
 seeds: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(DEMO_ENV) $(BIN)/fedct seeds
 
