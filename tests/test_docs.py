@@ -99,3 +99,133 @@ def test_the_checker_catches_broken_links(tmp_path: Path) -> None:
                     "# Title\n")
     assert _problems(page, tmp_path) == ["a.md: c.md: no such file",
                                          "a.md: b.md#nope: no heading #nope"]
+
+
+# The README's smoke numbers are those of the committed dvc.lock's outputs. Where the
+# workspace holds exactly those outputs (after `make demo` on the machine kind the README
+# names), every number it quotes must equal the one the stage wrote.
+QUESTIONS = {  # README row (start) -> outputs/uncertainty/metrics.json keys
+    "in-domain test Dice": ("in_domain_dice",),
+    "failure detection": ("auroc_all", "auroc_lo_all", "auroc_hi_all"),
+    "its AURC against the best baseline": ("aurc_all", "aurc_deterministic_max_softmax_all"),
+}
+CANDIDATES = {  # README row (start) -> the candidate's label in outputs/evaluate/metrics.json
+    "best local model": "local", "pooled": "pooled", "one-shot": "one_shot",
+    "FedAvg": "fedavg", "FedProx": "fedprox", "`uw_select`": "uw_select",
+}
+_NUMBER = re.compile(r"[+-]?\d+\.\d+")
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _locked_output(stage: str, out: str, name: str, root: Path = ROOT) -> Path | None:
+    """``out/name`` when its bytes are those the committed ``dvc.lock`` records (through
+    the DVC cache's listing of the ``out`` folder), else None."""
+    import json
+
+    import yaml
+
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    dirs = [o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == out]
+    path = root / out / name
+    if not dirs or not path.is_file():
+        return None
+    listing = root / ".dvc" / "cache" / "files" / "md5" / dirs[0][:2] / dirs[0][2:]
+    if not listing.is_file():
+        return None
+    md5 = {e["relpath"]: e["md5"] for e in json.loads(listing.read_text())}.get(name)
+    return path if md5 == _md5(path) else None
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    """First cell -> the other cells, for every table row of ``text``."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) > 1 and not set(cells[0]) <= {"-"}:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _row(rows: dict[str, list[str]], start: str) -> list[str]:
+    found = [cells for first, cells in rows.items() if first.startswith(start)]
+    assert len(found) == 1, f"README: no single table row starting {start!r}"
+    return found[0]
+
+
+def smoke_number_mismatches(readme: str, uncertainty: dict, evaluate: dict) -> list[str]:
+    """Every number of the README's smoke tables that differs from the metrics files."""
+    rows, bad = _table_rows(readme), []
+
+    def check(where: str, quoted: str, value: float | None) -> None:
+        if value is None or f"{value:+.3f}" != f"{float(quoted):+.3f}":
+            bad.append(f"{where}: README {quoted}, outputs {value}")
+
+    for start, keys in QUESTIONS.items():
+        for key, quoted in zip(keys, _NUMBER.findall(_row(rows, start)[0]), strict=True):
+            check(key, quoted, uncertainty.get(key))
+    ranking = _row(rows, "label-free site ranking")[0].replace(" ", "")
+    if ranking != uncertainty.get("site_ranking"):
+        bad.append(f"site_ranking: README {ranking}, outputs {uncertainty.get('site_ranking')}")
+    for start, label in CANDIDATES.items():
+        dice, paired = _row(rows, start)[:2]
+        for suffix, quoted in zip(("", "_lo", "_hi"), _NUMBER.findall(dice), strict=True):
+            check(f"heldout_dice{suffix}.{label}", quoted,
+                  evaluate.get(f"heldout_dice{suffix}", {}).get(label))
+        for suffix, quoted in zip(("", "_lo", "_hi") if paired != "-" else (),
+                                  _NUMBER.findall(paired), strict=True):
+            check(f"paired_vs_best_local{suffix}.{label}", quoted,
+                  evaluate.get(f"paired_vs_best_local{suffix}", {}).get(label))
+    return bad
+
+
+def test_readme_smoke_numbers_are_the_committed_lock_outputs() -> None:
+    import json
+
+    files = [_locked_output("uncertainty", "outputs/uncertainty", "metrics.json"),
+             _locked_output("evaluate", "outputs/evaluate", "metrics.json")]
+    if None in files:
+        pytest.skip("outputs/ does not hold the committed dvc.lock's metrics "
+                    "(run `make demo` on the CPU the README names)")
+    uncertainty, evaluate = (json.loads(f.read_text()) for f in files)
+    assert smoke_number_mismatches(README.read_text(), uncertainty, evaluate) == []
+
+
+def test_the_smoke_number_check_reads_every_quoted_number(tmp_path: Path) -> None:
+    """Metrics equal to the README's numbers pass; one changed number is named."""
+    import json
+
+    rows = _table_rows(README.read_text())
+    numbers = {key: float(q) for start, keys in QUESTIONS.items()
+               for key, q in zip(keys, _NUMBER.findall(_row(rows, start)[0]), strict=True)}
+    uncertainty = {**numbers, "site_ranking":
+                   _row(rows, "label-free site ranking")[0].replace(" ", "")}
+    evaluate: dict = {}
+    for start, label in CANDIDATES.items():
+        dice, paired = _row(rows, start)[:2]
+        for suffix, q in zip(("", "_lo", "_hi"), _NUMBER.findall(dice), strict=True):
+            evaluate.setdefault(f"heldout_dice{suffix}", {})[label] = float(q) + 4e-4
+        for suffix, q in zip(("", "_lo", "_hi") if paired != "-" else (),
+                             _NUMBER.findall(paired), strict=True):
+            evaluate.setdefault(f"paired_vs_best_local{suffix}", {})[label] = float(q)
+    assert len(evaluate["heldout_dice"]) == len(CANDIDATES) == 6
+    assert smoke_number_mismatches(README.read_text(), uncertainty, evaluate) == []
+    evaluate["heldout_dice_hi"]["fedavg"] += 0.002
+    assert smoke_number_mismatches(README.read_text(), uncertainty, evaluate) == [
+        f"heldout_dice_hi.fedavg: README 0.633, outputs {evaluate['heldout_dice_hi']['fedavg']}"]
+    # The lock's listing decides which outputs count as the committed ones.
+    (tmp_path / "outputs" / "evaluate").mkdir(parents=True)
+    metrics = tmp_path / "outputs" / "evaluate" / "metrics.json"
+    metrics.write_text(json.dumps(evaluate))
+    listing = tmp_path / ".dvc" / "cache" / "files" / "md5" / "ab" / "cdef.dir"
+    listing.parent.mkdir(parents=True)
+    listing.write_text(json.dumps([{"md5": _md5(metrics), "relpath": "metrics.json"}]))
+    (tmp_path / "dvc.lock").write_text(
+        "stages:\n  evaluate:\n    outs:\n    - path: outputs/evaluate\n      md5: abcdef.dir\n")
+    assert _locked_output("evaluate", "outputs/evaluate", "metrics.json", tmp_path) == metrics
+    metrics.write_text("{}")
+    assert _locked_output("evaluate", "outputs/evaluate", "metrics.json", tmp_path) is None
