@@ -35,7 +35,7 @@ from fedct.federation.deploy import (
     node_config_arg,
 )
 from fedct.federation.flower_app import FederationConfig
-from fedct.federation.gateway import REFUSAL
+from fedct.federation.gateway import REFUSAL, create_app
 from fedct.model.io import load_model
 from tests.federation.conftest import PARAMS, listening
 
@@ -139,6 +139,16 @@ def test_a_private_key_that_others_can_read_is_refused_before_anything_starts(
             dep.start_supernode("node-A", "127.0.0.1:9", tls.ca_cert, key.private,
                                 {"site": "A"}, port=free_port())
         assert dep.procs == {}  # nothing was started
+
+
+def test_the_gateway_forwards_to_a_superlink_on_loopback_only(tmp_path: Path) -> None:
+    tls = make_tls(tmp_path)
+    for upstream in ("10.0.0.5:9093", "superlink.example.org:9093", "[2001:db8::1]:9093",
+                     "0.0.0.0:9093"):
+        with pytest.raises(FedctError, match="must stay on loopback"):
+            create_app(upstream, tls.ca_cert)
+    for upstream in ("127.0.0.1:9093", "localhost:9093", "[::1]:9093"):
+        create_app(upstream, tls.ca_cert)  # built, not started: nothing listens
 
 
 def _raw_request(host: str, port: int, method: str, path: str, ca: Path) -> int:

@@ -80,6 +80,14 @@ def check_private_key(path: Path) -> None:
                          f"{mode:04o}); run `chmod 600 {path}`")
 
 
+def check_upstream(superlink: str) -> None:
+    """Refuse a SuperLink address that is not on loopback."""
+    host, _ = split_address(superlink)
+    if not is_loopback(host):
+        raise FedctError(f"--superlink {superlink}: the SuperLink's own port must stay on "
+                         "loopback (127.0.0.1); only this gateway faces the hospitals")
+
+
 def create_app(superlink: str, ca_cert: Path) -> Any:
     """The gateway's ASGI app: Fleet calls to ``https://SUPERLINK``, 403 for the rest.
 
@@ -93,10 +101,7 @@ def create_app(superlink: str, ca_cert: Path) -> Any:
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
-    host, _ = split_address(superlink)
-    if not is_loopback(host):
-        raise FedctError(f"--superlink {superlink}: the SuperLink's own port must stay on "
-                         "loopback (127.0.0.1); only this gateway faces the hospitals")
+    check_upstream(superlink)
     verify = ssl.create_default_context(cafile=str(ca_cert))
 
     @contextlib.asynccontextmanager
@@ -136,6 +141,7 @@ def serve(listen: str, superlink: str, ca_cert: Path, server_cert: Path,
     """Serve the gateway on ``listen`` (``host:port``) with TLS until interrupted."""
     import uvicorn
 
+    check_upstream(superlink)
     for path in (ca_cert, server_cert):
         if not Path(path).is_file():
             raise FedctError(f"{path}: no such certificate")
