@@ -138,12 +138,6 @@ def _utf8(relpath: str) -> bool:
     return True
 
 
-def exact_path(relpath: str, relpath_bytes: bytes | None) -> str:
-    """The file's own path from the index's ``relpath`` and ``relpath_bytes`` (os.fsdecode:
-    a name that is not UTF-8 comes back with its undecodable bytes surrogate-escaped)."""
-    return os.fsdecode(relpath_bytes) if relpath_bytes is not None else relpath
-
-
 def _geometry(iop_text: str | None, cache: dict) -> tuple[str, tuple | None, str | None]:
     """(orientation class, unit normal, rounded IOP text), memoised per IOP string.
 

@@ -32,7 +32,7 @@ SPACING_TOL_REL = 0.05
 THICKNESS_CLASSES = ((1.5, "thin"), (3.0, "medium"), (math.inf, "thick"))
 # Each series' files in slice order (a catalogue output; archive-relative paths).
 # ``relpath_bytes``: the exact bytes of a path that is not UTF-8 (else null), as in the
-# index; ``catalogue.rows.exact_path`` gives the path to open.
+# index; ``fedct.dicom.files.exact_path`` gives the path to open.
 SERIES_FILES_SCHEMA = pa.schema([("series_key", pa.string()), ("slice", pa.int32()),
                                  ("relpath", pa.string()), ("relpath_bytes", pa.binary())])
 
