@@ -23,3 +23,9 @@ class Rejected(FedctError):
     def __init__(self, where: object, reason: str) -> None:
         super().__init__(f"{where}: {reason}")
         self.reason = reason
+
+
+def printable(text: str) -> str:
+    """``text`` with the undecodable bytes of a file name (surrogate escapes, as
+    ``os.fsdecode`` gives them) written as ``\\xNN``: any console can print it."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
