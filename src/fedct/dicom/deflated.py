@@ -126,6 +126,8 @@ def read_header(path: str) -> Any:
     meta = read_file_meta_info(path)
     stream = _open(path, HEADER_BYTES)
     stream.fh.close()
+    if stream.cut:  # a cut value would read as a shorter one ("C" for "CT")
+        raise EOFError(_STREAM_CUT)
     fp = DicomBytesIO(stream.kept)
     fp.is_little_endian, fp.is_implicit_VR = True, False
     ds = read_dataset(fp, False, True, stop_when=_at_pixel_data)
