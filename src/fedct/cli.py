@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from fedct.config import load_params
-from fedct.errors import FedctError
+from fedct.errors import FedctError, printable
 
 
 class _Group(click.Group):
@@ -17,7 +17,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except FedctError as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(printable(str(exc))) from exc
 
 
 PARAMS = click.option(
