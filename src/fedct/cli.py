@@ -239,6 +239,8 @@ def predict(model_uri: str, input_path: Path, out_dir: Path, mc_samples: int | N
     from fedct.inference import predict as command
 
     report = command.run(model_uri, input_path, out_dir, mc_samples, device, uncertainty)
+    for warning in report["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
     failure = report["failure"]
     flag = failure["flag"]
     why = failure["reason"] if failure.get("note") else "no threshold"

@@ -471,3 +471,23 @@ def download_model(uri: str, dst: Path) -> Path:
         raise FedctError(f"{uri}: the MLflow model has no {MODEL_FILE} with "
                          f"{MODEL_CARD_FILE} (not logged by tracking.log_fedct_model)")
     return found[0].parent
+
+
+def registry_entry(uri: str, alias: str = "champion") -> dict[str, str | None] | None:
+    """What the registry says of a ``models:/name/version`` or ``models:/name@alias`` URI:
+    ``name``, ``version``, the version ``alias`` points at (``champion``, None when none
+    does) and the promotion ``decision`` tag (``promoted``/``refused``/None). None for any
+    other URI (a run's artifacts, a folder): such a model is no registry version.
+    """
+    import re
+
+    match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", uri)
+    if match is None:
+        return None
+    name, version, by_alias = match.groups()
+    client = _registry()
+    found = (client.get_model_version_by_alias(name, by_alias) if by_alias
+             else client.get_model_version(name, version))
+    return {"name": name, "version": str(found.version),
+            "champion": get_alias(name, alias),
+            "decision": dict(found.tags).get(DECISION_TAG)}
