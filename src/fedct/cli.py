@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from fedct.config import load_params
-from fedct.errors import FedctError
+from fedct.errors import FedctError, printable
 
 
 class _Group(click.Group):
@@ -17,7 +17,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except FedctError as exc:
-            raise click.ClickException(str(exc)) from exc
+            raise click.ClickException(printable(str(exc))) from exc
 
 
 PARAMS = click.option(
@@ -239,6 +239,8 @@ def predict(model_uri: str, input_path: Path, out_dir: Path, mc_samples: int | N
     from fedct.inference import predict as command
 
     report = command.run(model_uri, input_path, out_dir, mc_samples, device, uncertainty)
+    for warning in report["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
     failure = report["failure"]
     flag = failure["flag"]
     why = failure["reason"] if failure.get("note") else "no threshold"
@@ -267,3 +269,19 @@ def seeds(out_dir: Path, run_missing: bool, force: bool, params_file: Path) -> N
     result = command.run(_load(params_file), out_dir, run_missing=run_missing, force=force)
     click.echo(f"summarised {len(result['experiments'])} report seeds "
                f"({', '.join(result['experiments'])}) in {out_dir}")
+
+
+@main.command()
+@click.option("--store", type=click.Path(dir_okay=False, path_type=Path), default="mlflow.db",
+              show_default=True, help="The pipeline's MLflow store (SQLite).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback: this machine only).")
+@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Server worker processes (one suits a 2-core machine).")
+def ui(store: Path, host: str, port: int, workers: int) -> None:
+    """Open the study in MLflow's UI: serve the store and print its runs and registry pages;
+    Ctrl-C stops the server."""
+    from fedct import ui as command
+
+    command.run(store, host, port, workers)

@@ -194,6 +194,8 @@ def mlflow_server(
     # MLflow 3's job runner (huey consumers for GenAI jobs, ~8 processes) serves nothing
     # fedct uses and would compete for the cores; set the variable to opt back in.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    # No usage data leaves a hospital's machine (MLflow 3 sends it by default).
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     log = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115
     try:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log else None,

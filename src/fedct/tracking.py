@@ -409,6 +409,8 @@ def _set_tracking_uri() -> str:
     mlflow = _mlflow()
     uri = (os.environ.get("MLFLOW_TRACKING_URI")
            or f"sqlite:///{Path(DEFAULT_STORE).resolve()}")
+    if uri.startswith("sqlite:///"):
+        check_store_schema(uri.removeprefix("sqlite:///"))
     mlflow.set_tracking_uri(uri)
     # The registry lives in the tracking store (MLflow writes MLFLOW_REGISTRY_URI back into
     # the environment when it is set, so that variable cannot be trusted here).
@@ -471,3 +473,64 @@ def download_model(uri: str, dst: Path) -> Path:
         raise FedctError(f"{uri}: the MLflow model has no {MODEL_FILE} with "
                          f"{MODEL_CARD_FILE} (not logged by tracking.log_fedct_model)")
     return found[0].parent
+
+
+def registry_entry(uri: str, alias: str = "champion") -> dict[str, str | None] | None:
+    """What the registry says of a ``models:/name/version`` or ``models:/name@alias`` URI:
+    ``name``, ``version``, the version ``alias`` points at (``champion``, None when none
+    does) and the promotion ``decision`` tag (``promoted``/``refused``/None). None for any
+    other URI (a run's artifacts, a folder): such a model is no registry version.
+    """
+    import re
+
+    match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", uri)
+    if match is None:
+        return None
+    name, version, by_alias = match.groups()
+    client = _registry()
+    found = (client.get_model_version_by_alias(name, by_alias) if by_alias
+             else client.get_model_version(name, version))
+    return {"name": name, "version": str(found.version),
+            "champion": get_alias(name, alias),
+            "decision": dict(found.tags).get(DECISION_TAG)}
+
+
+def check_store_schema(store: str | Path) -> None:
+    """Refuse an SQLite store whose schema this MLflow does not know.
+
+    MLflow upgrades a store's schema when it opens it, and an older MLflow then refuses
+    the store with an "out-of-date schema" error that advises an upgrade it cannot do.
+    This reads the store's alembic revision and looks for it among the installed MLflow's
+    migration scripts (read as text: importing them takes seconds): a revision none of
+    them defines is a FedctError saying how to recover. A missing file (a fresh store)
+    passes; an older known revision is left to MLflow, whose advice (``mlflow db
+    upgrade``) is then right.
+    """
+    import importlib.metadata
+    import importlib.util
+    import re
+    import sqlite3
+
+    store = Path(store)
+    if not store.is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{store.resolve().as_uri()}?mode=ro",
+                                                uri=True)) as db:
+            rows = db.execute("SELECT version_num FROM alembic_version").fetchall()
+    except sqlite3.Error as exc:
+        if "no such table" in str(exc):
+            return  # no MLflow tables yet: MLflow creates them
+        raise FedctError(f"{store}: not a readable MLflow store ({exc})") from exc
+    spec = importlib.util.find_spec("mlflow")
+    assert spec is not None and spec.origin is not None
+    scripts = Path(spec.origin).parent / "store" / "db_migrations" / "versions"
+    define = re.compile(r"^revision\s*(?::\s*str\s*)?=\s*[\"']([0-9A-Za-z_]+)[\"']", re.M)
+    known = {m for f in scripts.glob("*.py") for m in define.findall(f.read_text())}
+    unknown = sorted(r for (r,) in rows if r not in known)
+    if unknown:
+        version = importlib.metadata.version("mlflow")
+        raise FedctError(
+            f"{store}: schema revision {', '.join(unknown)} is unknown to the installed "
+            f"MLflow {version}: a newer MLflow migrated this store. Back it up and open it "
+            "with that MLflow, or move it and mlruns/ aside for a fresh store")

@@ -6,6 +6,7 @@ from itertools import product
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from fedct.analysis.metrics import (
     argmax_segmentation,
@@ -311,3 +312,37 @@ def test_class_argmax_refuses_nan() -> None:
     values[1, 2, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         class_argmax(values, 0)
+
+
+def _mann_whitney_auroc(scores: np.ndarray, failed: np.ndarray) -> float:
+    """The hand-written AUROC that scikit-learn replaced: U / (n_failed * n_ok), mid-ranks."""
+    ranks = stats.rankdata(scores)
+    n_fail, n_ok = int(failed.sum()), int((~failed).sum())
+    return float((ranks[failed].sum() - n_fail * (n_fail + 1) / 2.0) / (n_fail * n_ok))
+
+
+def _youden_by_hand(scores: np.ndarray, failed: np.ndarray) -> float:
+    """The hand-written Youden threshold that roc_curve replaced (cumulative counts)."""
+    order = np.argsort(-scores, kind="stable")
+    s, f = scores[order], failed[order]
+    last_of_tie = np.append(s[1:] != s[:-1], True)
+    j = np.cumsum(f)[last_of_tie] / f.sum() - np.cumsum(~f)[last_of_tie] / (~f).sum()
+    return float(s[last_of_tie][np.argmax(j)])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_sklearn_auroc_and_threshold_equal_the_hand_written_ones(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(4, 60))
+    scores = rng.integers(0, 6, size=n).astype(float) / 7.0  # many ties
+    scores[rng.random(n) < 0.1] = np.inf  # absent structures rank worst
+    failed = rng.random(n) < 0.35
+    failed[:2] = [True, False]  # both classes present
+    assert failure_auroc(scores, failed) == pytest.approx(_mann_whitney_auroc(scores, failed),
+                                                          rel=1e-12, abs=1e-12)
+    assert flag_threshold(scores, failed) == _youden_by_hand(scores, failed)
+
+
+def test_auroc_one_class_stays_nan_where_sklearn_would_raise() -> None:
+    assert math.isnan(failure_auroc([0.1, 0.2, 0.3], [False, False, False]))
+    assert math.isnan(flag_threshold([0.1, np.inf], [True, True]))

@@ -83,12 +83,13 @@ def test_series_files_are_each_series_files_in_slice_order() -> None:
         "pos_n": [2.0, 1.0, 2.0, np.nan, 3.0],
     })
     out = ser.series_files(files)
-    assert out.columns.tolist() == ["series_key", "slice", "relpath"]
+    assert out.columns.tolist() == ["series_key", "slice", "relpath", "relpath_bytes"]
     # The re-sent copy of SOP 1 counts once (first path kept); files follow pos_n.
-    assert out.values.tolist() == [["S1", 0, "s1/a.dcm"], ["S1", 1, "s1/b.dcm"],
-                                   ["S1", 2, "s1/c.dcm"], ["S2", 0, "s2/x.dcm"]]
+    # relpath_bytes: None, every name here is UTF-8.
+    assert out.values.tolist() == [["S1", 0, "s1/a.dcm", None], ["S1", 1, "s1/b.dcm", None],
+                                   ["S1", 2, "s1/c.dcm", None], ["S2", 0, "s2/x.dcm", None]]
     assert ser.series_files(files.iloc[:0]).columns.tolist() == ["series_key", "slice",
-                                                                 "relpath"]
+                                                                 "relpath", "relpath_bytes"]
 
 
 def test_site_rules(tmp_path: Path) -> None:

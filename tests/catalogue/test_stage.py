@@ -19,7 +19,7 @@ def test_series_files_list_the_files_of_every_series(archive, catalogued) -> Non
     result, series, _ = catalogued
     assert result.series_files_path == result.out_dir / "series_files.parquet"
     files = pd.read_parquet(result.series_files_path)
-    assert files.columns.tolist() == ["series_key", "slice", "relpath"]
+    assert files.columns.tolist() == ["series_key", "slice", "relpath", "relpath_bytes"]
     # One row per catalogued file of each series (duplicates counted once), every
     # usable series among them; slices numbered 0..n-1; paths relative to the archive.
     n_rows = files.groupby("series_key").size()

@@ -225,3 +225,45 @@ def copy_testdata(dst: Path) -> list[Path]:
         shutil.copyfile(p, target)
         out.append(target)
     return out
+
+
+def write_deflate_bomb(path: Path, inflated_bytes: int, *, rows: int = 8, cols: int = 8,
+                       **kw) -> Path:
+    """A Deflated Explicit VR Little Endian CT file whose Pixel Data inflates to
+    ``inflated_bytes`` zero bytes while its header claims ``rows`` x ``cols``.
+
+    The compressor is fed 1 MiB at a time, so writing a 1 GiB bomb keeps this process
+    small; the file is about 1/1000 of the inflated size.
+    """
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    ds = ct_slice(study_uid=kw.pop("study_uid", None) or generate_uid(),
+                  series_uid=kw.pop("series_uid", None) or generate_uid(),
+                  rows=rows, cols=cols, **kw)
+    del ds.PixelData
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    write_dataset(head, ds)
+    inflated_bytes += inflated_bytes & 1
+    # (7FE0,0010) OW, explicit VR little endian: tag, VR, 2 reserved bytes, 32-bit length.
+    pixel_header = b"\xe0\x7f\x10\x00OW\x00\x00" + inflated_bytes.to_bytes(4, "little")
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    with open(path, "wb") as fh:
+        fh.write(b"\x00" * 128 + b"DICM" + meta.getvalue())
+        fh.write(deflater.compress(head.getvalue() + pixel_header))
+        left = inflated_bytes
+        while left:
+            n = min(left, len(zeros))
+            fh.write(deflater.compress(zeros[:n]))
+            left -= n
+        fh.write(deflater.flush())
+    return path

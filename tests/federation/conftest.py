@@ -1,4 +1,5 @@
-"""A tiny prepared cohort of two training sites (16x16x8 volumes), written in milliseconds."""
+"""A tiny prepared cohort of two training sites (16x16x8 volumes), written in milliseconds,
+and the TCP sockets that processes listen on (the loopback-only checks)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,20 @@ def fed_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                                 "roi_size": [16, 16, 8], "hu_min": -200,
                                                 "hu_max": 1200}))
     return root
+
+
+def listening(procs: list) -> list[tuple[int, str, str, int]]:
+    """``(pid, name, ip, port)`` of every TCP socket that one of ``procs`` (psutil
+    processes) listens on; processes that are gone meanwhile are skipped."""
+    import psutil
+
+    found = []
+    for p in procs:
+        try:
+            name = p.name()
+            found += [(p.pid, name, c.laddr.ip, c.laddr.port)
+                      for c in p.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN]
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found

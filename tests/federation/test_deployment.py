@@ -1,15 +1,21 @@
 """A real Flower deployment on loopback: TLS, SuperNode authentication, ``flwr run``.
 
 The certificates and node keys are made here. A SuperLink with TLS and
-``--enable-supernode-auth`` accepts the two registered hospitals (sites A and B of
-``fed_cohort``, each SuperNode naming its own site and data in its node config) and refuses
-a node whose key was never registered and a node that lacks the CA. ``flwr run`` submits
-the shipped app bundle for a FedAvg round. Every process is stopped by PID; none may remain.
+``--enable-supernode-auth`` listens on 127.0.0.1 only; the hospitals' SuperNodes dial the
+Fleet gateway. It accepts the two registered hospitals (sites A and B of ``fed_cohort``,
+each SuperNode naming its own site and data in its node config) and refuses a node whose key
+was never registered and a node that lacks the CA. ``flwr run`` submits the shipped app
+bundle for a FedAvg round. A party with only the CA and the hospital-facing address can
+neither register a key nor list or submit runs. Private keys are 0600. Every process is
+stopped by PID; none may remain.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -29,8 +35,9 @@ from fedct.federation.deploy import (
     node_config_arg,
 )
 from fedct.federation.flower_app import FederationConfig
+from fedct.federation.gateway import REFUSAL, create_app
 from fedct.model.io import load_model
-from tests.federation.conftest import PARAMS
+from tests.federation.conftest import PARAMS, listening
 
 # One round: each message starts a fresh flwr-clientapp that imports torch and MONAI (about
 # 35 s per round on 2 idle cores), and the handshake, train and evaluate messages all run.
@@ -93,6 +100,149 @@ def test_credentials_are_what_flower_loads(tmp_path: Path) -> None:
         "site='A' cohort-dir='/data/c'"
 
 
+def test_private_keys_are_written_0600_replacing_a_looser_file(tmp_path: Path) -> None:
+    # Files left by an earlier setup, readable by everyone (umask 022, a copy, a backup).
+    for name in ("ca.key", "server.key", "hospital-A"):
+        (tmp_path / name).write_text("old key")
+        (tmp_path / name).chmod(0o644)
+    before = {name: (tmp_path / name).stat().st_ino for name in ("server.key", "hospital-A")}
+    with open(tmp_path / "server.key", "rb") as held:  # opened while it was readable
+        tls = make_tls(tmp_path)
+        key = make_node_key(tmp_path, "hospital-A")
+        assert held.read() == b"old key"  # the old file, not the new key
+    for path in (tmp_path / "ca.key", tls.server_key, key.private):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+        assert b"PRIVATE KEY" in path.read_bytes(), path
+    assert all((tmp_path / n).stat().st_ino != ino for n, ino in before.items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["ca.crt", "ca.key", "server.pem", "server.key", "hospital-A", "hospital-A.pub"])
+    # Fresh files too, whatever the umask.
+    old = os.umask(0)
+    try:
+        fresh = make_node_key(tmp_path / "fresh", "hospital-B")
+    finally:
+        os.umask(old)
+    assert fresh.private.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_private_key_that_others_can_read_is_refused_before_anything_starts(
+        tmp_path: Path) -> None:
+    tls = make_tls(tmp_path / "pki")
+    key = make_node_key(tmp_path / "keys", "hospital-A")
+    tls.server_key.chmod(0o640)
+    key.private.chmod(0o604)
+    with Deployment(tmp_path / "deploy") as dep:
+        with pytest.raises(FedctError, match=r"server.key: private key is accessible to "
+                                             r"group or others \(mode 0640\)"):
+            dep.start_superlink(tls, free_port(), free_port())
+        with pytest.raises(FedctError, match=r"hospital-A: private key .* \(mode 0604\)"):
+            dep.start_supernode("node-A", "127.0.0.1:9", tls.ca_cert, key.private,
+                                {"site": "A"}, port=free_port())
+        assert dep.procs == {}  # nothing was started
+
+
+def test_the_gateway_forwards_to_a_superlink_on_loopback_only(tmp_path: Path) -> None:
+    tls = make_tls(tmp_path)
+    for upstream in ("10.0.0.5:9093", "superlink.example.org:9093", "[2001:db8::1]:9093",
+                     "0.0.0.0:9093"):
+        with pytest.raises(FedctError, match="must stay on loopback"):
+            create_app(upstream, tls.ca_cert)
+    for upstream in ("127.0.0.1:9093", "localhost:9093", "[::1]:9093"):
+        create_app(upstream, tls.ca_cert)  # built, not started: nothing listens
+
+
+def _raw_request(host: str, port: int, method: str, path: str, ca: Path) -> int:
+    """Send ``METHOD PATH`` as written (no client-side normalisation); the HTTP status."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection((host, port), timeout=30) as raw, \
+            ctx.wrap_socket(raw, server_hostname=host) as tls:
+        tls.sendall(f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                    "Content-Type: application/protobuf\r\nContent-Length: 0\r\n"
+                    "Connection: close\r\n\r\n".encode())
+        reply = b""
+        while b"\r\n" not in reply:
+            chunk = tls.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    return int(reply.split()[1])
+
+
+def _json(text: str) -> dict:
+    return json.loads(text[text.index("{"):])
+
+
+@pytest.mark.slow
+def test_a_party_with_only_the_ca_can_neither_register_nor_list_nor_submit(
+        tmp_path: Path) -> None:
+    """The attack of issue #24: every hospital holds ``ca.crt`` and reaches the address the
+    SuperNodes dial. Here that address is 127.0.0.2, another loopback address, so that
+    "reachable from the hospitals" and "bound to 127.0.0.1" differ on one machine."""
+    hospital_side = "127.0.0.2"
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
+    tls = make_tls(tmp_path / "pki", hosts=[hospital_side])
+    key = make_node_key(tmp_path / "keys", "hospital-A")
+    rogue = make_node_key(tmp_path / "keys", "rogue")
+    fleet_port, control_port = free_port(hospital_side), free_port()
+    centre = Deployment(tmp_path / "centre")
+    # The attacker's own FLWR_HOME: its config knows the address and the CA, nothing else.
+    attacker = Deployment(tmp_path / "attacker")
+    try:
+        started = centre.start_superlink(tls, fleet_port, control_port,
+                                         fleet_host=hospital_side)
+        assert started.fleet_address == f"{hospital_side}:{fleet_port}"
+        assert started.control_address == f"127.0.0.1:{control_port}"
+        # The SuperLink (Control, Runtime and Fleet APIs on one port) and what it started
+        # listen on 127.0.0.1 only; the gateway alone on the hospital-facing address.
+        link = psutil.Process(started.superlink.pid)
+        assert {(ip, port) for *_, ip, port in listening(
+            [link, *link.children(recursive=True)])} == {("127.0.0.1", control_port)}
+        assert {(ip, port) for *_, ip, port in listening(
+            [psutil.Process(started.gateway.pid)])} == {(hospital_side, fleet_port)}
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((hospital_side, control_port), timeout=10).close()
+
+        centre.add_connection("fedct", started.control_address, tls.ca_cert)
+        centre.register(key.public, "fedct", "hospital-A")
+        attacker.add_connection("hospital", started.fleet_address, tls.ca_cert)
+        attempts = {
+            "register a key": ["supernode", "register", str(rogue.public), "hospital",
+                               "--name", "rogue"],
+            "list nodes": ["supernode", "list", "hospital"],
+            "list runs": ["ls", "hospital"],
+            "submit an app": ["run", str(APP_DIR), "hospital"],
+        }
+        for what, args in attempts.items():
+            done = attacker.flwr(args, timeout=120)
+            assert done.returncode != 0 and REFUSAL in done.stdout, (what, done.stdout)
+        # Nothing got through: one node (the registered hospital), no run.
+        nodes = _json(centre.flwr(["supernode", "list", "fedct", "--format", "json"],
+                                  60).stdout)["nodes"]
+        assert len(nodes) == 1
+        assert _json(centre.flwr(["ls", "fedct", "--format", "json"], 60).stdout)["runs"] == []
+        # Neither other APIs nor tricks in the path get past the gateway ...
+        for method, path in [("POST", "/v1/control/list-runs"),
+                             ("POST", "/v1/runtime/get-nodes"),
+                             ("POST", "/v1/fleet/../control/list-runs"),
+                             ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
+                             ("POST", "/v1/fleet//../../v1/control/list-runs"),
+                             ("GET", "/docs"), ("GET", "/openapi.json"),
+                             ("GET", "/health")]:
+            assert _raw_request(hospital_side, fleet_port, method, path,
+                                tls.ca_cert) == 403, path
+        # ... and Fleet calls reach the SuperLink, which wants a registered node's signature.
+        assert _raw_request(hospital_side, fleet_port, "POST", "/v1/fleet/register-node",
+                            tls.ca_cert) == 401
+        # The same request on the SuperLink's own port shows what the gateway withholds.
+        assert _raw_request("127.0.0.1", control_port, "POST", "/v1/control/list-runs",
+                            tls.ca_cert) == 200
+    finally:
+        centre.stop()
+        attacker.stop()
+    assert centre.leftovers() == [] and attacker.leftovers() == []
+    assert _live_children(before) == []
+
+
 @pytest.mark.slow
 def test_tls_federation_of_two_registered_hospitals_refuses_an_unregistered_node(
         fed_cohort: Path, tmp_path: Path) -> None:
@@ -100,16 +250,15 @@ def test_tls_federation_of_two_registered_hospitals_refuses_an_unregistered_node
     tls = make_tls(tmp_path / "pki")
     keys = {s: make_node_key(tmp_path / "keys", f"hospital-{s}") for s in "AB"}
     rogue = make_node_key(tmp_path / "keys", "rogue")
-    port = free_port()
-    link = f"127.0.0.1:{port}"
     out = tmp_path / "federation"
     times: dict[str, float] = {}
     dep = Deployment(tmp_path / "deploy")
     try:
         t0 = time.monotonic()
-        dep.start_superlink(tls, port)
+        started = dep.start_superlink(tls, free_port(), free_port())
+        link = started.fleet_address  # what the hospitals' SuperNodes dial: the gateway
         times["superlink"] = time.monotonic() - t0
-        dep.add_connection("fedct", link, tls.ca_cert)
+        dep.add_connection("fedct", started.control_address, tls.ca_cert)  # centre's flwr
         for site, key in keys.items():
             dep.register(key.public, "fedct", f"hospital-{site}")
         nodes = {s: dep.start_supernode(f"node-{s}", link, tls.ca_cert, keys[s].private,

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,10 +21,11 @@ import pytest
 import torch
 
 from fedct.errors import FedctError
+from fedct.federation.gateway import is_loopback
 from fedct.federation.simulation import LOG_FILE, MARKER, RUN_LINE, run_federation
 from fedct.model.io import load_model
 from fedct.model.mc import mc_predict
-from tests.federation.conftest import PARAMS
+from tests.federation.conftest import PARAMS, listening
 
 
 def _leftovers(out: Path) -> list[psutil.Process]:
@@ -111,6 +113,30 @@ def test_a_site_failing_mid_round_is_recorded_and_rejoins(fed_cohort: Path,
     assert [f["site"] for f in r1["failed"]] == ["B"]
     assert "fault injection" in r1["failed"][0]["reason"]
     assert r2["clients"] == 2 and r2["failed"] == []
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_ray_listens_on_loopback_only(fed_cohort: Path, tmp_path: Path) -> None:
+    # Every process of the run (the simulation's child, ray's GCS, raylet, agents and
+    # workers), found by PID through the run's marker, looked at every second while it runs.
+    sockets: list[tuple[int, str, str, int]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(1.0):
+            sockets.extend(listening(_tagged(tmp_path)))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        history, _ = _federate(fed_cohort, tmp_path, local_steps=1)
+    finally:
+        done.set()
+        watcher.join()
+    assert len(history) == 2
+    assert {"gcs_server", "raylet"} <= {name for _, name, _, _ in sockets}, sockets
+    assert [s for s in sockets if not is_loopback(s[2])] == []
     assert _leftovers(tmp_path) == []
 
 

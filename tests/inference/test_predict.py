@@ -40,6 +40,13 @@ def _check_outputs(out: Path, report: dict, reference: sitk.Image) -> np.ndarray
     arr = sitk.GetArrayFromImage(seg)
     u = sitk.GetArrayFromImage(unc)
     assert u.dtype == np.float32 and (u >= 0).all() and u.max() > 0
+    # The mask tells "not analysed" (outside the network's grid) from "certain".
+    mask = sitk.ReadImage(str(out / predict.ANALYSED))
+    _same_grid(mask, reference)
+    analysed = sitk.GetArrayFromImage(mask).astype(bool)
+    assert float(analysed.mean()) == report["preprocessing"]["roi_coverage"] < 1
+    assert (arr[~analysed] == 0).all() and (u[~analysed] == 0).all()
+    assert report["outputs"]["analysed"] == predict.ANALYSED
     hu = sitk.GetArrayFromImage(reference)
     voxel_ml = float(np.prod(reference.GetSpacing())) / 1000
     assert json.loads((out / predict.REPORT).read_text()) == report
@@ -217,3 +224,68 @@ def test_series_of_the_synthetic_archive(tiny_archive, model_dir: Path, tmp_path
         path = series[series["kind"] == kind].iloc[0]["path"]
         with pytest.raises(FedctError, match=message):
             predict.run(str(model_dir), tiny_archive["archive"] / path, tmp_path / kind)
+
+
+def _seg_says(out: Path) -> tuple[str, str, str]:
+    seg = hd.seg.segread(out / predict.SEG_DICOM)
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    return seg.SeriesDescription, seg.ContentDescription, algorithm.AlgorithmVersion
+
+
+def test_a_version_that_is_not_the_champion_is_named_and_warned_of(
+        dicom_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    failure = {"signal": "sample_disagreement", "threshold": 0.0, "mc_samples": 2}
+    versions = []
+    for seed in (1, 2):
+        model = make_model(tmp_path / f"m{seed}", failure=failure, seed=seed)
+        with tracking.start_run("promote") as run:
+            versions.append(tracking.log_fedct_model(run, model,
+                                                     registered_name="fedct-seg").version)
+    tracking.record_refusal("fedct-seg", versions[0], ["no better than local"])
+
+    def cli(uri: str, out: str):
+        result = CliRunner().invoke(main, ["predict", uri, str(dicom_series), "-o",
+                                           str(tmp_path / out), "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        return result.output, json.loads((tmp_path / out / predict.REPORT).read_text())
+
+    # No champion yet: version 2 is used, with one warning line that says so.
+    output, report = cli(f"models:/fedct-seg/{versions[1]}", "none")
+    assert [line for line in output.splitlines() if line.startswith("warning:")] == [
+        f"warning: models:/fedct-seg/{versions[1]} is fedct-seg version {versions[1]}: not "
+        "the champion (no version is the champion)"]
+    assert report["model"]["registry"] == {"name": "fedct-seg", "version": versions[1],
+                                           "champion": None, "decision": None}
+    tracking.set_champion("fedct-seg", versions[1])
+    # The refused version: warned of in the output, report.json and the SEG itself.
+    output, report = cli(f"models:/fedct-seg/{versions[0]}", "refused")
+    assert output.count("warning:") == 1 and "promotion refused" in output
+    assert report["warnings"] == [
+        f"models:/fedct-seg/{versions[0]} is fedct-seg version {versions[0]}, promotion "
+        f"refused: not the champion (the champion is version {versions[1]})"]
+    assert report["failure"]["flag"] is True
+    series, content, version = _seg_says(tmp_path / "refused")
+    assert series == f"fedct-seg v{versions[0]} seg [FAILURE FLAGGED, NOT CHAMPION]"
+    assert content.startswith("failure FLAGGED: score ") and version == versions[0]
+    # The champion, by alias or by number: no warning; the SEG names its version.
+    for uri in ("models:/fedct-seg@champion", f"models:/fedct-seg/{versions[1]}"):
+        output, report = cli(uri, "champion")
+        assert "warning" not in output and report["warnings"] == []
+        assert report["model"]["registry"]["decision"] == "promoted"
+        series, _, version = _seg_says(tmp_path / "champion")
+        assert series == f"fedct-seg v{versions[1]} seg [FAILURE FLAGGED]"
+        assert version == versions[1]
+
+
+def test_a_model_folder_is_used_with_a_warning(dicom_series: Path, model_dir: Path,
+                                               tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["predict", str(model_dir), str(dicom_series), "-o",
+                                       str(tmp_path), "--device", "cpu", "--mc-samples", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / predict.REPORT).read_text())
+    assert report["model"]["registry"] is None and len(report["warnings"]) == 1
+    assert "is not a registry version" in report["warnings"][0]
+    assert result.output.count("warning:") == 1
+    series, _, version = _seg_says(tmp_path)
+    assert series == "fedct-A unregistered seg [NOT CHAMPION]" and version == "unregistered"

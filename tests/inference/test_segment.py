@@ -92,6 +92,9 @@ def test_maps_go_back_onto_the_input_grid(nifti_volume: Path, model_dir: Path) -
     ones = segment.to_input_grid(np.ones(spec.roi_size, np.float32), grid, image, label=False)
     covered = float((sitk.GetArrayFromImage(ones) > 0.5).mean())
     assert segment.roi_coverage(grid, image) == pytest.approx(covered, abs=0.03)
+    mask = sitk.GetArrayFromImage(segment.analysed_mask(grid, image))
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 1}
+    assert mask[0].max() == 0 and mask[20].min() == 1  # z cropped, x and y covered
     assert 0.5 < covered < 0.6  # 32 mm of 60 mm in z; x and y padded, fully covered
 
 

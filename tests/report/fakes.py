@@ -98,8 +98,10 @@ def write_uncertainty(out: Path, rng: np.random.Generator) -> None:
     (out / "threshold.json").write_text(json.dumps({
         "signal": SIGNAL, "threshold": 0.25, "rule": "youden", "aggregate": "mean",
         "failure_percentile": 5, "failure_dice": 0.7, "calibrated_on": "calib split pairs"}))
-    (out / "metrics.json").write_text(json.dumps({"signal": SIGNAL, "flag_threshold": 0.25,
-                                                  "failure_dice": 0.7, "auroc_all": 0.9}))
+    (out / "metrics.json").write_text(json.dumps({
+        "signal": SIGNAL, "flag_threshold": 0.25, "failure_dice": 0.7, "auroc_all": 0.9,
+        "auroc_lo_all": 0.8, "auroc_hi_all": 0.97, "flag_sensitivity": 0.83,
+        "flag_specificity": 0.9}))
 
 
 def write_federated(out: Path, rng: np.random.Generator) -> None:
@@ -146,14 +148,27 @@ def write_evaluate(out: Path, rng: np.random.Generator) -> None:
                  ).to_csv(out / "paired.csv", index=False)
 
 
-def write_promote(out: Path, promote: bool = True) -> None:
+def write_promote(out: Path, promote: bool = True, champion: str | None = "3",
+                  with_champion: bool = True) -> None:
+    """decision.json with the promote stage's keys; ``numbers`` is ``Decision.as_dict``'s
+    form (``with_champion=False``: a decision.json of before the ``champion`` key)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "decision.json").write_text(json.dumps({
+    decision = {
         "promote": promote, "reasons": [REASON, "no held-out site loses more than 0.05"],
-        "candidate": "fedavg", "version": "3", "alias": "champion",
-        "numbers": {"margin": 0.0, "site_tolerance": 0.05,
+        "candidate": "fedavg", "model_name": "fedct-seg", "version": "3",
+        "alias": "champion", "champion": champion,
+        "numbers": {"promote": promote, "reasons": [REASON], "candidate": "fedavg",
+                    "best_local": "A", "local_means": {"A": 0.62, "B": 0.6},
+                    "candidate_mean": 0.65,
                     "difference": {"estimate": 0.03, "lo": 0.012, "hi": 0.05},
-                    "local_means": {"A": 0.62, "B": 0.6}, "sites": ["C", "D"]}}))
+                    "sites": [{"site": s, "n_cases": 6, "candidate_dice": 0.65,
+                               "best_local_dice": 0.62, "difference": 0.03}
+                              for s in HOLDOUT],
+                    "margin": 0.0, "site_tolerance": 0.05, "n_cases": 12,
+                    "n_boot": 200, "seed": 0, "alpha": 0.05}}
+    if not with_champion:
+        del decision["champion"]
+    (out / "decision.json").write_text(json.dumps(decision))
 
 
 def write_outputs(root: Path, skip: tuple[str, ...] = (), seed: int = 0) -> Path:

@@ -7,9 +7,10 @@ import base64
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
-# The sections the report must have, in page order (issue 11, deliver item 5).
-SECTION_IDS = ("vendor-site", "shift-candidates", "shift-matrices", "uncertainty-dice",
-               "federated-rounds", "held-out", "promotion")
+# The sections the report must have, in page order (issue 11, deliver item 5): the answer
+# first (issue 26), the evidence next, the data last.
+SECTION_IDS = ("summary", "promotion", "held-out", "uncertainty-dice", "federated-rounds",
+               "shift-matrices", "shift-candidates", "vendor-site")
 
 
 @dataclass
@@ -18,6 +19,8 @@ class ParsedSection:
     table_rows: list[int] = field(default_factory=list)  # body rows of each table
     text: str = ""
     missing: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)  # href of each <a>
+    cells: list[str] = field(default_factory=list)  # text of each table cell
 
 
 class ReportParser(HTMLParser):
@@ -29,6 +32,7 @@ class ReportParser(HTMLParser):
         self._current: ParsedSection | None = None
         self._in_tbody = False
         self._in_missing = False
+        self._in_cell = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
@@ -52,6 +56,11 @@ class ReportParser(HTMLParser):
             self._in_tbody = True
         elif tag == "tr" and self._in_tbody:
             cur.table_rows[-1] += 1
+        elif tag in ("td", "th") and self._in_tbody:
+            self._in_cell = True
+            cur.cells.append("")
+        elif tag == "a":
+            cur.links.append(a.get("href") or "")
         elif tag == "p" and a.get("class") == "missing":
             self._in_missing = True
             cur.missing.append("")
@@ -63,12 +72,16 @@ class ReportParser(HTMLParser):
             self._in_tbody = False
         elif tag == "p":
             self._in_missing = False
+        elif tag in ("td", "th"):
+            self._in_cell = False
 
     def handle_data(self, data: str) -> None:
         if self._current is not None:
             self._current.text += data
             if self._in_missing:
                 self._current.missing[-1] += data
+            if self._in_cell:
+                self._current.cells[-1] += data
 
 
 def parse(doc: str) -> ReportParser:

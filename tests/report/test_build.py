@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from PIL import Image
 
 from fedct.errors import FedctError
 from fedct.report.build import build_report, write_report
+from fedct.report.html import MAX_ROWS
 from tests.report.fakes import (
     METHODS,
     NO_ROUNDS,
@@ -24,24 +26,31 @@ from tests.report.fakes import (
 from tests.report.parse import SECTION_IDS, parse
 
 # Figures each section draws or embeds when every input is there.
-FIGURES = {"vendor-site": 0, "shift-candidates": 1, "shift-matrices": 2,
+FIGURES = {"summary": 0, "vendor-site": 0, "shift-candidates": 1, "shift-matrices": 2,
            "uncertainty-dice": 2, "federated-rounds": 1, "held-out": 1, "promotion": 0}
-# The files each section reads, as its notes name them.
+# The files each section reads, in the order its notes name them, with their stage.
 INPUTS = {
-    "catalogue": {"vendor-site": ["catalogue/exam_counts.csv", "catalogue/usable_by_site.csv"],
-                  "shift-candidates": ["catalogue/shift_sites.csv",
-                                       "catalogue/shift_combos.csv",
-                                       "catalogue/shift_heatmap.png"]},
-    "uncertainty": {"shift-matrices": ["uncertainty/shift_dice.csv",
-                                       "uncertainty/shift_uncertainty.csv",
-                                       "uncertainty/site_ranking.csv"],
-                    "uncertainty-dice": ["uncertainty/threshold.json",
-                                         "uncertainty/signals.csv",
-                                         "uncertainty/risk_coverage.png"]},
-    "federated": {"federated-rounds": ["federated/<method>/history.csv"]},
-    "evaluate": {"held-out": ["evaluate/summary.csv", "evaluate/paired.csv"]},
-    "promote": {"promotion": ["promote/decision.json"]},
+    "summary": [("promote", "promote/decision.json"),
+                ("uncertainty", "uncertainty/metrics.json")],
+    "vendor-site": [("catalogue", "catalogue/exam_counts.csv"),
+                    ("catalogue", "catalogue/usable_by_site.csv")],
+    "shift-candidates": [("catalogue", "catalogue/shift_sites.csv"),
+                         ("catalogue", "catalogue/shift_combos.csv"),
+                         ("catalogue", "catalogue/shift_heatmap.png")],
+    "shift-matrices": [("uncertainty", "uncertainty/shift_dice.csv"),
+                       ("uncertainty", "uncertainty/shift_uncertainty.csv"),
+                       ("uncertainty", "uncertainty/site_ranking.csv")],
+    "uncertainty-dice": [("uncertainty", "uncertainty/threshold.json"),
+                         ("uncertainty", "uncertainty/signals.csv"),
+                         ("uncertainty", "uncertainty/risk_coverage.png")],
+    "federated-rounds": [("federated", "federated/<method>/history.csv")],
+    "held-out": [("evaluate", "evaluate/summary.csv"), ("evaluate", "evaluate/paired.csv")],
+    "promotion": [("promote", "promote/decision.json")],
 }
+
+
+def _notes(sid: str, parts: tuple[str, ...]) -> list[str]:
+    return [f"not available: {f} missing" for part, f in INPUTS[sid] if part in parts]
 
 
 def _copy(src: Path, tmp_path: Path) -> Path:
@@ -61,7 +70,9 @@ def test_full_outputs_give_every_section_with_its_figures_and_tables(
             with Image.open(io.BytesIO(png)) as im:
                 im.load()
                 assert im.format == "PNG" and im.width > 100 and im.height > 100, sid
-        assert section.table_rows and all(n > 0 for n in section.table_rows), sid
+        if sid != "summary":  # the summary is sentences, no table
+            assert section.table_rows and all(n > 0 for n in section.table_rows), sid
+        assert all(n <= MAX_ROWS for n in section.table_rows), sid
     s = doc.sections
     # Values from the inputs land in their sections.
     assert "SIEMENS" in s["vendor-site"].text and "PHILIPS" in s["shift-candidates"].text
@@ -73,13 +84,19 @@ def test_full_outputs_give_every_section_with_its_figures_and_tables(
     assert "dice_pelvis" not in s["held-out"].text  # per structure: in the CSV only
     assert "PROMOTED" in s["promotion"].text and REASON in s["promotion"].text
     assert "difference.lo" in s["promotion"].text  # nested numbers, flattened
+    # No raw JSON in any cell: the per-site numbers are a table of their own.
+    assert not any("{" in c or "[" in c for sec in s.values() for c in sec.cells)
+    assert s["promotion"].table_rows[-1] == 2  # one row per held-out site
 
 
 def test_the_page_is_static_and_self_contained(full_outputs: Path) -> None:
     report = build_report(full_outputs)
     doc = parse(report.html)
     assert "script" not in doc.tags and "iframe" not in doc.tags and "link" not in doc.tags
-    assert all(s.startswith(("data:image/png;base64,", "#")) for s in doc.srcs), doc.srcs
+    # Figures are inline; links go to the page's sections or to the full CSVs beside it.
+    assert all(s.startswith(("data:image/png;base64,", "#"))
+               or re.fullmatch(r"\.\./(catalogue|uncertainty|evaluate)/\w+\.csv", s)
+               for s in doc.srcs), doc.srcs
     assert "http://" not in report.html and "https://" not in report.html
     assert "url(" not in report.html  # no CSS fetch either
     # Neither the machine's paths nor per-case keys enter the page.
@@ -99,12 +116,10 @@ def test_an_empty_outputs_folder_gives_a_note_in_every_section(tmp_path: Path) -
     report = build_report(tmp_path)
     doc = parse(report.html)
     assert list(doc.sections) == list(SECTION_IDS)
-    for part in PARTS:
-        for sid, files in INPUTS[part].items():
-            notes = doc.sections[sid].missing
-            assert notes == [f"not available: {f} missing" for f in files], (sid, notes)
-            assert doc.sections[sid].images == [] and doc.sections[sid].table_rows == []
-    assert len(report.missing) == sum(len(f) for p in INPUTS.values() for f in p.values())
+    for sid, section in doc.sections.items():
+        assert section.missing == _notes(sid, PARTS), sid
+        assert section.images == [] and section.table_rows == []
+    assert set(report.missing) == {f for files in INPUTS.values() for _, f in files}
 
 
 @pytest.mark.parametrize("absent", PARTS)
@@ -113,11 +128,10 @@ def test_a_stage_not_run_yet_blanks_only_its_sections(absent: str, tmp_path: Pat
     root = _copy(full_outputs, tmp_path)
     shutil.rmtree(root / absent)
     doc = parse(build_report(root).html)
-    for part, sections in INPUTS.items():
-        for sid, files in sections.items():
-            expected = [f"not available: {f} missing" for f in files] if part == absent else []
-            assert doc.sections[sid].missing == expected, (sid, part)
-            assert (doc.sections[sid].images == []) == (part == absent or FIGURES[sid] == 0)
+    for sid, files in INPUTS.items():
+        assert doc.sections[sid].missing == _notes(sid, (absent,)), (sid, absent)
+        reads_it = any(part == absent for part, _ in files)
+        assert (doc.sections[sid].images == []) == (reads_it or FIGURES[sid] == 0)
 
 
 def test_methods_without_rounds_are_listed_not_missing(full_outputs: Path) -> None:
@@ -133,12 +147,61 @@ def test_a_federated_folder_with_no_history_yet_is_a_note(tmp_path: Path) -> Non
     assert s.images == []
 
 
-def test_a_refusal_says_the_champion_stays(tmp_path: Path, full_outputs: Path) -> None:
+def test_the_first_section_holds_the_decision_and_the_headline_numbers(
+        full_outputs: Path) -> None:
+    doc = parse(build_report(full_outputs).html)
+    first, summary = next(iter(doc.sections)), doc.sections["summary"]
+    assert first == "summary"
+    text = " ".join(summary.text.split())
+    assert "PROMOTED: candidate fedavg, version 3, alias champion" in text
+    # The gate's interval of candidate minus best local, and the means it compares.
+    assert ("fedavg minus A, mean case Dice +0.030 [+0.012, +0.050] (95 % "
+            "cluster-bootstrap interval; means 0.650 against 0.620)") in text
+    # The failure-detection result: AUROC with its interval and the flag's operating point.
+    assert ("entropy tells segmentations with Dice below 0.700 from the others on test "
+            "pairs with AUROC 0.900 [0.800, 0.970] (95 % interval); a case is flagged at "
+            "entropy >= 0.25 (sensitivity 0.83, specificity 0.90)") in text
+
+
+@pytest.mark.parametrize("champion, with_key, says", [
+    (None, True, "REFUSED: candidate fedavg, version 3, alias champion; no champion yet"),
+    ("2", True, "REFUSED: candidate fedavg, version 3, alias champion; the champion stays "
+                "version 2"),
+    (None, False, "the registry's champion, if any, is unchanged"),
+])
+def test_a_refusal_says_who_the_champion_is(tmp_path: Path, full_outputs: Path,
+                                            champion: str | None, with_key: bool,
+                                            says: str) -> None:
     root = _copy(full_outputs, tmp_path)
-    write_promote(root / "promote", promote=False)
-    text = parse(build_report(root).html).sections["promotion"].text
-    assert "REFUSED" in text and "champion stays" in text and "PROMOTED" not in text
-    assert REASON in text
+    write_promote(root / "promote", promote=False, champion=champion, with_champion=with_key)
+    doc = parse(build_report(root).html)
+    for sid in ("summary", "promotion"):
+        text = doc.sections[sid].text
+        assert says in text and "PROMOTED" not in text, sid
+    assert REASON in doc.sections["promotion"].text
+    assert ("champion stays" in doc.sections["summary"].text) == (champion is not None)
+
+
+def test_long_tables_are_cut_and_link_their_csv(tmp_path: Path, full_outputs: Path) -> None:
+    root = _copy(full_outputs, tmp_path)
+    paired = pd.read_csv(root / "evaluate" / "paired.csv")
+    # As many rows as the demo's paired table (108): every reference and site.
+    long = pd.concat([paired, *(paired.assign(site=f"S{i}") for i in range(8))],
+                     ignore_index=True)
+    long.to_csv(root / "evaluate" / "paired.csv", index=False)
+    combos = root / "catalogue" / "shift_sites.csv"
+    sites = pd.read_csv(combos)
+    pd.concat([sites] * 10, ignore_index=True).to_csv(combos, index=False)
+    doc = parse(build_report(root).html)
+    held = doc.sections["held-out"]
+    # The paired table shows the main comparison only (vs best local, every site); the
+    # summary table the rows over every held-out site; both link their CSV.
+    assert held.table_rows == [len(METHODS) + len(NO_ROUNDS) + 3, len(METHODS)]
+    assert held.links == ["../evaluate/summary.csv", "../evaluate/paired.csv"]
+    shift = doc.sections["shift-candidates"]
+    assert shift.table_rows[0] == MAX_ROWS
+    assert f"first {MAX_ROWS} of {len(sites) * 10} rows" in shift.text
+    assert "../catalogue/shift_sites.csv" in shift.links
 
 
 def test_other_names_of_the_interval_columns_are_read(tmp_path: Path,
@@ -211,7 +274,7 @@ def test_fakes_cover_every_part() -> None:
     # The parametrised tests above rely on PARTS naming every input folder.
     from fedct.report.sections import INPUT_DIRS
 
-    assert set(PARTS) == set(INPUT_DIRS) == set(INPUTS)
+    assert set(PARTS) == set(INPUT_DIRS) == {p for f in INPUTS.values() for p, _ in f}
 
 
 def test_a_method_that_continues_fedavg_is_drawn_after_its_rounds() -> None:

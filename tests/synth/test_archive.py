@@ -14,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from fedct.catalogue.series import spacing_regular
+from fedct.data.labels import read_labels
 from fedct.errors import FedctError
 from fedct.synth.anatomy import STRUCTURES
 from fedct.synth.archive import generate
@@ -163,7 +164,12 @@ def test_truth_lists_the_factors_of_every_series(tiny_archive: dict[str, Path]) 
 def test_labels_json_matches_the_label_maps(tiny_archive: dict[str, Path]) -> None:
     labels = json.loads((tiny_archive["labels"] / "labels.json").read_text())
     assert labels["0"] == "background"
+    codes = labels.pop("codes")
     assert {int(k): v for k, v in labels.items() if k != "0"} == STRUCTURES
+    # Every structure has its standard code, and the file reads as a label set with them.
+    assert set(codes) == set(STRUCTURES.values())
+    label_set = read_labels(tiny_archive["labels"] / "labels.json")
+    assert label_set.code(2) == ("SCT", "71341001", "Femur")
     assert 8 <= len(STRUCTURES) <= 12
     truth = pd.read_csv(tiny_archive["truth"] / "series.csv")
     seen: set[int] = set()

@@ -18,11 +18,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import sklearn
 import torch
 import torch.nn.functional as F
 from monai.metrics import DiceMetric, compute_hausdorff_distance
 from monai.networks.utils import one_hot
 from scipy import stats
+from sklearn.metrics import auc, roc_curve
 
 Array = torch.Tensor | np.ndarray
 
@@ -400,21 +402,45 @@ def _scores_and_labels(scores: Array, failed: Array) -> tuple[np.ndarray, np.nda
     return s, f
 
 
+# Settings for scikit-learn calls on inputs _scores_and_labels has checked.
+_CHECKED = {"assume_finite": True, "skip_parameter_validation": True}
+
+
+def _roc(scores: np.ndarray, failed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``sklearn.metrics.roc_curve`` of every distinct score: false-alarm rate, sensitivity
+    and the threshold (flag when ``score >= threshold``), high to low threshold.
+
+    scikit-learn refuses infinite scores, but ``+inf`` is this module's "worst" (an absent
+    structure); every statistic here depends on the scores' order alone, so the curve is
+    computed on dense ranks and its thresholds mapped back to the scores. The inputs are
+    checked by ``_scores_and_labels``, so callers skip scikit-learn's own validation
+    (``_CHECKED``: most of its time per call, which the bootstrap makes thousands of
+    times). roc_curve's leading "flag nothing" point (threshold ``inf``) is kept for the
+    area; callers that want observed thresholds drop it.
+    """
+    distinct = np.unique(scores)
+    ranks = np.searchsorted(distinct, scores)
+    false_alarm, sensitivity, at = roc_curve(failed, ranks, drop_intermediate=False)
+    thresholds = np.concatenate([[np.inf], distinct[at[1:].astype(np.int64)]])
+    return false_alarm, sensitivity, thresholds
+
+
 def failure_auroc(scores: Array, failed: Array) -> float:
     """AUROC of ``scores`` for detecting failed cases (higher score = more likely failed).
 
-    Rank-based (Mann-Whitney U / (n_failed * n_ok)) with mid-ranks for ties, so it
-    equals the probability that a random failed case scores above a random good one,
-    ties counting 1/2. 1 = perfect, 0.5 = chance, 0 = perfectly reversed. NaN when only
-    one class is present. ``+inf`` scores are allowed; NaN scores raise.
+    The trapezoid area under ``sklearn.metrics.roc_curve`` (what ``roc_auc_score`` computes
+    for two classes): with ties it equals the probability that a random failed case scores
+    above a random good one, ties counting 1/2 (Mann-Whitney U / (n_failed * n_ok)).
+    1 = perfect, 0.5 = chance, 0 = perfectly reversed. NaN when only one class is present
+    (where scikit-learn raises). ``+inf`` scores are allowed (ranked above every finite
+    score); NaN scores raise.
     """
     s, f = _scores_and_labels(scores, failed)
-    n_fail, n_ok = int(f.sum()), int((~f).sum())
-    if n_fail == 0 or n_ok == 0:
+    if f.all() or not f.any():
         return float("nan")
-    ranks = stats.rankdata(s)
-    u = ranks[f].sum() - n_fail * (n_fail + 1) / 2.0
-    return float(u / (n_fail * n_ok))
+    with sklearn.config_context(**_CHECKED):
+        false_alarm, sensitivity, _ = _roc(s, f)
+        return float(auc(false_alarm, sensitivity))
 
 
 def flag_threshold(scores: Array, failed: Array, min_sensitivity: float | None = None) -> float:
@@ -426,24 +452,22 @@ def flag_threshold(scores: Array, failed: Array, min_sensitivity: float | None =
     highest threshold that still flags at least that fraction of failures (for a consumer
     who must catch, e.g., 95 % of failures whatever the false-alarm cost).
 
-    Candidate thresholds are the observed scores. NaN when only one class is present.
+    Candidate thresholds are the observed scores (``sklearn.metrics.roc_curve``'s, every
+    one kept). NaN when only one class is present.
     """
     if min_sensitivity is not None and not 0.0 < min_sensitivity <= 1.0:
         raise ValueError(f"min_sensitivity must be in (0, 1], got {min_sensitivity}")
     s, f = _scores_and_labels(scores, failed)
-    n_fail, n_ok = int(f.sum()), int((~f).sum())
-    if n_fail == 0 or n_ok == 0:
+    if f.all() or not f.any():
         return float("nan")
-    # Sort high to low; flagging at the k-th sorted score flags the first k + 1 cases, so
-    # cumulative sums give every threshold's counts in O(n log n).
-    order = np.argsort(-s, kind="stable")
-    s, f = s[order], f[order]
-    last_of_tie = np.append(s[1:] != s[:-1], True)
-    thresholds = s[last_of_tie]
-    sensitivity = np.cumsum(f)[last_of_tie] / n_fail
+    with sklearn.config_context(**_CHECKED):
+        false_alarm, sensitivity, thresholds = _roc(s, f)
+    # Drop the leading "flag nothing" point; the rest run high to low threshold.
+    false_alarm, sensitivity, thresholds = false_alarm[1:], sensitivity[1:], thresholds[1:]
     if min_sensitivity is not None:
         # Sensitivity only grows as the threshold falls: the first hit is the highest.
         return float(thresholds[np.argmax(sensitivity >= min_sensitivity)])
-    false_alarm = np.cumsum(~f)[last_of_tie] / n_ok
     # argmax takes the first maximum, i.e. the highest threshold among equal J.
     return float(thresholds[np.argmax(sensitivity - false_alarm)])
+
+

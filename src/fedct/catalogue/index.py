@@ -27,7 +27,8 @@ PART_ROWS = 500_000
 # More parts than this (many small incremental rescans) are compacted.
 MAX_PARTS = 64
 # Bump when the per-file row changes meaning: an index of another version is rebuilt.
-INDEX_VERSION = 3  # 2: path_has_patient_id; 3: it covers the name and birth date too
+INDEX_VERSION = 4  # 2: path_has_patient_id; 3: it covers the name and birth date too;
+# 4: relpath_bytes, SpacingBetweenSlices read, implausible values and deflate bombs rejected
 
 
 @dataclass(frozen=True)

@@ -236,6 +236,12 @@ def catalogue_metrics(series: pd.DataFrame, rejects: pd.DataFrame, n_files: int,
         "n_catalogued_files": int(series["n_files"].sum()) if not series.empty else 0,
         "n_rejects": len(rejects),
         "n_duplicates": int((rejects["reason"] == dicom.DUPLICATE).sum()),
+        "n_implausible": int((rejects["reason"] == dicom.IMPLAUSIBLE).sum()),
+        # SeriesInstanceUIDs found under several (site, patient, study), and the series
+        # made of them: each kept apart by its own key (catalogue.series.split_shared_uids).
+        "n_shared_series_uids": _n_shared_uids(series),
+        "n_series_of_shared_uids": (int(series["uid_shared"].astype(bool).sum())
+                                    if "uid_shared" in series and not series.empty else 0),
         "n_series": len(series),
         "n_usable": n_usable,
         "usable_fraction": round(n_usable / len(series), 4) if len(series) else 0.0,
@@ -246,6 +252,12 @@ def catalogue_metrics(series: pd.DataFrame, rejects: pd.DataFrame, n_files: int,
         "n_paths_with_patient_id": n_paths_with_patient_id,
         **head,
     }
+
+
+def _n_shared_uids(series: pd.DataFrame) -> int:
+    if series.empty or "uid_shared" not in series:
+        return 0
+    return int(series.loc[series["uid_shared"].astype(bool), "uid_key"].nunique())
 
 
 def parquet_metadata(key: PseudonymKey) -> dict[str, str]:

@@ -19,7 +19,10 @@ from fedct import dicom
 from fedct.catalogue.pseudonym import _Hasher
 
 INDEX_SCHEMA = pa.schema([
-    ("relpath", pa.string()),
+    ("relpath", pa.string()),  # as text: undecodable bytes of a name become escapes
+    # The path's exact bytes (os.fsencode) where it is not valid UTF-8, else null: the
+    # text above cannot hold such a name, and the cohort must open the very file.
+    ("relpath_bytes", pa.binary()),
     ("path_hash", pa.int64()),
     ("size", pa.int64()),
     ("mtime_ns", pa.int64()),
@@ -124,6 +127,17 @@ def display_path(relpath: str) -> str:
     return relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def _utf8(relpath: str) -> bool:
+    """Whether ``relpath`` is valid UTF-8 text (no undecodable bytes escaped in it)."""
+    if relpath.isascii():
+        return True
+    try:
+        relpath.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _geometry(iop_text: str | None, cache: dict) -> tuple[str, tuple | None, str | None]:
     """(orientation class, unit normal, rounded IOP text), memoised per IOP string.
 
@@ -221,6 +235,7 @@ def parse_files(root: str, items: Sequence[tuple[str, int, int]], secret: bytes,
         frame_pos.append(fp)
     arrays = {
         "relpath": [r if r.isascii() else display_path(r) for r, _, _ in items],
+        "relpath_bytes": [None if _utf8(r) else os.fsencode(r) for r, _, _ in items],
         "path_hash": [path_hash(r) for r, _, _ in items],
         "size": [s for _, s, _ in items],
         "mtime_ns": [m for _, _, m in items],

@@ -6,6 +6,7 @@ rejects, and each series' files in slice order, bucket by bucket.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -30,8 +31,10 @@ SPACING_TOL_REL = 0.05
 # Thickness classes of the acquisition condition (mm, upper bounds inclusive).
 THICKNESS_CLASSES = ((1.5, "thin"), (3.0, "medium"), (math.inf, "thick"))
 # Each series' files in slice order (a catalogue output; archive-relative paths).
+# ``relpath_bytes``: the exact bytes of a path that is not UTF-8 (else null), as in the
+# index; ``fedct.dicom.files.exact_path`` gives the path to open.
 SERIES_FILES_SCHEMA = pa.schema([("series_key", pa.string()), ("slice", pa.int32()),
-                                 ("relpath", pa.string())])
+                                 ("relpath", pa.string()), ("relpath_bytes", pa.binary())])
 
 
 def site_order(sites: Iterable[str]) -> list[str]:
@@ -105,13 +108,53 @@ SERIES_COLUMNS = (
     "orientation", "n_files", "n_slices", "n_duplicates", "rows", "cols",
     "pixel_spacing_row", "pixel_spacing_col", "slice_thickness", "thickness_class",
     "slice_spacing", "spacing_regular", "z_extent", "kvp", "exposure", "usable", "reason",
-    "key_id",
+    "uid_key", "uid_shared", "key_id",
 )
-_AGG_INPUT = ("relpath", "sop_key", "patient_key", "study_key", "series_key", "institution",
+_AGG_INPUT = ("relpath", "relpath_bytes", "sop_key", "patient_key", "study_key", "series_key",
+              "institution",
               "sop_class", "transfer_syntax", "modality", "image_type", "manufacturer",
               "model", "kernel", "body_part", "study_ym", "series_number", "rows", "cols",
               "ps_row", "ps_col", "thickness", "kvp", "exposure", "iop_key", "orientation",
               "pos_n", "n_frames", "frame_pos", "frames_consistent")
+
+
+# The owner of a series: files of one SeriesInstanceUID under two of these are two series.
+SERIES_OWNER = ("site", "patient_key", "study_key")
+
+
+def split_shared_uids(files: pd.DataFrame) -> pd.DataFrame:
+    """``files`` with ``uid_key`` (the pseudonymised SeriesInstanceUID), ``uid_shared`` and
+    a ``series_key`` that is unique per (site, patient, study, SeriesInstanceUID).
+
+    A UID is not unique in real archives (broken modalities, anonymisers that make new
+    UIDs per export): grouped by the UID alone, two patients' files would merge into one
+    volume. Where one UID spans several owners (``SERIES_OWNER``), each owner's files
+    get their own key, a hash of the UID's key and the owner's keys (pseudonyms only),
+    and ``uid_shared`` is True; elsewhere ``series_key`` stays the UID's key. Within one
+    patient's study, files of one UID with different geometry stay one series, which
+    ``usability`` marks "inconsistent geometry". Idempotent (a frame that has
+    ``uid_key`` is returned as is).
+    """
+    if "uid_key" in files.columns:
+        return files
+    files = files.copy()
+    files["uid_key"] = files["series_key"]
+    files["uid_shared"] = False
+    owner_cols = [c for c in SERIES_OWNER if c in files.columns]
+    if files.empty or not owner_cols:
+        return files
+    owners = files[owner_cols].astype(str)
+    n_owners = owners.assign(k=files["series_key"]).groupby("k")[owner_cols].nunique().max(
+        axis=1)
+    shared = files["series_key"].isin(n_owners.index[n_owners > 1])
+    if shared.any():
+        label = files.loc[shared, "series_key"].astype(str)
+        for c in owner_cols:
+            label = label + "|" + owners.loc[shared, c]
+        files.loc[shared, "series_key"] = [
+            hashlib.sha256(f"fedct:shared-uid|{v}".encode()).hexdigest()[:32] for v in label]
+        files.loc[shared, "uid_shared"] = True
+    return files
 
 
 def aggregate_series(files: pd.DataFrame, min_slices: int = 32) -> tuple[pd.DataFrame,
@@ -124,6 +167,7 @@ def aggregate_series(files: pd.DataFrame, min_slices: int = 32) -> tuple[pd.Data
     """
     if files.empty:
         return _empty_series(), _empty_rejects()
+    files = split_shared_uids(files)
     files = files.sort_values(["sop_key", "relpath"], kind="stable")
     dup = files.duplicated("sop_key", keep="first").to_numpy()
     kept = files.loc[~dup]
@@ -176,6 +220,7 @@ def aggregate_series(files: pd.DataFrame, min_slices: int = 32) -> tuple[pd.Data
         u_ps_row=("ps_row", "nunique"), u_ps_col=("ps_col", "nunique"),
         u_iop=("iop_key", "nunique"), c_iop=("iop_key", "count"),
         c_ps=("ps_row", "count"), frames_ok=("frames_ok", "all"),
+        uid_key=("uid_key", "first"), uid_shared=("uid_shared", "first"),
     )
     s = s.join(pos, how="left")
     s["n_duplicates"] = n_dup.reindex(s.index).fillna(0).astype(int)
@@ -307,7 +352,8 @@ def _series_buckets(index: FileIndex, tmp: Path) -> Iterator[pd.DataFrame]:
 
 
 def series_files(files: pd.DataFrame) -> pd.DataFrame:
-    """Each series' files in slice order: ``series_key``, ``slice`` (0, 1, ...), ``relpath``.
+    """Each series' files in slice order: ``series_key``, ``slice`` (0, 1, ...), ``relpath``
+    and ``relpath_bytes`` (the exact bytes of a name that is not UTF-8, else None).
 
     From catalogued file rows (index columns). Duplicated SOP instances count once (the
     copy with the first path, as in :func:`aggregate_series`); files are ordered along
@@ -316,10 +362,14 @@ def series_files(files: pd.DataFrame) -> pd.DataFrame:
     if files.empty:
         return pd.DataFrame({"series_key": pd.Series(dtype=object),
                              "slice": pd.Series(dtype="int32"),
-                             "relpath": pd.Series(dtype=object)})
+                             "relpath": pd.Series(dtype=object),
+                             "relpath_bytes": pd.Series(dtype=object)})
+    files = split_shared_uids(files)
+    if "relpath_bytes" not in files.columns:
+        files = files.assign(relpath_bytes=None)
     kept = files.sort_values(["sop_key", "relpath"], kind="stable").drop_duplicates("sop_key")
     kept = kept.sort_values(["series_key", "pos_n", "relpath"], kind="stable")
-    out = kept[["series_key", "relpath"]].reset_index(drop=True)
+    out = kept[["series_key", "relpath", "relpath_bytes"]].reset_index(drop=True)
     out.insert(1, "slice", out.groupby("series_key", sort=False).cumcount().astype("int32"))
     return out
 
@@ -339,6 +389,7 @@ def build_catalogue(index: FileIndex, params: CatalogueParams, key_id: str,
     rejects: list[pd.DataFrame] = []
     for files in _series_buckets(index, tmp):
         files["site"] = site_of(files, params.site_rule, params.site_level, mapping)
+        files = split_shared_uids(files)
         series, dups = aggregate_series(files, params.min_slices)
         series_parts.append(series)
         rejects.append(dups)

@@ -8,6 +8,12 @@ real archive with its own structures works unchanged. Two spellings are accepted
     {"labels": {"background": 0, "femur_left": 1, ...}}         # nnU-Net: name -> value
 
 Values must be 0..N-1 with 0 the background; the background is never scored.
+
+Either spelling may add ``"codes"``: structure name -> ``[scheme, value, meaning]``, the
+structure's standard code (SNOMED CT, ``"SCT"``) that the DICOM SEG of ``fedct predict``
+types its segment with; a structure without one gets ``DEFAULT_CODE``::
+
+    {"0": "background", "1": "femur", "codes": {"femur": ["SCT", "71341001", "Femur"]}}
 """
 
 from __future__ import annotations
@@ -15,10 +21,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedct.errors import FedctError
 
 LABELS_FILE = "labels.json"
+
+#: A coded concept: (coding scheme designator, code value, code meaning).
+Code = tuple[str, str, str]
+#: SNOMED CT "Anatomical Structure" (DICOM CID 7150): true of every structure, and what a
+#: structure without a code of its own is typed as.
+DEFAULT_CODE: Code = ("SCT", "91723000", "Anatomical Structure")
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,12 @@ class LabelSet:
     """``names[k]`` is the structure of label value ``k``; ``names[0]`` is the background."""
 
     names: tuple[str, ...]
+    #: (structure name, code) for the structures that have a code, in label order.
+    codes: tuple[tuple[str, Code], ...] = ()
+
+    def code(self, k: int) -> Code:
+        """The standard code of label value ``k``; ``DEFAULT_CODE`` when it has none."""
+        return dict(self.codes).get(self.names[k], DEFAULT_CODE)
 
     @property
     def n_classes(self) -> int:
@@ -37,12 +56,43 @@ class LabelSet:
         """Foreground label value -> name, in value order."""
         return {k: n for k, n in enumerate(self.names) if k > 0}
 
-    def to_json(self) -> dict[str, str]:
-        return {str(k): n for k, n in enumerate(self.names)}
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {str(k): n for k, n in enumerate(self.names)}
+        if self.codes:
+            out["codes"] = {name: list(code) for name, code in self.codes}
+        return out
+
+
+# DICOM value representations of a code: CodingSchemeDesignator and CodeValue are SH (16
+# characters), CodeMeaning LO (64); none may hold a backslash (the value separator).
+_CODE_LIMITS = (16, 16, 64)
+
+
+def _parse_codes(codes: object, names: tuple[str, ...], where: str
+                 ) -> tuple[tuple[str, Code], ...]:
+    if not isinstance(codes, dict):
+        raise FedctError(f"{where}: codes must map structure name -> [scheme, value, meaning]")
+    unknown = sorted(set(map(str, codes)) - set(names[1:]))
+    if unknown:
+        raise FedctError(f"{where}: codes name structures not in the label set: {unknown}")
+    out = {}
+    for name, code in codes.items():
+        if (not isinstance(code, (list, tuple)) or len(code) != 3
+                or not all(isinstance(c, str) and c.strip() and "\\" not in c
+                           and len(c) <= n for c, n in zip(code, _CODE_LIMITS, strict=True))):
+            raise FedctError(f"{where}: code of {name!r} must be [scheme, value, meaning], "
+                             "non-empty strings of at most 16, 16 and 64 characters, "
+                             f"got {code!r}")
+        out[str(name)] = tuple(c.strip() for c in code)
+    return tuple((n, out[n]) for n in names if n in out)
 
 
 def parse_labels(data: object, where: str) -> LabelSet:
     """A :class:`LabelSet` from either accepted spelling; ``where`` names the source."""
+    codes = None
+    if isinstance(data, dict) and "codes" in data:
+        data = dict(data)
+        codes = data.pop("codes")
     if isinstance(data, dict) and isinstance(data.get("labels"), dict):
         try:
             by_value = {int(v): str(k) for k, v in data["labels"].items()}
@@ -61,7 +111,7 @@ def parse_labels(data: object, where: str) -> LabelSet:
     names = tuple(by_value[k] for k in range(len(by_value)))
     if len(set(names)) != len(names):
         raise FedctError(f"{where}: structure names repeat: {list(names)}")
-    return LabelSet(names)
+    return LabelSet(names, () if codes is None else _parse_codes(codes, names, where))
 
 
 def read_labels(path: str | Path) -> LabelSet:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from fedct.errors import Rejected
+
 
 @dataclass(frozen=True)
 class PrepSpec:
@@ -140,3 +142,20 @@ def prepare_case(image: sitk.Image, label: sitk.Image | None, spec: PrepSpec
     if label is not None:
         out["label"] = to_array(resample(label, spec, label=True)).astype(np.uint8)
     return out
+
+
+def prepare_volume(image: sitk.Image, label: sitk.Image | None, spec: PrepSpec,
+                   n_classes: int | None = None) -> dict[str, np.ndarray]:
+    """:func:`prepare_case` for the cohort: a series it cannot prepare raises
+    :class:`~fedct.errors.Rejected` with a reason free of paths and identifiers (a label
+    value beyond ``n_classes``, a resampling that fails), never stopping the run."""
+    where = "series"
+    try:
+        case = prepare_case(image, label, spec)
+    except (RuntimeError, ValueError, MemoryError) as exc:
+        raise Rejected(where, f"cannot be resampled onto the cohort's grid "
+                              f"({type(exc).__name__})") from exc
+    if n_classes is not None and "label" in case and int(case["label"].max()) >= n_classes:
+        raise Rejected(where, f"label value {int(case['label'].max())} is not in labels.json "
+                              f"({n_classes} classes)")
+    return case

@@ -9,6 +9,7 @@ study sorts by (vendor, orientation, image type, kernel). One module per job:
   ``scanner``, then ``pydicom_reader``) and the verdict on each file;
 - ``walk``: the fast strict little-endian header walk;
 - ``integrity``: is the file whole (the cheap tail check, the exact pydicom check);
+- ``deflated``: deflated files with bounded memory (header prefix, counted rest);
 - ``values``: numbers and text of header values, vendor/orientation/kernel classes;
 - ``volume``: series -> 3D image with SimpleITK (imported on its own:
   ``from fedct.dicom.volume import read_volume``).
@@ -27,8 +28,10 @@ from fedct.dicom.tags import (
     ENHANCED_CT_IMAGE_STORAGE,
     EXPLICIT_VR_BE,
     EXPLICIT_VR_LE,
+    IMPLAUSIBLE,
     IMPLICIT_VR_LE,
     LEGACY_CT_IMAGE_STORAGE,
+    MAX_MATRIX,
     MEDIA_STORAGE_DIRECTORY,
     MISSING_TAG,
     NATIVE_TRANSFER_SYNTAXES,
@@ -44,6 +47,7 @@ from fedct.dicom.tags import (
 from fedct.dicom.values import (
     ORIENTATION_TOLERANCE_DEG,
     image_type_class,
+    implausible,
     kernel_class,
     normalise_kernel,
     orientation_class,
@@ -64,8 +68,10 @@ __all__ = [
     "ENHANCED_CT_IMAGE_STORAGE",
     "EXPLICIT_VR_BE",
     "EXPLICIT_VR_LE",
+    "IMPLAUSIBLE",
     "IMPLICIT_VR_LE",
     "LEGACY_CT_IMAGE_STORAGE",
+    "MAX_MATRIX",
     "MEDIA_STORAGE_DIRECTORY",
     "MISSING_TAG",
     "NATIVE_TRANSFER_SYNTAXES",
@@ -82,6 +88,7 @@ __all__ = [
     "Header",
     "WalkDeclined",
     "image_type_class",
+    "implausible",
     "integrity",
     "kernel_class",
     "normalise_kernel",

@@ -17,6 +17,13 @@ def file_size(path: str) -> int:
         return -1
 
 
+def exact_path(relpath: str, relpath_bytes: bytes | None) -> str:
+    """A file's own path from the catalogue's ``relpath`` and ``relpath_bytes``: a name
+    that is not UTF-8 is kept as its bytes, which ``os.fsdecode`` turns back into the
+    path (undecodable bytes surrogate-escaped), so the very file opens."""
+    return os.fsdecode(relpath_bytes) if relpath_bytes is not None else relpath
+
+
 def has_dicm_magic(path: str) -> bool:
     try:
         with open(path, "rb") as fh:

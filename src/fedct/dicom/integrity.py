@@ -10,14 +10,15 @@ from __future__ import annotations
 import os
 import struct
 import warnings
-import zlib
 from typing import Any
 
+from fedct.dicom import deflated
 from fedct.dicom.files import exc_detail, file_size, quiet_pydicom
 from fedct.dicom.tags import (
     CT_IMAGE_STORAGE,
     DEFLATED_LE,
     EXPLICIT_VR_LE,
+    IMPLAUSIBLE,
     IMPLICIT_VR_LE,
     MISSING_TAG,
     NATIVE_TRANSFER_SYNTAXES,
@@ -95,11 +96,14 @@ def integrity(path: str, size: int | None = None) -> tuple[str | None, str]:
     exactly at an element boundary, or a header-only stub.
 
     A deflated file (Deflated Explicit VR Little Endian) is judged on its inflated data
-    set, where pydicom's offsets point: a cut file has a cut deflate stream, which zlib
-    refuses (TRUNCATED), and the elements must fit in the inflated bytes.
+    set by ``fedct.dicom.deflated``, which never holds more than its header in memory.
+    Native pixel data must have the size its header implies (IMPLAUSIBLE otherwise: a
+    65535 x 65535 header over a few bytes of pixels).
     """
     import pydicom
 
+    if deflated.is_deflated(path):
+        return deflated.integrity(path)
     size = file_size(path) if size is None else size
     with quiet_pydicom():
         with warnings.catch_warnings(record=True) as caught:
@@ -127,16 +131,7 @@ def _integrity_verdict(path: str, size: int, ds: Any, caught: list) -> tuple[str
     tags = sorted(ds.keys())
     if not tags and meta is not None and len(meta):
         return TRUNCATED, f"file ends after the file meta header ({size} bytes)"
-    # pydicom's element offsets count bytes of the file, except in a deflated file:
-    # there they count bytes of the data set that pydicom inflated in memory, so the
-    # elements must fit in that, not in the (smaller, compressed) file on disk.
-    extent, has, tail = size, f"file has {size}", None
-    if meta is not None and str(meta.get("TransferSyntaxUID", "") or "") == DEFLATED_LE:
-        inflated = _inflated_data_set(path)
-        if inflated is None:
-            return TRUNCATED, "deflated data set ends early (its deflate stream is cut)"
-        extent, tail = len(inflated), inflated[-8:]
-        has = f"inflated data set has {extent}"
+    extent, has = size, f"file has {size}"
     end = None
     if tags:
         last = ds.get_item(tags[-1], keep_deferred=True)
@@ -147,11 +142,17 @@ def _integrity_verdict(path: str, size: int, ds: Any, caught: list) -> tuple[str
             if end > extent:
                 return TRUNCATED, f"element {last.tag} needs {end} bytes, {has}"
         elif tags[-1] == PIXEL_DATA:
-            if tail is None:
-                tail = _pread(path, max(size - 8, 0), 8)
-            if tail != _SEQUENCE_DELIMITER:
+            if _pread(path, max(size - 8, 0), 8) != _SEQUENCE_DELIMITER:
                 # pydicom accepts a delimiter cut inside its length field; we do not.
                 return TRUNCATED, "encapsulated pixel data without its closing delimiter"
+    ts = str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else ""
+    pixels = ds.get_item(PIXEL_DATA, keep_deferred=True) if PIXEL_DATA in ds else None
+    length = getattr(pixels, "length", None)
+    if ts in NATIVE_TRANSFER_SYNTAXES and length not in (None, UNDEFINED_LENGTH):
+        expected = deflated.native_pixel_bytes(ds)
+        if expected is not None and length != expected:
+            return IMPLAUSIBLE, (f"PixelData holds {length} bytes, its header (Rows x "
+                                 f"Columns x frames x samples x bits) needs {expected}")
     sop = str(meta.get("MediaStorageSOPClassUID", "") or "") if meta is not None else ""
     is_image = (0x00280010 in ds) or sop.startswith(CT_IMAGE_STORAGE)
     if is_image and 0x7FE00010 not in ds:
@@ -161,27 +162,3 @@ def _integrity_verdict(path: str, size: int, ds: Any, caught: list) -> tuple[str
         return MISSING_TAG, (f"missing PixelData: image header ends cleanly at byte {extent} "
                              "(cut at an element boundary, or a header-only file)")
     return None, ""
-
-
-def _inflated_data_set(path: str) -> bytes | None:
-    """The data set of a deflated file (PS3.5 A.5), inflated; None when the deflate
-    stream ends early (the file was cut).
-
-    The deflated data set starts after the last file meta element (group 0002, always
-    explicit VR little endian): where pydicom starts inflating too, so that pydicom's
-    element offsets count bytes of the result.
-    """
-    from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
-
-    with open(path, "rb") as fh:
-        data = fh.read()
-    pos = 132 if data[128:132] == b"DICM" else 0
-    while len(data) >= pos + 8 and data[pos:pos + 2] == b"\x02\x00":
-        vr = data[pos + 4:pos + 6].decode("ascii", "replace")
-        if vr in EXPLICIT_VR_LENGTH_32:
-            pos += 12 + int.from_bytes(data[pos + 8:pos + 12], "little")
-        else:
-            pos += 8 + int.from_bytes(data[pos + 6:pos + 8], "little")
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    inflated = inflater.decompress(data[pos:])
-    return inflated if inflater.eof else None

@@ -10,6 +10,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
+from fedct.dicom import deflated
 from fedct.dicom.files import exc_detail, has_dicm_magic, not_dicom_detail, quiet_pydicom
 from fedct.dicom.tags import NOT_DICOM, SCAN_TAGS, TRUNCATED, UNREADABLE, Header
 
@@ -21,7 +22,10 @@ def pydicom_values(path: str) -> tuple[dict[str, str] | None, Header | None, Any
 
     try:
         with quiet_pydicom():
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            # pydicom inflates a deflated data set whole, pixel data included (a bomb
+            # of a few MB can be GBs): its header is read from a bounded prefix instead.
+            ds = (deflated.read_header(path) if deflated.is_deflated(path)
+                  else pydicom.dcmread(path, stop_before_pixels=True))
     except InvalidDicomError as exc:
         if has_dicm_magic(path):
             return None, Header(path, {}, "pydicom", TRUNCATED, "DICOM preamble but no "

@@ -37,6 +37,7 @@ from fedct.dicom.scanner import scan_gdcm
 from fedct.dicom.tags import (
     DICOMDIR,
     ENHANCED_CT_IMAGE_STORAGE,
+    IMPLAUSIBLE,
     MEDIA_STORAGE_DIRECTORY,
     MISSING_TAG,
     NOT_CT,
@@ -45,7 +46,7 @@ from fedct.dicom.tags import (
     UNREADABLE,
     Header,
 )
-from fedct.dicom.values import parse_int
+from fedct.dicom.values import implausible, parse_int
 from fedct.dicom.walk import PARTIAL, WalkDeclined, walk_header
 
 Engine = str  # "auto" | "gdcm" | "pydicom"
@@ -144,6 +145,9 @@ def _check(path: str, size: int, values: dict[str, str] | None, reader: str,
         # was not a DICOM file.
         if not has_dicm_magic(path):
             return Header(path, {}, reader, NOT_DICOM, not_dicom_detail(path))
+    why = implausible(values)
+    if why is not None:
+        return Header(path, {}, reader, IMPLAUSIBLE, why)
     frame_positions = None
     consistent = True
     frames = parse_int(values.get("NumberOfFrames")) or 1

@@ -25,6 +25,7 @@ SCAN_TAGS: dict[str, tuple[int, int]] = {
     "PatientBirthDate": (0x0010, 0x0030),
     "BodyPartExamined": (0x0018, 0x0015),
     "SliceThickness": (0x0018, 0x0050),
+    "SpacingBetweenSlices": (0x0018, 0x0088),
     "KVP": (0x0018, 0x0060),
     "Exposure": (0x0018, 0x1152),
     "ConvolutionKernel": (0x0018, 0x1210),
@@ -54,7 +55,16 @@ NOT_CT = "not CT"
 DICOMDIR = "DICOMDIR"
 UNREADABLE = "unreadable"
 DUPLICATE = "duplicate SOPInstanceUID"  # decided by the catalogue, over all files
-REJECT_REASONS = (NOT_DICOM, TRUNCATED, MISSING_TAG, NOT_CT, DICOMDIR, UNREADABLE, DUPLICATE)
+# A header value no CT image can have (a matrix beyond MAX_MATRIX, a thickness or pixel
+# spacing that is not a positive number, pixel data of another size than the header says).
+IMPLAUSIBLE = "implausible value"
+REJECT_REASONS = (NOT_DICOM, TRUNCATED, MISSING_TAG, NOT_CT, DICOMDIR, UNREADABLE, DUPLICATE,
+                  IMPLAUSIBLE)
+# Rows and Columns of a CT image: 512 nearly always, 1024-2048 for high-resolution
+# reconstructions; beyond this a header is hostile or broken (65535 x 65535 would ask
+# a reader for 8 GB per slice).
+MAX_MATRIX = 4096
+MAX_FRAMES = 20000  # frames of one multi-frame image
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

@@ -196,3 +196,35 @@ def kernel_class(vendor_name: str, kernel: str | None) -> str:
             return "sharp"
         return "unknown"
     return "unknown"
+
+
+def implausible(values: dict[str, str]) -> str | None:
+    """Why the header ``values`` cannot be a CT image, or None.
+
+    Rows and Columns within 1..MAX_MATRIX, NumberOfFrames within 1..MAX_FRAMES;
+    SliceThickness, SpacingBetweenSlices and both PixelSpacing values, where present,
+    finite and positive (mm). A reader would otherwise ask for GBs per slice, or a
+    volume would get a NaN or negative voxel size. Absent values are not judged here.
+    """
+    from fedct.dicom.tags import MAX_FRAMES, MAX_MATRIX
+
+    why = []
+    for kw, top in (("Rows", MAX_MATRIX), ("Columns", MAX_MATRIX),
+                    ("NumberOfFrames", MAX_FRAMES)):
+        text = values.get(kw)
+        n = parse_int(text) if text else None
+        if text and (n is None or not 1 <= n <= top):
+            why.append(f"{kw} {text[:20]} (not within 1-{top})")
+    for kw, n in (("SliceThickness", 1), ("SpacingBetweenSlices", 1), ("PixelSpacing", 2)):
+        text = values.get(kw)
+        if not text:
+            continue
+        parts = text.split("\\")
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if len(numbers) != n or not all(math.isfinite(v) and v > 0 for v in numbers):
+            what = "a positive number" if n == 1 else "two positive numbers"
+            why.append(f"{kw} {text[:40]} (not {what} of mm)")
+    return "; ".join(why) or None

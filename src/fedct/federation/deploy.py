@@ -8,9 +8,13 @@ Helpers for the coordinating centre and for the hospitals (and for the loopback 
   ``ssh-keygen -t ecdsa -b 384 -N ""`` writes);
 - :func:`write_connection`: a ``[superlink.NAME]`` table in ``$FLWR_HOME/config.toml``,
   where the ``flwr`` CLI looks up a connection (address and CA);
-- :class:`Deployment`: starts ``flower-superlink`` and ``flower-supernode`` as
+- :class:`Deployment`: starts ``flower-superlink`` (on 127.0.0.1 only), the Fleet gateway
+  that the hospitals reach (:mod:`fedct.federation.gateway`) and ``flower-supernode`` as
   subprocesses, runs ``flwr supernode register`` and ``flwr run``, and stops everything it
   started by PID when its ``with`` block ends.
+
+Private keys are written with mode 0600 (replacing any looser file) and a process is not
+started with a key that a group or others may read.
 
 Every process of a :class:`Deployment` gets ``FLWR_HOME`` in a folder of ours (one per
 process, as on separate machines), the venv's ``bin`` first on ``PATH`` (Flower starts
@@ -40,6 +44,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedct.errors import FedctError
+from fedct.federation.gateway import check_private_key, join_address
 
 #: The Flower App bundle that ``flwr run`` submits (pyproject.toml and README.md only).
 APP_DIR = Path(__file__).resolve().parent / "app"
@@ -49,6 +54,7 @@ MARKER = "FEDCT_DEPLOYMENT"  # environment variable naming the deployment of a p
 # itself exits with status 1 (Flower 1.42 maps every error code to 1).
 REFUSED_CODE = 305
 STOP_GRACE_S = 5.0
+LOOPBACK = "127.0.0.1"  # where the SuperLink's own port listens
 
 
 # --------------------------------------------------------------------------- credentials
@@ -75,6 +81,17 @@ class RunResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class SuperLink:
+    """A started SuperLink: its process (all APIs, on loopback) and its Fleet gateway; the
+    address the centre's ``flwr`` dials and the address the hospitals' SuperNodes dial."""
+
+    superlink: subprocess.Popen
+    gateway: subprocess.Popen
+    control_address: str
+    fleet_address: str
+
+
+@dataclasses.dataclass(frozen=True)
 class NodeKey:
     """A SuperNode's key pair: private key (stays at the hospital), public key (registered)."""
 
@@ -83,10 +100,24 @@ class NodeKey:
 
 
 def _write_private(path: Path, data: bytes) -> None:
+    """Write a private key with mode 0600: a new file (created 0600) replaces ``path``.
+
+    Replacing, not rewriting, also tightens an existing looser file (its old mode would
+    survive ``O_TRUNC``), and a process that opened the old file cannot read the new key.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def make_tls(out_dir: Path, hosts: Sequence[str] = (), days: int = 365,
@@ -319,22 +350,33 @@ class Deployment:
         self.procs[name] = proc
         return proc
 
-    def start_superlink(self, tls: TlsFiles, port: int, host: str = "127.0.0.1",
-                        name: str = "superlink", cwd: Path | None = None,
-                        timeout: float = 60.0) -> subprocess.Popen:
-        """``flower-superlink`` with TLS and SuperNode authentication; waits until it listens.
+    def start_superlink(self, tls: TlsFiles, fleet_port: int, control_port: int,
+                        fleet_host: str = "127.0.0.1", name: str = "superlink",
+                        cwd: Path | None = None, timeout: float = 60.0) -> SuperLink:
+        """``flower-superlink`` on loopback and the Fleet gateway for the hospitals.
 
-        One port serves the Fleet, Control and Runtime APIs. Apps run with what is
+        The SuperLink (TLS, SuperNode authentication) listens on ``127.0.0.1:control_port``
+        only: its one port serves the Control API (``flwr``), the Runtime API and the Fleet
+        API. The gateway (:mod:`fedct.federation.gateway`, process ``NAME-gateway``) listens
+        on ``fleet_host:fleet_port`` and forwards the Fleet API alone. Apps run with what is
         installed (``--disable-runtime-dependency-installation``). ``cwd`` is where the
-        ServerApp resolves relative paths of its run config.
+        ServerApp resolves relative paths of its run config. Waits until both listen.
         """
-        proc = self.start(name, [
+        check_private_key(tls.server_key)
+        link = self.start(name, [
             _tool("flower-superlink"), "--ssl-ca-certfile", str(tls.ca_cert),
             "--ssl-certfile", str(tls.server_cert), "--ssl-keyfile", str(tls.server_key),
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--host", host, "--port", str(port)], cwd=cwd)
-        wait_for_port(host, port, timeout, proc)
-        return proc
+            "--host", LOOPBACK, "--port", str(control_port)], cwd=cwd)
+        control = join_address(LOOPBACK, control_port)
+        gateway = self.start(f"{name}-gateway", [
+            sys.executable, "-m", "fedct.federation.gateway",
+            "--listen", join_address(fleet_host, fleet_port), "--superlink", control,
+            "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+            "--ssl-keyfile", str(tls.server_key)])
+        wait_for_port(LOOPBACK, control_port, timeout, link)
+        wait_for_port(fleet_host, fleet_port, timeout, gateway)
+        return SuperLink(link, gateway, control, join_address(fleet_host, fleet_port))
 
     def start_supernode(self, name: str, superlink: str, ca_cert: Path | None,
                         private_key: Path, node_config: Mapping[str, Any], port: int,
@@ -342,11 +384,12 @@ class Deployment:
         """``flower-supernode`` dialling ``superlink`` (``host:port``) over TLS.
 
         ``ca_cert`` verifies the SuperLink's certificate (``None``: the system's roots
-        only, which refuse a private CA); ``private_key`` authenticates the node;
+        only, which refuse a private CA); ``private_key`` (mode 0600) authenticates the node;
         ``node_config`` names its site and data (``{"site": "A", "cohort-dir":
         "/data/fedct/cohort"}``); ``host:port`` serves its local runtime API (one port per
         node on a host). Does not wait: a refused node exits on its own.
         """
+        check_private_key(private_key)
         ca = ["--root-certificates", str(ca_cert)] if ca_cert is not None else []
         return self.start(name, [
             _tool("flower-supernode"), "--superlink", superlink, *ca,

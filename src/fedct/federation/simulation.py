@@ -3,12 +3,13 @@
 ``run_federation`` starts ``python -m fedct.federation.simulation`` in a process group of its
 own. That child runs ``flwr.simulation.run_simulation`` with the ServerApp and ClientApp of
 :mod:`fedct.federation.flower_app`, ray sized for a small machine (one CPU per client, two
-for ray), ray's ``_temp_dir`` and ``FLWR_HOME`` in a scratch folder of ours, Flower's and
-ray's telemetry off, and nothing installed at run time. The parent follows the rounds in the
-server's ``history.json`` and calls ``on_round`` for each (so MLflow logging stays in the
-stage's process). However the run ends (done, failed, or the parent interrupted), the child's
-process group and every process that carries this run's marker in its environment (ray's
-raylet, GCS, agents and workers) are killed by PID, and the scratch folder is removed.
+for ray) and listening on 127.0.0.1 only, ray's ``_temp_dir`` and ``FLWR_HOME`` in a
+scratch folder of ours, Flower's and ray's telemetry off, and nothing installed at run
+time. The parent follows the rounds in the server's ``history.json`` and calls
+``on_round`` for each (so MLflow logging stays in the stage's process). However the run
+ends (done, failed, or the parent interrupted), the child's process group and every
+process that carries this run's marker in its environment (ray's raylet, GCS, agents and
+workers) are killed by PID, and the scratch folder is removed.
 
 Why a child process: ``run_simulation`` ignores SIGTERM and SIGINT while it waits on its
 message timeouts, and ray's agents outlive a killed driver (``/work/shared/FEDERATION.md``).
@@ -41,17 +42,26 @@ RUN_LINE = "fedct federation run "  # the log's line naming a run's marker value
 ERROR_FILE = "error.txt"
 LOG_FILE = "federation.log"
 SHUTDOWN_GRACE_S = 3.0  # how long a finished simulation may take to stop ray
+LOOPBACK = "127.0.0.1"
+# Ray (2.55) on Linux takes the machine's outward address for its node even when told
+# 127.0.0.1 (``resolve_ip_for_localhost``), and its gRPC servers then listen on every
+# interface. Ray's single-machine mode (the default on macOS and Windows) keeps the node on
+# 127.0.0.1, and GCS, raylet, agents and workers then listen on loopback only.
+RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def backend_config(ray_dir: Path, num_cpus: int = 2, client_gpus: float = 0.0) -> dict:
     """Ray settings: one CPU per client, ``num_cpus`` for ray (2 suits a 2-core machine).
 
     ``client_gpus`` is each client's share of a GPU (0: clients see no GPU, since ray hides
-    the devices from an actor that asked for none; 0.5: two clients share one GPU).
+    the devices from an actor that asked for none; 0.5: two clients share one GPU). Ray's
+    node is 127.0.0.1 and it starts no dashboard; with :data:`RAY_LOOPBACK_ENV` in the
+    environment its GCS, raylet, agents and workers listen on loopback only.
     """
     return {"client_resources": {"num_cpus": 1, "num_gpus": float(client_gpus)},
             "init_args": {"num_cpus": num_cpus, "log_to_driver": False,
-                          "_temp_dir": str(ray_dir)}}
+                          "_temp_dir": str(ray_dir), "_node_ip_address": LOOPBACK,
+                          "include_dashboard": False, "dashboard_host": LOOPBACK}}
 
 
 def default_client_gpus(n_sites: int, num_cpus: int) -> float:
@@ -131,7 +141,7 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
                                "parent_pid": os.getpid()}))
     env = {**os.environ, MARKER: run_id, "FLWR_HOME": str(scratch / "flwr"),
            "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_DEDUP_LOGS": "0",
+           "RAY_DEDUP_LOGS": "0", **RAY_LOOPBACK_ENV,
            # Flower starts some of its helpers by name: the venv's bin comes first.
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     seen = 0

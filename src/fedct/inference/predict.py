@@ -1,10 +1,15 @@
 """``fedct predict MODEL_URI INPUT -o OUT``: segment one CT with a registered model.
 
 Writes into ``OUT``: ``segmentation.nii.gz`` (label map on the input's grid),
-``uncertainty.nii.gz`` (voxel uncertainty, same grid), ``report.json`` (per structure:
-volume in mL, mean HU, mean uncertainty; the case's failure score and flag) and, for a
-DICOM input, ``segmentation.dcm`` (DICOM SEG). Defaults come from the model card; nothing
-is read from params.yaml and no MLflow run is opened (a consumer command, not a stage).
+``uncertainty.nii.gz`` (voxel uncertainty, same grid), ``analysed.nii.gz`` (1 where the
+network looked, 0 outside its grid, where both maps say 0 for "not analysed"),
+``report.json`` (the model's registry name and version; per structure: volume in mL,
+mean HU, mean uncertainty; the case's failure score and flag; warnings) and, for a DICOM
+input, ``segmentation.dcm`` (DICOM SEG, which names the model and carries the flag, see
+``fedct.inference.outputs``). A model that is not the registry's champion (a refused or
+older version, a run's artifacts, a folder) is used with a warning, in the report and the
+SEG. Defaults come from the model card; nothing is read from params.yaml
+and no MLflow run is opened (a consumer command, not a stage).
 The report holds no patient identifier and no UID; the DICOM SEG, as any SEG must, copies
 the source's patient and study modules so that PACS files it with the study.
 """
@@ -16,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fedct.config import UncertaintyParams
+from fedct.config import PromoteParams, UncertaintyParams
 from fedct.devices import pick_device
 from fedct.errors import FedctError
 from fedct.inference import outputs, segment
@@ -24,6 +29,7 @@ from fedct.inference.inputs import read_input
 
 SEGMENTATION = "segmentation.nii.gz"
 UNCERTAINTY = "uncertainty.nii.gz"
+ANALYSED = "analysed.nii.gz"
 REPORT = "report.json"
 SEG_DICOM = "segmentation.dcm"
 
@@ -59,6 +65,8 @@ def run(model_uri: str, input_path: Path, out_dir: Path, mc_samples: int | None 
         except (OSError, json.JSONDecodeError) as exc:
             raise FedctError(f"{model_uri}: cannot read {CARD_FILE} ({exc})") from exc
     card = segment.read_card(raw, f"{model_uri}: {CARD_FILE}")
+    entry = tracking.registry_entry(model_uri, PromoteParams().alias)
+    warnings = _not_champion(model_uri, entry)
     n_samples = mc_samples or card.mc_samples
     x, grid = segment.preprocess(inp.image, card.spec)
     probs = segment.mc_probabilities(model, x, n_samples, seed, dev, card.amp)
@@ -66,6 +74,11 @@ def run(model_uri: str, input_path: Path, out_dir: Path, mc_samples: int | None 
         raise FedctError(f"{model_uri}: the network has {probs.shape[1]} output classes, "
                          f"its card {card.labels.n_classes} labels")
     failure = segment.failure_flag(probs, card)
+    if n_samples != card.mc_samples and failure["threshold"] is not None:
+        failure["note"] = (f"threshold calibrated with {card.mc_samples} MC samples, "
+                           f"scored with {n_samples}")
+        failure.update(flag=None, reason=f"not flagged: {failure['note']} (the score's scale "
+                                         "depends on T; rerun without --mc-samples)")
     seg = segment.to_input_grid(segment.label_map(probs), grid, inp.image, label=True)
     unc = segment.to_input_grid(segment.uncertainty_map(probs, uncertainty), grid, inp.image,
                                 label=False)
@@ -75,17 +88,23 @@ def run(model_uri: str, input_path: Path, out_dir: Path, mc_samples: int | None 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # An earlier run's files must not stay beside this one's (another patient's SEG).
-    for name in (SEGMENTATION, UNCERTAINTY, SEG_DICOM, REPORT):
+    for name in (SEGMENTATION, UNCERTAINTY, ANALYSED, SEG_DICOM, REPORT):
         (out_dir / name).unlink(missing_ok=True)
     outputs.write_image(seg, out_dir / SEGMENTATION)
     outputs.write_image(unc, out_dir / UNCERTAINTY)
-    written = {"segmentation": SEGMENTATION, "uncertainty": UNCERTAINTY, "report": REPORT}
+    outputs.write_image(segment.analysed_mask(grid, inp.image), out_dir / ANALYSED)
+    written = {"segmentation": SEGMENTATION, "uncertainty": UNCERTAINTY,
+               "analysed": ANALYSED, "report": REPORT}
     if inp.kind == "dicom":
+        provenance = outputs.SegProvenance(
+            model=entry["name"] if entry else f"fedct-{card.site}",
+            version=entry["version"] if entry else None, champion=not warnings,
+            failure=failure)
         seg_path = outputs.write_seg(seg, inp.datasets, card.labels, out_dir / SEG_DICOM,
-                                     f"fedct-{card.site}")
+                                     provenance)
         written["dicom_seg"] = SEG_DICOM if seg_path is not None else None
     report = {
-        "model": {"uri": model_uri, "site": card.site,
+        "model": {"uri": model_uri, "site": card.site, "registry": entry,
                   "labels": card.labels.to_json()},
         "input": {"kind": inp.kind, "size": list(inp.image.GetSize()),
                   "spacing_mm": list(inp.image.GetSpacing())},
@@ -95,15 +114,26 @@ def run(model_uri: str, input_path: Path, out_dir: Path, mc_samples: int | None 
                           "roi_coverage": segment.roi_coverage(grid, inp.image)},
         "mc_samples": n_samples, "seed": seed, "device": str(dev),
         "uncertainty_map": {"kind": uncertainty,
-                            "unit": segment.UNCERTAINTY_MAPS[uncertainty][1]},
+                            "unit": segment.UNCERTAINTY_MAPS[uncertainty][1],
+                            "not_analysed": f"0 where {ANALYSED} is 0"},
         "structures": structures,
         "failure": failure,
         "outputs": written,
+        "warnings": warnings,
     }
-    if n_samples != card.mc_samples and failure["threshold"] is not None:
-        failure["note"] = (f"threshold calibrated with {card.mc_samples} MC samples, "
-                           f"scored with {n_samples}")
-        failure.update(flag=None, reason=f"not flagged: {failure['note']} (the score's scale "
-                                         "depends on T; rerun without --mc-samples)")
     outputs.write_json(report, out_dir / REPORT)
     return report
+
+
+def _not_champion(model_uri: str, entry: dict[str, Any] | None) -> list[str]:
+    """One warning when the model is not the version the champion alias names, else []."""
+    if entry is None:
+        return [f"{model_uri} is not a registry version (a run's artifacts or a folder): "
+                "no promotion gate has approved it"]
+    if entry["version"] == entry["champion"]:
+        return []
+    decision = f", promotion {entry['decision']}" if entry["decision"] else ""
+    champion = (f"the champion is version {entry['champion']}" if entry["champion"]
+                else "no version is the champion")
+    return [f"{model_uri} is {entry['name']} version {entry['version']}{decision}: "
+            f"not the champion ({champion})"]

@@ -156,15 +156,25 @@ def to_input_grid(values: np.ndarray, grid: sitk.Image, reference: sitk.Image,
     return sitk.Resample(src, reference, sitk.Transform(), interp, 0, src.GetPixelID())
 
 
-def roi_coverage(grid: sitk.Image, reference: sitk.Image) -> float:
-    """Fraction of the input's voxels inside the network's grid (1 unless the scan is
-    larger than ``roi_size`` x ``spacing_mm``; the rest is never segmented)."""
+def analysed_mask(grid: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """uint8 image on ``reference``'s grid: 1 where the voxel lies inside the network's
+    grid (analysed), 0 where the network never looked (label 0 and uncertainty 0 there
+    mean "not analysed", not "background" and "certain").
+
+    A mask rather than NaN in the uncertainty map: ITK's NIfTI reader (SimpleITK, and the
+    viewers built on ITK) reads NaN back as 0.
+    """
     ones = np.ones(grid.GetSize()[::-1], dtype=np.uint8)
     inside = sitk.GetImageFromArray(ones)
     inside.CopyInformation(grid)
-    back = sitk.Resample(inside, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+    return sitk.Resample(inside, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                          sitk.sitkUInt8)
-    return float(sitk.GetArrayViewFromImage(back).mean())
+
+
+def roi_coverage(grid: sitk.Image, reference: sitk.Image) -> float:
+    """Fraction of the input's voxels inside the network's grid (1 unless the scan is
+    larger than ``roi_size`` x ``spacing_mm``; the rest is never segmented)."""
+    return float(sitk.GetArrayFromImage(analysed_mask(grid, reference)).mean())
 
 
 def label_map(probs: torch.Tensor) -> np.ndarray:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from fedct.errors import FedctError
 from fedct.report.html import Section, page
-from fedct.report.sections import BUILDERS
+from fedct.report.sections import DETAILS
+from fedct.report.summary import summary
 
 TITLE = "fedct study report: federated learning on multi-hospital CT"
 
@@ -31,7 +32,7 @@ def build_report(outputs_dir: str | Path) -> Report:
     root = Path(outputs_dir)
     if not root.is_dir():
         raise FedctError(f"{root}: not a directory (the pipeline's outputs folder)")
-    sections = tuple(build(root) for build in BUILDERS)
+    sections = tuple(build(root) for build in (summary, *DETAILS))
     missing = tuple(dict.fromkeys(m for s in sections for m in s.missing))
     intro = ["Built from the outputs of the fedct pipeline (DVC stages catalogue, "
              "uncertainty, federate, evaluate and promote). Sites are letters and series "

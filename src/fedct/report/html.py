@@ -3,7 +3,9 @@
 Everything is static HTML: figures are base64 PNG ``data:`` URIs, tables come from
 ``pandas.DataFrame.to_html``, styles are inline, and there is no script and no external
 URL, so the file opens anywhere (an e-mail attachment, an MLflow artifact, a PACS-side
-browser without network access).
+browser without network access). The only links are to the page's own sections and, under
+a table cut to ``MAX_ROWS``, to the full CSV beside the report in the pipeline's outputs
+folder (``../<stage>/<file>.csv`` from ``outputs/report/report.html``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: Rows a table shows on the page; longer tables link their full CSV.
+MAX_ROWS = 20
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:2em auto;
@@ -33,6 +37,8 @@ p.note{font-size:0.85em;color:#555}
 div.verdict{font-size:1.15em;font-weight:600;padding:0.5em 0.8em;margin:0.5em 0}
 div.promoted{background:#e6f4ea;border-left:5px solid #1e8e3e}
 div.refused{background:#fce8e6;border-left:5px solid #d93025}
+section#summary{background:#f7f9fc;border:1px solid #d0d7e2;padding:0 1em 0.5em}
+section#summary ul{font-size:1.05em}
 """
 
 
@@ -76,16 +82,31 @@ def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
 
-def table(df: pd.DataFrame, caption: str | None = None, index: bool = False) -> str:
+def csv_link(rel: str) -> str:
+    """A link to ``rel`` (relative to the outputs folder) from ``outputs/report/``."""
+    return f'<a href="../{text(rel)}">{text(rel)}</a>'
+
+
+def table(df: pd.DataFrame, caption: str | None = None, index: bool = False,
+          source: str | None = None) -> str:
     """``df`` as an HTML table (cells escaped, floats to 4 significant digits).
 
-    An empty frame gives a note instead of a table without rows.
+    An empty frame gives a note instead of a table without rows. A frame longer than
+    ``MAX_ROWS`` shows its first rows and a note linking ``source``, the full CSV
+    (relative to the outputs folder), which a caller that shortens a table itself names
+    too.
     """
     head = heading(caption) if caption else ""
     if df.empty:
         return head + paragraph("no rows")
-    body = df.to_html(index=index, border=0, classes="data", na_rep="–", float_format=_fmt,
-                      escape=True, justify="center")
+    shown = df.head(MAX_ROWS)
+    body = shown.to_html(index=index, border=0, classes="data", na_rep="–",
+                         float_format=_fmt, escape=True, justify="center")
+    if len(shown) < len(df):
+        where = f": every row in {csv_link(source)}" if source else ""
+        body += (f'<p class="note">first {len(shown)} of {len(df)} rows{where}</p>')
+    elif source:
+        body += f'<p class="note">as CSV: {csv_link(source)}</p>'
     return head + body
 
 

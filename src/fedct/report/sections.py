@@ -6,6 +6,10 @@ that is not there becomes a visible "not available: <file> missing" note in its 
 so the report also documents a partial pipeline; an input that is there but cannot be
 read, or lacks a column the section needs, is a :class:`FedctError` naming the file.
 
+The page answers first (``fedct.report.summary``), then the evidence in ``DETAILS``
+order, the data's description last. Tables show at most ``html.MAX_ROWS`` rows and link
+the full CSV.
+
 The inputs hold site letters, model names and pseudonymised series keys only; the report
 shows aggregates (tables of counts and means, figures), never a per-case row.
 """
@@ -50,7 +54,7 @@ SIGNAL_COLUMNS = ("signal", "kind", "subset", "n", "n_failed", "spearman", "auro
 
 
 @dataclass
-class _Inputs:
+class Inputs:
     """Reads files under ``root`` (paths relative to it); remembers which were missing."""
 
     root: Path
@@ -127,10 +131,11 @@ def _scalar(v: Any) -> str:
         return str(v)
     if isinstance(v, float):
         return f"{v:.4g}" if math.isfinite(v) else str(v)
-    if isinstance(v, list | tuple) and all(not isinstance(x, dict | list) for x in v):
-        return ", ".join(_scalar(x) for x in v)
-    if isinstance(v, dict | list | tuple):
-        return json.dumps(v, sort_keys=True, default=str)
+    if isinstance(v, dict):  # never raw JSON in a cell: "key value; key value"
+        return "; ".join(f"{k} {_scalar(x)}" for k, x in v.items())
+    if isinstance(v, list | tuple):
+        return (" | " if any(isinstance(x, dict) for x in v) else ", ").join(
+            _scalar(x) for x in v)
     return str(v)
 
 
@@ -150,14 +155,16 @@ def flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 def vendor_site(root: Path) -> Section:
     """Exams per vendor x site (the source study's layout) and usable series per site."""
-    r = _Inputs(root)
+    r = Inputs(root)
     parts = []
     counts = r.csv(f"{CATALOGUE}/exam_counts.csv", required=("vendor",))
     parts.append(missing_note(f"{CATALOGUE}/exam_counts.csv") if counts is None else
-                 table(counts, "Exams (distinct studies) per vendor and site, with totals"))
+                 table(counts, "Exams (distinct studies) per vendor and site, with totals",
+                       source=f"{CATALOGUE}/exam_counts.csv"))
     usable = r.csv(f"{CATALOGUE}/usable_by_site.csv", required=("site",))
     parts.append(missing_note(f"{CATALOGUE}/usable_by_site.csv") if usable is None else
-                 table(usable, "Series usable by AI (axial 3D stack of >= 32 slices) per site"))
+                 table(usable, "Series usable by AI (axial 3D stack of >= 32 slices) per site",
+                       source=f"{CATALOGUE}/usable_by_site.csv"))
     return r.section("vendor-site", "Exams by vendor and site", parts)
 
 
@@ -167,12 +174,12 @@ def vendor_site(root: Path) -> Section:
 def shift_candidates(root: Path) -> Section:
     """Sites ranked by how their acquisition mix differs, the most site-specific
     (site, condition) cells, and the catalogue's residual heatmap."""
-    r = _Inputs(root)
+    r = Inputs(root)
     parts = []
     sites = r.csv(f"{CATALOGUE}/shift_sites.csv", required=("site", "jsd"))
     parts.append(missing_note(f"{CATALOGUE}/shift_sites.csv") if sites is None else table(
         sites, "Sites ranked by Jensen-Shannon divergence of their acquisition mix from "
-               "the other sites"))
+               "the other sites", source=f"{CATALOGUE}/shift_sites.csv"))
     combos = r.csv(f"{CATALOGUE}/shift_combos.csv", required=("site", "condition", "residual"))
     if combos is None:
         parts.append(missing_note(f"{CATALOGUE}/shift_combos.csv"))
@@ -180,7 +187,7 @@ def shift_candidates(root: Path) -> Section:
         parts.append(table(combos.head(TOP_COMBOS),
                            f"Most site-specific acquisition conditions (top "
                            f"{min(TOP_COMBOS, len(combos))} of {len(combos)}, by adjusted "
-                           "residual)"))
+                           "residual)", source=f"{CATALOGUE}/shift_combos.csv"))
     png = r.png(f"{CATALOGUE}/shift_heatmap.png")
     parts.append(missing_note(f"{CATALOGUE}/shift_heatmap.png") if png is None else figure(
         png, "shift candidates heatmap", "Adjusted residuals of site x acquisition condition "
@@ -191,7 +198,7 @@ def shift_candidates(root: Path) -> Section:
 # --- 3. shift matrices --------------------------------------------------------------------
 
 
-def _signal_name(r: _Inputs, required: bool = True) -> tuple[str | None, dict[str, Any]]:
+def signal_name(r: Inputs, required: bool = True) -> tuple[str | None, dict[str, Any]]:
     """The frozen label-free signal and its threshold record (threshold.json, else the
     uncertainty metrics); (None, {}) when neither file is there (recorded as missing
     when the section ``required`` it)."""
@@ -208,10 +215,10 @@ def _signal_name(r: _Inputs, required: bool = True) -> tuple[str | None, dict[st
 def shift_matrices(root: Path) -> Section:
     """(model x test site) mean Dice and mean label-free uncertainty, and the label-free
     site ranking."""
-    r = _Inputs(root)
+    r = Inputs(root)
     parts = []
     # Without the threshold record only the title loses the signal's name.
-    signal, _ = _signal_name(r, required=False)
+    signal, _ = signal_name(r, required=False)
     label = signal or "uncertainty"
     for name, title, cmap, fmt in (("shift_dice", "Mean test Dice", "viridis", ".2f"),
                                    ("shift_uncertainty", f"Mean {label}", "magma", ".3g")):
@@ -225,11 +232,11 @@ def shift_matrices(root: Path) -> Section:
         m.index.name = "model"
         parts.append(heading(f"{title}: model (rows) x test site (columns)"))
         parts.append(figure(figures.heatmap(m, title, cmap, fmt), f"{name} heatmap"))
-        parts.append(table(m, index=True))
+        parts.append(table(m, index=True, source=rel))
     ranking = r.csv(f"{UNCERTAINTY}/site_ranking.csv", required=("site",))
     parts.append(missing_note(f"{UNCERTAINTY}/site_ranking.csv") if ranking is None else table(
         ranking, "Label-free site ranking (models that never saw the site; median signal "
-                 "with 95 % interval)"))
+                 "with 95 % interval)", source=f"{UNCERTAINTY}/site_ranking.csv"))
     return r.section("shift-matrices", "Shift matrices (every model on every site)", parts)
 
 
@@ -239,9 +246,9 @@ def shift_matrices(root: Path) -> Section:
 def uncertainty_dice(root: Path) -> Section:
     """Scatter of the frozen label-free signal against case Dice (test pairs), the table
     of every signal's failure detection, and the risk-coverage curves."""
-    r = _Inputs(root)
+    r = Inputs(root)
     parts = []
-    signal, record = _signal_name(r)
+    signal, record = signal_name(r)
     rel = f"{UNCERTAINTY}/cases.csv"
     if signal is None:
         parts.append(missing_note(f"{UNCERTAINTY}/threshold.json"))
@@ -262,7 +269,7 @@ def uncertainty_dice(root: Path) -> Section:
         cols = [c for c in SIGNAL_COLUMNS if c in sig.columns]
         parts.append(table(sig[cols], "Failure detection on test pairs, per case: Spearman "
                                       "with Dice, AUROC [95 % interval], AURC (lower is "
-                                      "better)"))
+                                      "better)", source=f"{UNCERTAINTY}/signals.csv"))
     png = r.png(f"{UNCERTAINTY}/risk_coverage.png")
     parts.append(missing_note(f"{UNCERTAINTY}/risk_coverage.png") if png is None else figure(
         png, "risk-coverage curves", "Risk-coverage of every signal and baseline on test "
@@ -270,7 +277,7 @@ def uncertainty_dice(root: Path) -> Section:
     return r.section("uncertainty-dice", "Uncertainty against Dice", parts)
 
 
-def _scatter(r: _Inputs, rel: str, cases: pd.DataFrame, signal: str,
+def _scatter(r: Inputs, rel: str, cases: pd.DataFrame, signal: str,
              record: dict[str, Any]) -> str:
     cases = r.numeric(rel, cases, ["dice", signal])
     if "split" in cases.columns and (cases["split"] == "test").any():
@@ -303,7 +310,7 @@ def _scatter(r: _Inputs, rel: str, cases: pd.DataFrame, signal: str,
 
 def federated_rounds(root: Path) -> Section:
     """Global validation Dice per round, one line per method, with a per-method summary."""
-    r = _Inputs(root)
+    r = Inputs(root)
     parts = []
     fed = root / FEDERATED
     methods = sorted(p for p in fed.iterdir() if p.is_dir()) if fed.is_dir() else []
@@ -377,7 +384,7 @@ def _round_summary(histories: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 def held_out(root: Path) -> Section:
     """Mean held-out Dice per (model, site) with 95 % intervals, and paired differences."""
-    r = _Inputs(root)
+    r = Inputs(root)
     parts = []
     rel = f"{EVALUATE}/summary.csv"
     summary = r.csv(rel, required=("model", "site"))
@@ -404,51 +411,94 @@ def held_out(root: Path) -> Section:
                                 "held-out comparison with intervals",
                                 "Mean Dice on held-out sites with 95 % cluster-bootstrap "
                                 "intervals"))
-        # The per-structure means (dice_<structure>, ...) stay in the CSV: too wide here.
+        # The per-structure means (dice_<structure>, ...) stay in the CSV: too wide here,
+        # and so do the single sites when there is a row over all of them.
         bounds = {est, lo, hi, "hd95_lo", "hd95_hi"}
         keep = [c for c in cols if c in bounds or not c.startswith(("dice_", "hd95_"))]
-        parts.append(table(summary[keep], "Mean held-out Dice per model and site (site "
-                                          "'all': every held-out site), with 95 % "
-                                          f"intervals; per structure: {rel}"))
-    paired = r.csv(f"{EVALUATE}/paired.csv")
-    parts.append(missing_note(f"{EVALUATE}/paired.csv") if paired is None else table(
-        paired, "Paired differences (candidate minus reference) with 95 % intervals"))
+        overall = summary["site"].astype(str) == "all"
+        shown, which = ((summary[overall], "over every held-out site") if overall.any()
+                        else (summary, "per held-out site"))
+        parts.append(table(shown[keep], f"Mean held-out Dice per model {which}, with 95 % "
+                                        "intervals (per site and per structure in the CSV)",
+                           source=rel))
+    rel = f"{EVALUATE}/paired.csv"
+    paired = r.csv(rel)
+    if paired is None:
+        parts.append(missing_note(rel))
+    else:
+        shown, which = paired, ""
+        if {"reference", "site"} <= set(paired.columns):
+            main = ((paired["reference"].astype(str) == "best_local")
+                    & (paired["site"].astype(str) == "all"))
+            if "reference_model" in paired.columns and "model" in paired.columns:
+                main &= paired["model"].astype(str) != paired["reference_model"].astype(str)
+            if main.any():
+                shown, which = paired[main], " against the best local model, all held-out sites"
+        parts.append(table(shown, "Paired differences (model minus reference) with 95 % "
+                                  f"intervals{which} (other references and sites in the CSV)",
+                           source=rel))
     return r.section("held-out", "Held-out sites: comparison with intervals", parts)
 
 
 # --- 7. promotion -------------------------------------------------------------------------
 
 
-def promotion(root: Path) -> Section:
-    """The registry gate's verdict, its reasons and the numbers it used."""
-    r = _Inputs(root)
+def read_decision(r: Inputs) -> dict[str, Any] | None:
+    """``promote/decision.json``, checked; None (recorded missing) when absent."""
     rel = f"{PROMOTE}/decision.json"
     d = r.json(rel, required=("promote", "reasons"))
     if d is None:
-        return r.section("promotion", "Promotion decision", [missing_note(rel)])
+        return None
     if not isinstance(d["promote"], bool):
-        raise FedctError(f"{root / rel}: 'promote' must be true or false, "
+        raise FedctError(f"{r.root / rel}: 'promote' must be true or false, "
                          f"not {d['promote']!r}")
     reasons = d["reasons"]
     if not isinstance(reasons, list) or not all(isinstance(x, str) for x in reasons):
-        raise FedctError(f"{root / rel}: 'reasons' must be a list of strings")
+        raise FedctError(f"{r.root / rel}: 'reasons' must be a list of strings")
+    return d
+
+
+def verdict(d: dict[str, Any]) -> str:
+    """The decision in one line: promoted or refused, and who is the champion now."""
     who = ", ".join(f"{k} {text(d[k])}" for k in ("candidate", "version", "alias")
                     if d.get(k) is not None) or "no candidate named"
     if d["promote"]:
-        verdict = f'<div class="verdict promoted">PROMOTED: {who}</div>'
+        return f'<div class="verdict promoted">PROMOTED: {who}</div>'
+    if "champion" not in d:  # a decision.json of before the key
+        stays = "the registry's champion, if any, is unchanged"
+    elif d["champion"] is None:
+        stays = "no champion yet: no version is approved for use"
     else:
-        verdict = (f'<div class="verdict refused">REFUSED: {who}; the current champion '
-                   "stays</div>")
-    parts = [verdict, heading("Reasons"),
+        stays = f"the champion stays version {text(d['champion'])}"
+    return f'<div class="verdict refused">REFUSED: {who}; {stays}</div>'
+
+
+def promotion(root: Path) -> Section:
+    """The registry gate's verdict, its reasons and the numbers it used."""
+    r = Inputs(root)
+    rel = f"{PROMOTE}/decision.json"
+    d = read_decision(r)
+    if d is None:
+        return r.section("promotion", "Promotion decision", [missing_note(rel)])
+    reasons = d["reasons"]
+    parts = [verdict(d), heading("Reasons"),
              bullet_list(reasons) if reasons else paragraph("no reasons recorded")]
     numbers = d.get("numbers")
-    if numbers is not None:
+    if isinstance(numbers, dict):
+        numbers = {k: v for k, v in numbers.items() if k != "reasons"}  # listed above
+        sites = numbers.pop("sites", None)
         rows = pd.DataFrame(flatten(numbers), columns=["quantity", "value"])
         parts.append(table(rows, "Numbers the gate used"))
+        if isinstance(sites, list) and sites and all(isinstance(s, dict) for s in sites):
+            parts.append(table(pd.DataFrame(sites), "Per held-out site: mean case Dice of "
+                                                    "the candidate and the best local model"))
+    elif numbers is not None:
+        parts.append(table(pd.DataFrame(flatten(numbers), columns=["quantity", "value"]),
+                           "Numbers the gate used"))
     return r.section("promotion", "Promotion decision", parts)
 
 
-#: The report's sections, in page order.
-BUILDERS: tuple[Callable[[Path], Section], ...] = (
-    vendor_site, shift_candidates, shift_matrices, uncertainty_dice, federated_rounds,
-    held_out, promotion)
+#: The sections of evidence and data, in page order (after ``fedct.report.summary``).
+DETAILS: tuple[Callable[[Path], Section], ...] = (
+    promotion, held_out, uncertainty_dice, federated_rounds, shift_matrices,
+    shift_candidates, vendor_site)

@@ -45,9 +45,10 @@ from fedct.catalogue.pseudonym import KEY_ENV, load_key, pseudonym
 from fedct.config import CatalogueParams, CohortParams, to_dict
 from fedct.data.cases import case_path, save_case
 from fedct.data.labels import read_labels, write_labels
-from fedct.data.preprocess import PrepSpec, grid_mismatch, prepare_case
+from fedct.data.preprocess import PrepSpec, grid_mismatch, prepare_volume
+from fedct.dicom.files import exact_path
 from fedct.dicom.volume import read_volume
-from fedct.errors import FedctError
+from fedct.errors import FedctError, Rejected
 
 SERIES_FILES = "series_files.parquet"  # written by the catalogue stage
 # cohort.shared_patients one_site: more of a site's patients than this found elsewhere
@@ -137,6 +138,24 @@ def split_patients(chosen: pd.DataFrame, params: CohortParams) -> pd.DataFrame:
     return pd.concat(out, ignore_index=True)
 
 
+# Columns of a cohort row that belong to its series (a study's other series replaces them).
+SERIES_OWN = ("series_key", "vendor", "model", "kernel", "slice_thickness", "thickness_class",
+              "n_slices")
+
+
+def other_series(series: pd.DataFrame, chosen: pd.DataFrame) -> pd.DataFrame:
+    """The usable series of ``chosen``'s studies that were not chosen, in the selection
+    rule's order: the stand-ins of a chosen series that cannot be prepared."""
+    rest = series[series["study_key"].isin(chosen["study_key"])
+                  & ~series["series_key"].isin(chosen["series_key"])]
+    out = []
+    while not (best := select_series(rest)).empty:
+        out.append(best)
+        rest = rest[~rest["series_key"].isin(best["series_key"])]
+    cols = ["study_key", *SERIES_OWN]
+    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+
+
 def _read_table(path: Path, what: str, columns: list[str] | None = None) -> pd.DataFrame:
     """A table of the catalogue; a clear error naming it when it cannot be read."""
     try:
@@ -154,9 +173,11 @@ def series_files(catalogue_dir: Path, keys: Iterable[str]) -> dict[str, list[str
     """
     path = Path(catalogue_dir) / SERIES_FILES
     wanted = set(keys)
-    files = _read_table(path, "series files", ["series_key", "slice", "relpath"])
+    files = _read_table(path, "series files", ["series_key", "slice", "relpath",
+                                               "relpath_bytes"])
     files = files[files["series_key"].isin(wanted)].sort_values(["series_key", "slice"])
-    out = {k: list(g["relpath"]) for k, g in files.groupby("series_key")}
+    out = {k: [exact_path(r, b) for r, b in zip(g["relpath"], g["relpath_bytes"], strict=True)]
+           for k, g in files.groupby("series_key")}
     missing = wanted - set(out)
     if missing:
         raise FedctError(f"{path}: no files for {len(missing)} series of the catalogue "
@@ -180,12 +201,11 @@ def read_label(path: Path, image: sitk.Image) -> sitk.Image:
     try:
         label = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise FedctError(f"{path}: cannot read the label map "
-                         f"({str(exc).strip().splitlines()[-1]})") from exc
+        raise Rejected(path, "cannot read the label map") from exc
     why = grid_mismatch(image, label)
     if why:
-        raise FedctError(f"{path}: the label map is not on its series' voxel grid: {why}; "
-                         "resample it onto the DICOM series' grid")
+        raise Rejected(path, f"the label map is not on its series' voxel grid: {why}; "
+                             "resample it onto the DICOM series' grid")
     return label
 
 
@@ -233,9 +253,13 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
         print(f"cohort: {orphans} of {len(labels)} label files in {labels_dir} match no "
               "catalogued series; they are not used", flush=True)
     label_set = read_labels(Path(labels_dir)) if labels_dir else None
-    files = series_files(Path(catalogue_dir), cohort["series_key"])
+    # A series that cannot be prepared is rejected; its study's next usable series (in
+    # the selection rule's order) takes its place.
+    others = other_series(series, cohort)
+    files = series_files(Path(catalogue_dir), [*cohort["series_key"],
+                                               *others["series_key"]])
+    stand_ins = {k: g.to_dict("records") for k, g in others.groupby("study_key")}
     spec = PrepSpec(params.spacing_mm, params.roi_size, params.hu_min, params.hu_max)
-    has_label = []
     (out_dir / "spec.json").write_text(json.dumps(
         {"spacing_mm": list(spec.spacing_mm), "roi_size": list(spec.roi_size),
          "hu_min": spec.hu_min, "hu_max": spec.hu_max}, indent=1))
@@ -243,19 +267,31 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
         write_labels(out_dir, label_set)
     with tracking.start_run("cohort") as mlrun:
         mlrun.log_params(to_dict(params))
-        for row in tqdm(cohort.itertuples(), total=len(cohort), desc="cohort: prepare"):
-            image = read_volume(Path(archive), files[row.series_key])
-            lab_path = labels.get(row.series_key) if row.labelled else None
-            label = read_label(lab_path, image) if lab_path is not None else None
-            has_label.append(label is not None)
-            case = prepare_case(image, label, spec)
-            if (label_set is not None and "label" in case
-                    and case["label"].max() >= label_set.n_classes):
-                raise FedctError(f"{lab_path}: label value {int(case['label'].max())} is not "
-                                 f"in {Path(labels_dir) / 'labels.json'}")
-            save_case(case_path(out_dir, row.series_key), case)
-        cohort["has_label"] = has_label
-        unmatched = int((cohort["labelled"].astype(bool) & ~cohort["has_label"]).sum())
+        prepared, rejects = [], []
+        for row in tqdm(cohort.to_dict("records"), desc="cohort: prepare"):
+            for cand in [row, *stand_ins.get(row["study_key"], [])]:
+                lab_path = labels.get(cand["series_key"]) if row["labelled"] else None
+                try:
+                    image = read_volume(Path(archive), files[cand["series_key"]])
+                    label = read_label(lab_path, image) if lab_path is not None else None
+                    case = prepare_volume(image, label, spec,
+                                          label_set.n_classes if label_set else None)
+                except Rejected as exc:  # the reason holds no path: it is written out
+                    rejects.append({"series_key": cand["series_key"], "site": row["site"],
+                                    "reason": exc.reason})
+                    continue
+                save_case(case_path(out_dir, cand["series_key"]), case)
+                prepared.append({**row, **{c: cand[c] for c in SERIES_OWN},
+                                 "has_label": label is not None})
+                break
+        cohort = pd.DataFrame(prepared, columns=[*cohort.columns, "has_label"])
+        rejected = pd.DataFrame(rejects, columns=["series_key", "site", "reason"])
+        rejected.to_csv(out_dir / "rejects.csv", index=False)
+        if len(rejected):
+            print(f"cohort: {len(rejected)} series could not be prepared and are left out "
+                  f"(reasons in {out_dir / 'rejects.csv'})", flush=True)
+        has_label = cohort["has_label"].astype(bool)
+        unmatched = int((cohort["labelled"].astype(bool) & ~has_label).sum())
         if unmatched:
             print(f"cohort: {unmatched} series of labelled sites have no label file in "
                   f"{labels_dir}; they are kept as unlabelled (has_label false)", flush=True)
@@ -278,6 +314,7 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
             "n_orphan_label_files": orphans,
             "n_patients_at_several_sites": n_shared,
             "n_series_left_out_other_site": n_dropped,
+            "n_series_rejected": len(rejected),
         }
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
         mlrun.log_metrics(summary)

@@ -26,6 +26,21 @@ STRUCTURES: dict[int, str] = {
     10: "sartorius",
 }
 N_CLASSES = len(STRUCTURES) + 1
+# SNOMED CT codes of the structures for the labels file (fedct.data.labels), which types
+# the segments of predict's DICOM SEG. Pelvis and femur are the concepts pydicom's code
+# dictionary (from the DICOM standard) names "Pelvis" (bone structure of pelvis) and
+# "Femur"; gluteus maximus and iliopsoas are the codes TotalSegmentator's DICOM SEG mapping
+# uses. The other labels are muscle groups or muscles whose code fedct could not confirm
+# from such a source: they carry "Skeletal muscle", true of each, rather than a guess.
+_SKELETAL_MUSCLE = ("SCT", "127954009", "Skeletal muscle")
+STRUCTURE_CODES: dict[str, tuple[str, str, str]] = {
+    "pelvis": ("SCT", "118645006", "Pelvis"),
+    "femur": ("SCT", "71341001", "Femur"),
+    "gluteus_maximus": ("SCT", "181674001", "Gluteus maximus muscle"),
+    "iliopsoas": ("SCT", "68455001", "Iliopsoas muscle"),
+    **{name: _SKELETAL_MUSCLE for name in ("gluteus_medius_minimus", "rectus_femoris", "vasti",
+                                           "hamstrings", "adductors", "sartorius")},
+}
 PELVIS, FEMUR = 1, 2  # codes 1 and 2 are cortical bone of these structures
 MUSCLE_LABELS = tuple(range(3, 11))
 # Unlabelled tissue codes (label 0) and bone interiors (labelled with their bone).

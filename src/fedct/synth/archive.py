@@ -47,7 +47,14 @@ from tqdm import tqdm
 
 from fedct.errors import FedctError
 from fedct.synth import physics
-from fedct.synth.anatomy import N_CLASSES, STRUCTURES, Anatomy, labels_of, render_slice
+from fedct.synth.anatomy import (
+    N_CLASSES,
+    STRUCTURE_CODES,
+    STRUCTURES,
+    Anatomy,
+    labels_of,
+    render_slice,
+)
 from fedct.synth.anatomy import sample_anatomy as _sample_anatomy
 from fedct.synth.scanners import (
     BY_KEY,
@@ -626,9 +633,9 @@ def generate(archive: Path, labels_dir: Path, truth: Path, profile_name: str = "
         results = [_patient(j) for j in tqdm(jobs, desc=desc)]
     series_rows = [r for res in results for r in res["series"]]
     files = _archive_distractors(archive, series_rows, seed)
-    (labels_dir / "labels.json").write_text(
-        json.dumps({"0": "background", **{str(k): v for k, v in STRUCTURES.items()}}, indent=1)
-    )
+    (labels_dir / "labels.json").write_text(json.dumps(
+        {"0": "background", **{str(k): v for k, v in STRUCTURES.items()},
+         "codes": {v: list(STRUCTURE_CODES[v]) for v in STRUCTURES.values()}}, indent=1))
     series_df = pd.DataFrame(series_rows)
     series_df.to_csv(truth / "series.csv", index=False)
     pd.DataFrame(files).to_csv(truth / "files.csv", index=False)
