@@ -13,9 +13,6 @@ import pytest
 ROOT = Path(__file__).parents[1]
 README = ROOT / "README.md"
 MAX_README_LINES = 300
-# Written on a parallel branch (issue #25's security pages): tolerated only while absent;
-# once the folder exists it is checked like any other target. Remove after the merge.
-PENDING = {ROOT / "docs" / "security"}
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.M | re.S)
 _CODE = re.compile(r"`[^`\n]*`")
@@ -52,8 +49,6 @@ def _problems(page: Path, root: Path = ROOT) -> list[str]:
             continue
         path_part, _, anchor = target.partition("#")
         dest = (page.parent / path_part).resolve() if path_part else page
-        if dest in PENDING and not dest.exists():
-            continue
         if not dest.exists():
             out.append(f"{name}: {target}: no such file")
         elif dest.is_dir() and not any(dest.glob("*.md")):
@@ -82,9 +77,9 @@ def test_every_docs_page_is_reachable_from_the_readme() -> None:
         seen.add(page)
         for target in _links(page.read_text()):
             dest = (page.parent / target.partition("#")[0]).resolve()
-            if dest.is_dir() and (dest / "README.md").is_file():
-                dest = dest / "README.md"
-            if dest.suffix == ".md" and dest.is_file():
+            if dest.is_dir():  # a folder's link reaches each of its pages
+                todo.extend(dest.glob("*.md"))
+            elif dest.suffix == ".md" and dest.is_file():
                 todo.append(dest)
     unreachable = [str(p.relative_to(ROOT)) for p in _pages() if p.resolve() not in seen]
     assert unreachable == []
