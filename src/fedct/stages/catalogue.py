@@ -12,8 +12,9 @@ Reads DICOM headers only (never pixel data) and writes, under OUT_DIR:
   ``shift_combos.csv`` / ``shift_sites.csv`` with ``shift_heatmap.png``;
 - ``metrics.json``: counts and the top shift candidates (deterministic: no timings).
 
-OUT_DIR holds no archive path: it is what a DVC remote receives. What does stays at the
-site, outside OUT_DIR in dvc.yaml (neither cached by DVC nor tracked by git):
+These hold no archive path: they are what a DVC remote receives. What does hold paths
+stays at the site, in folders of its own (in dvc.yaml outside OUT_DIR, neither cached by
+DVC nor tracked by git; docs/security/dvc-remote.md):
 
 - PATHS_DIR (``--paths-dir``, default OUT_DIR/paths): ``series_files.parquet``, the files
   of each series in slice order (``series_key``, ``slice``, ``relpath`` relative to the
