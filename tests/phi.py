@@ -7,15 +7,20 @@ when not part of a longer number, and in their ISO spelling too: a plain search 
 8-digit date finds it by chance inside a 19-digit file mtime or hash once an output holds
 a few thousand of them. Parquet (compressed pages) and SQLite files are also searched
 cell by cell, decoded, each cell on its own line, so that a date stored as a value is
-bounded there.
+bounded there; zip (npz) and gzip files also decompressed. Formats are told by their
+bytes as well as their names: a DVC remote stores files under their hashes.
 """
 from __future__ import annotations
 
+import gzip
+import io
 import re
 import sqlite3
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 # Name parts shorter than this ("REN", "EMI") are English substrings: not searched alone.
@@ -77,14 +82,33 @@ def _sqlite_cells(path: Path) -> bytes:
     return "\n".join(lines).encode(errors="replace")
 
 
+def _zip_members(data: bytes) -> bytes:
+    """Each member decompressed; a .npy member's text arrays (stored as UTF-32) decoded."""
+    out = []
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        for name in zf.namelist():
+            raw = zf.read(name)
+            out += [name.encode(), raw]
+            if name.endswith(".npy"):
+                arr = np.load(io.BytesIO(raw), allow_pickle=False)
+                if arr.dtype.kind in "SU":
+                    out.append("\n".join(map(str, arr.ravel())).encode(errors="replace"))
+    return b"\n".join(out)
+
+
 def readable_bytes(path: Path) -> bytes:
-    """The file's bytes, followed for Parquet and SQLite by their decoded cells."""
+    """The file's bytes, followed for Parquet and SQLite by their decoded cells and for
+    zip (npz) and gzip files by their decompressed contents."""
     data = path.read_bytes()
-    if path.suffix == ".parquet":
+    if path.suffix == ".parquet" or (data[:4] == b"PAR1" and data[-4:] == b"PAR1"):
         cells = pd.read_parquet(path).to_numpy().ravel()
         data += b"\n" + "\n".join(map(str, cells)).encode(errors="replace")
     elif data.startswith(b"SQLite format 3\x00"):
         data += b"\n" + _sqlite_cells(path)
+    elif data.startswith(b"PK\x03\x04"):
+        data += b"\n" + _zip_members(data)
+    elif data.startswith(b"\x1f\x8b"):
+        data += b"\n" + gzip.decompress(data)
     return data
 
 

@@ -44,6 +44,26 @@ def test_parquet_and_sqlite_cells_are_searched_decoded(tmp_path: Path) -> None:
         assert_no_identifiers([db], IDS)
 
 
+def test_files_named_by_hash_are_read_by_their_bytes(tmp_path: Path) -> None:
+    """A DVC remote names files by their md5: Parquet, npz and gzip are told by content."""
+    import gzip
+
+    import numpy as np
+
+    pq_file = tmp_path / "3f" / "a9c1"
+    pq_file.parent.mkdir()
+    pd.DataFrame({"p": ["A/SYNA1234567/SE2/IM1.dcm"] * 50}).to_parquet(pq_file,
+                                                                     compression="zstd")
+    npz = tmp_path / "npz"
+    with npz.open("wb") as f:
+        np.savez_compressed(f, image=np.zeros(3), who=np.array(["ACCA76543210"]))
+    gz = tmp_path / "gz"
+    gz.write_bytes(gzip.compress(b"born 19650312" + bytes(range(256)) * 40))
+    for path, found in ((pq_file, "SYNA1234567"), (npz, "ACCA76543210"), (gz, "19650312")):
+        with pytest.raises(AssertionError, match=found):
+            assert_no_identifiers([path], IDS)
+
+
 def test_a_missing_output_is_an_error_not_a_pass(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match="missing"):
         assert_no_identifiers([tmp_path / "mlflow.db"], IDS)

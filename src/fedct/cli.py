@@ -80,10 +80,14 @@ def synth(archive_dir: Path, truth_dir: Path, labels_dir: Path | None, profile: 
               help="Parallel header readers [default: catalogue.workers].")
 @click.option("--index-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Per-file index for incremental rescans [default: OUT_DIR/index].")
+@click.option("--paths-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The tables with archive paths (the cohort's file lists), which stay "
+                   "at the site: keep them out of anything DVC caches [default: "
+                   "OUT_DIR/paths].")
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786).")
 @PARAMS
 def catalogue(archive_dir: Path, out_dir: Path, workers: int | None, index_dir: Path | None,
-              scheduler: str | None, params_file: Path) -> None:
+              paths_dir: Path | None, scheduler: str | None, params_file: Path) -> None:
     """Catalogue ARCHIVE_DIR: one row per series, rejects, vendor x site reports."""
     import dataclasses
 
@@ -94,7 +98,7 @@ def catalogue(archive_dir: Path, out_dir: Path, workers: int | None, index_dir: 
         params = dataclasses.replace(params, workers=workers)
     if scheduler is not None:
         params = dataclasses.replace(params, scheduler=scheduler)
-    result = stage.run(params, archive_dir, out_dir, index_dir=index_dir)
+    result = stage.run(params, archive_dir, out_dir, index_dir=index_dir, paths_dir=paths_dir)
     click.echo(str(result))
 
 
@@ -105,15 +109,17 @@ def catalogue(archive_dir: Path, out_dir: Path, workers: int | None, index_dir: 
               type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--labels", "labels_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="NIfTI labels named by SeriesInstanceUID.")
+@click.option("--paths-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The catalogue's --paths-dir [default: CATALOGUE_DIR/paths].")
 @PARAMS
 def cohort(catalogue_dir: Path, out_dir: Path, archive_dir: Path, labels_dir: Path | None,
-           params_file: Path) -> None:
+           paths_dir: Path | None, params_file: Path) -> None:
     """Choose usable series, split per site by patient, prepare the volumes."""
     from fedct.stages import cohort as stage
 
     params = _load(params_file)
     df = stage.run(params.cohort, params.catalogue, catalogue_dir, archive_dir, labels_dir,
-                   out_dir)
+                   out_dir, paths_dir)
     click.echo(df.groupby(["site", "split"]).size().unstack(fill_value=0).to_string())
 
 

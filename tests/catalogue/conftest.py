@@ -26,5 +26,6 @@ def catalogued(archive: tuple[Path, dict], tmp_path_factory: pytest.TempPathFact
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv(KEY_ENV, raising=False)
         result = stage.run(PARAMS, root, out, track=False, progress=False)
+    # The rejects with their paths: the site's own copy (the pushed one has file keys).
     return result, pd.read_parquet(out / "series.parquet"), pd.read_parquet(
-        out / "rejects.parquet")
+        result.local_rejects_path)

@@ -26,7 +26,7 @@ from tests.phi import assert_no_identifiers
 
 
 def _series_files(out: Path) -> pd.DataFrame:
-    files = pd.read_parquet(out / "series_files.parquet")
+    files = pd.read_parquet(out / "paths" / "series_files.parquet")
     return files.sort_values(["series_key", "slice"]).reset_index(drop=True)
 
 
@@ -46,8 +46,9 @@ def test_bounded_memory_paths_give_the_same_catalogue(archive, catalogued, tmp_p
     assert len(manifest["parts"]) > 1  # parts rolled over
     assert sum(manifest["parts"].values()) == result2.metrics["n_files"]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out" / "series.parquet"), series)
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out" / "rejects.parquet"),
-                                  rejects)
+    pd.testing.assert_frame_equal(pd.read_parquet(result2.rejects_path),
+                                  pd.read_parquet(result.rejects_path))
+    pd.testing.assert_frame_equal(pd.read_parquet(result2.local_rejects_path), rejects)
     pd.testing.assert_frame_equal(_series_files(tmp_path / "out"),
                                   _series_files(result.out_dir))
     # Small incremental rescans add small parts; beyond MAX_PARTS they are merged.
@@ -85,10 +86,10 @@ def test_incremental_rescan_reads_only_changed_files(tmp_path: Path, monkeypatch
     assert third.metrics["n_files"] == 11
     # A lost a middle slice (irregular spacing now); B lost its last one (4 left).
     assert third.metrics["n_usable"] == 1
-    rejects = pd.read_parquet(out / "rejects.parquet")
+    rejects = pd.read_parquet(third.local_rejects_path)
     assert dict(zip(rejects["path"], rejects["reason"], strict=True))[
         "A/ST1/SE1/IM00002.dcm"] == dicom.TRUNCATED
-    files = pd.read_parquet(out / "series_files.parquet")
+    files = pd.read_parquet(third.series_files_path)
     assert "A/ST1/SE1/IM00002.dcm" not in set(files["relpath"])
     assert "B/ST1/SE1/IM00005.dcm" not in set(files["relpath"])
     # New parameters, same files: nothing is re-read, the tables are rebuilt.
@@ -146,7 +147,7 @@ def test_paths_named_after_patients_are_counted_and_warned_about(tmp_path: Path)
     with pytest.warns(UserWarning, match="paths of 15 files"):
         again = stage.run(params, root, out, track=False, progress=False)
     assert again.up_to_date
-    files = pd.read_parquet(out / "series_files.parquet")
+    files = pd.read_parquet(again.series_files_path)
     assert files["relpath"].str.contains(p0["id"]).sum() == 5  # still readable by cohort
     # The name and birth date were compared, never stored: only the path tables hold them.
     assert_no_identifiers([out / name for name in REPORT_FILES],

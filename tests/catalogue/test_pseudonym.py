@@ -63,5 +63,5 @@ def test_site_key_changes_pseudonyms_and_rebuilds_index(tmp_path: Path, monkeypa
     series = pd.read_parquet(out / "series.parquet")
     assert (series["key_id"] == site.metrics["key_id"]).all()
     assert pq.read_schema(out / "series.parquet").metadata[b"fedct.demo_key"] == b"false"
-    files = pd.read_parquet(out / "series_files.parquet")
+    files = pd.read_parquet(site.series_files_path)
     assert set(files["series_key"]) == set(series["series_key"])  # the new pseudonyms

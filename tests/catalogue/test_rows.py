@@ -23,7 +23,7 @@ def test_pydicom_test_files_are_all_accounted_for(tmp_path: Path, monkeypatch) -
     m = result.metrics
     assert m["n_files"] == len(copied)
     assert m["n_catalogued_files"] + m["n_rejects"] == m["n_files"]
-    rejects = pd.read_parquet(tmp_path / "out" / "rejects.parquet")
+    rejects = pd.read_parquet(result.local_rejects_path)
     assert rejects["reason"].isin(dicom.REJECT_REASONS).all()
     assert "CT_small.dcm" not in set(rejects["path"])  # a CT image: catalogued
     assert m["n_series"] >= 1

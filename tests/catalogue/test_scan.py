@@ -24,8 +24,7 @@ def test_dask_cluster_gives_the_same_catalogue(archive, catalogued, tmp_path: Pa
         result = stage.run(params, root, tmp_path / "out", track=False, progress=False)
     assert result.scan.n_parsed == result.metrics["n_files"]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out" / "series.parquet"), series)
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out" / "rejects.parquet"),
-                                  rejects)
+    pd.testing.assert_frame_equal(pd.read_parquet(result.local_rejects_path), rejects)
 
 
 @pytest.mark.parametrize(("address", "warned"), [

@@ -17,7 +17,7 @@ from tests.catalogue.archive import PARAMS
 def test_series_files_list_the_files_of_every_series(archive, catalogued) -> None:
     root, _ = archive
     result, series, _ = catalogued
-    assert result.series_files_path == result.out_dir / "series_files.parquet"
+    assert result.series_files_path == result.out_dir / "paths" / "series_files.parquet"
     files = pd.read_parquet(result.series_files_path)
     assert files.columns.tolist() == ["series_key", "slice", "relpath", "relpath_bytes"]
     # One row per catalogued file of each series (duplicates counted once), every
@@ -36,6 +36,35 @@ def test_series_files_list_the_files_of_every_series(archive, catalogued) -> Non
     assert stack.tolist() == [f"A/ST01/SE002/IM{k + 1:05d}.dcm" for k in range(34)]
     meta = pq.read_schema(result.series_files_path).metadata
     assert meta[b"fedct.key_id"] == b"demo"
+
+
+def test_only_the_paths_folder_holds_archive_paths(archive, catalogued) -> None:
+    """OUT_DIR (what DVC pushes) names rejects by a keyed hash of the path; the site's
+    own copy in the paths folder maps each key back to its path and detail."""
+    from fedct.catalogue.pseudonym import DEMO_KEY, pseudonym
+
+    result, _, local = catalogued
+    pushed = pd.read_parquet(result.rejects_path)
+    assert pushed.columns.tolist() == ["file_key", "reason"]
+    assert local.columns.tolist() == ["file_key", "path", "reason", "detail"]
+    pd.testing.assert_frame_equal(pushed, local[["file_key", "reason"]])
+    assert local["file_key"].tolist() == [pseudonym(DEMO_KEY, "file", p) for p in local["path"]]
+    assert local["file_key"].is_unique
+    assert sorted(f.name for f in result.paths_dir.iterdir()) == ["rejects.parquet",
+                                                                  "series_files.parquet"]
+    # No path of the archive, nor of a study or series folder (the first level is the
+    # site, a label by design), anywhere in OUT_DIR but the paths and index folders.
+    files = pd.read_parquet(result.series_files_path)
+    needles = {*files["relpath"], *local["path"]}
+    needles |= {str(Path(p).parent) for p in needles if "/" in str(Path(p).parent)}
+    outside = [f for f in result.out_dir.rglob("*") if f.is_file()
+               and not {"paths", "index"} & set(f.relative_to(result.out_dir).parts)]
+    assert {f.name for f in outside} >= {"series.parquet", "rejects.parquet", "metrics.json"}
+    for f in outside:
+        data = f.read_bytes() + b"\n" + (pd.read_parquet(f).to_csv().encode()
+                                         if f.suffix == ".parquet" else b"")
+        hits = [n for n in needles if n.encode() in data]
+        assert not hits, (f, hits[:3])
 
 
 def test_archive_errors_are_clear(tmp_path: Path) -> None:

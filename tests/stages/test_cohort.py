@@ -117,7 +117,7 @@ def test_cohort_reads_each_series_from_the_catalogues_series_files(tmp_path: Pat
     monkeypatch.delenv(KEY_ENV, raising=False)
     monkeypatch.chdir(tmp_path)  # MLflow's artifact store goes under the working dir
     archive, catalogue = _catalogued_archive(tmp_path)
-    files = pd.read_parquet(catalogue / "series_files.parquet")
+    files = pd.read_parquet(catalogue / "paths" / "series_files.parquet")
     series = pd.read_parquet(catalogue / "series.parquet")
     assert series["usable"].sum() == 4
     assert (files.groupby("series_key").size() == 34).all()
@@ -149,10 +149,13 @@ def test_cohort_input_errors_are_fedct_errors(tmp_path: Path, monkeypatch) -> No
                          archive, None, tmp_path / "cohort")
     keys = pd.read_parquet(catalogue / "series.parquet")["series_key"]
     with pytest.raises(FedctError, match="no files for 1 series"):
-        cohort_stage.series_files(catalogue, [*keys, "0" * 32])
-    (catalogue / "series_files.parquet").unlink()
-    with pytest.raises(FedctError, match="series_files.parquet"):
-        cohort_stage.series_files(catalogue, keys)
+        cohort_stage.series_files(catalogue / "paths", [*keys, "0" * 32])
+    (catalogue / "paths" / "series_files.parquet").unlink()
+    # As in a clone that has the pushed catalogue but not the site's file lists.
+    with pytest.raises(FedctError, match=r"series_files.parquet: missing.*rerun `fedct "
+                                         r"catalogue`"):
+        cohort_stage.run(CohortParams(holdout_sites=()), CatalogueParams(), catalogue,
+                         archive, None, tmp_path / "cohort")
     not_dicom = archive / "A" / "ST0" / "SE2" / "IM00001.dcm"
     not_dicom.write_bytes(b"not a DICOM file")
     with pytest.raises(FedctError, match="A/ST0/SE2"):

@@ -21,3 +21,10 @@ PHI: PatientName, PatientBirthDate and AccessionNumber are never read; PatientID
 the study/series/SOP instance UIDs are replaced by keyed hashes (HMAC-SHA256) inside
 the worker that reads them, before anything is written.
 """
+
+#: The tables that hold archive paths, which many exports name after patients: the
+#: cohort reads the files of each series through them, so they stay at the site, in a
+#: folder of their own (``--paths-dir``, by default OUT_DIR/paths) that is neither
+#: cached by DVC nor tracked by git, and never logged.
+PATHS_DIRNAME = "paths"
+SERIES_FILES_FILE = "series_files.parquet"

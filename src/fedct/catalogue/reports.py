@@ -16,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedct import dicom
-from fedct.catalogue.pseudonym import PseudonymKey
+from fedct.catalogue import SERIES_FILES_FILE
+from fedct.catalogue.pseudonym import PseudonymKey, pseudonym
 from fedct.catalogue.series import site_order
 from fedct.catalogue.shift import adjusted_residuals, condition_table, shift_combos, shift_sites
 
@@ -135,12 +136,17 @@ def plot_shift_heatmap(table: pd.DataFrame, path: Path, top: int = HEATMAP_ROWS)
     return path
 
 
-# Tables for the next stages. rejects.parquet and series_files.parquet hold archive
-# paths: like the index they stay at the site, and are never logged to MLflow.
+# Tables for the next stages, in OUT_DIR (what DVC caches and pushes): pseudonyms, reasons
+# and counts, no archive path. rejects.parquet keys each file by a keyed hash of its path.
 SERIES_FILE = "series.parquet"
 REJECTS_FILE = "rejects.parquet"
-SERIES_FILES_FILE = "series_files.parquet"
-TABLE_FILES = (SERIES_FILE, REJECTS_FILE, SERIES_FILES_FILE)
+TABLE_FILES = (SERIES_FILE, REJECTS_FILE)
+# In the paths folder (fedct.catalogue.PATHS_DIRNAME): the same rejects with their
+# archive paths and details, and the files of each series (the cohort's input). Like the
+# index they stay at the site: never cached by DVC, tracked by git or logged to MLflow.
+PATH_FILES = (SERIES_FILES_FILE, REJECTS_FILE)
+REJECT_COLUMNS = ["file_key", "reason"]
+LOCAL_REJECT_COLUMNS = ["file_key", "path", "reason", "detail"]
 # Reports: no path, no identifier; logged to MLflow.
 REPORT_FILES = ("exam_counts.csv", "combos.csv", "usable_by_site.csv", "unusable_reasons.csv",
                 "reject_reasons.csv", "shift_combos.csv", "shift_sites.csv",
@@ -265,16 +271,28 @@ def parquet_metadata(key: PseudonymKey) -> dict[str, str]:
     return {"fedct.key_id": key.key_id, "fedct.demo_key": str(key.demo).lower()}
 
 
-def write_outputs(series: pd.DataFrame, rejects: pd.DataFrame, out: Path, key: PseudonymKey,
-                  n_files: int, n_paths_with_patient_id: int) -> dict[str, Any]:
-    """Write series.parquet, rejects.parquet, the reports and metrics.json; the metrics.
+def file_keys(paths: Iterable[str], key: PseudonymKey) -> list[str]:
+    """A keyed hash of each archive path: names a file without spelling its path (the
+    site resolves it through the paths folder's rejects.parquet)."""
+    return [pseudonym(key.secret, "file", str(p)) for p in paths]
 
+
+def write_outputs(series: pd.DataFrame, rejects: pd.DataFrame, out: Path, paths_dir: Path,
+                  key: PseudonymKey, n_files: int, n_paths_with_patient_id: int
+                  ) -> dict[str, Any]:
+    """Write series.parquet, the two rejects tables, the reports and metrics.json; the
+    metrics.
+
+    ``out/rejects.parquet`` holds ``file_key`` and ``reason`` only; ``paths_dir``'s copy
+    adds the archive ``path`` and the ``detail`` (which may quote a path or a header).
     ``n_paths_with_patient_id``: files whose archive path contains their own PatientID
     (the index's ``path_has_patient_id``), reported as a count only.
     """
     meta = parquet_metadata(key)
     write_parquet(series, out / SERIES_FILE, meta)
-    write_parquet(rejects[["path", "reason", "detail"]], out / REJECTS_FILE, meta)
+    rejects = rejects.assign(file_key=file_keys(rejects["path"], key))
+    write_parquet(rejects[LOCAL_REJECT_COLUMNS], paths_dir / REJECTS_FILE, meta)
+    write_parquet(rejects[REJECT_COLUMNS], out / REJECTS_FILE, meta)
     head = write_reports(series, rejects, out)
     metrics = catalogue_metrics(series, rejects, n_files, key, head, n_paths_with_patient_id)
     write_json(metrics, out / "metrics.json")

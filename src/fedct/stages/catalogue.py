@@ -4,18 +4,24 @@ Reads DICOM headers only (never pixel data) and writes, under OUT_DIR:
 
 - ``series.parquet``: one row per series (pseudonymised keys, site, vendor, model,
   kernel, geometry, ``usable`` and the ``reason`` when not);
-- ``series_files.parquet``: the files of each series in slice order (``series_key``,
-  ``slice``, ``relpath`` relative to the archive), so that later stages read a series
-  without walking the archive or the index;
-- ``rejects.parquet``: every file that is not catalogued (``path`` relative to the
-  archive, ``reason``, ``detail``);
+- ``rejects.parquet``: every file that is not catalogued (``file_key``, a keyed hash of
+  its path, and ``reason``);
 - reports: ``exam_counts.csv`` (vendor x site, the source study's layout),
   ``combos.csv`` (vendor+model+kernel x site), ``usable_by_site.csv``,
   ``unusable_reasons.csv``, ``reject_reasons.csv``, the domain-shift candidates
   ``shift_combos.csv`` / ``shift_sites.csv`` with ``shift_heatmap.png``;
-- ``metrics.json``: counts and the top shift candidates (deterministic: no timings);
-- ``index/``: the per-file index that makes a rescan incremental (a cache that stays
-  at the site: it holds archive paths, like rejects.parquet and series_files.parquet).
+- ``metrics.json``: counts and the top shift candidates (deterministic: no timings).
+
+These hold no archive path: they are what a DVC remote receives. What does hold paths
+stays at the site, in folders of its own (in dvc.yaml outside OUT_DIR, neither cached by
+DVC nor tracked by git; docs/security/dvc-remote.md):
+
+- PATHS_DIR (``--paths-dir``, default OUT_DIR/paths): ``series_files.parquet``, the files
+  of each series in slice order (``series_key``, ``slice``, ``relpath`` relative to the
+  archive), so that the cohort reads a series without walking the archive or the index,
+  and ``rejects.parquet`` with each reject's ``path`` and ``detail`` too;
+- INDEX_DIR (``--index-dir``, default OUT_DIR/index): the per-file index that makes a
+  rescan incremental.
 
 The work is done by :mod:`fedct.catalogue` (scale and PHI handling are described there).
 """
@@ -38,7 +44,7 @@ import pyarrow.compute as pc
 
 import fedct.catalogue
 from fedct import dicom
-from fedct.catalogue import reports
+from fedct.catalogue import PATHS_DIRNAME, reports
 from fedct.catalogue.index import INDEX_VERSION, FileIndex
 from fedct.catalogue.pseudonym import PseudonymKey, load_key
 from fedct.catalogue.scan import ScanStats, scan
@@ -55,6 +61,7 @@ class CatalogueResult:
     """Where the outputs are, the deterministic metrics, and what the scan did."""
 
     out_dir: Path
+    paths_dir: Path
     metrics: dict[str, Any]
     scan: ScanStats
     up_to_date: bool = False
@@ -72,38 +79,47 @@ class CatalogueResult:
 
     @property
     def rejects_path(self) -> Path:
+        """Rejects by file key and reason (no path)."""
         return self.out_dir / reports.REJECTS_FILE
 
     @property
+    def local_rejects_path(self) -> Path:
+        """Rejects with their archive paths and details: stays at the site."""
+        return self.paths_dir / reports.REJECTS_FILE
+
+    @property
     def series_files_path(self) -> Path:
-        return self.out_dir / reports.SERIES_FILES_FILE
+        return self.paths_dir / reports.SERIES_FILES_FILE
 
 
 def _fingerprint(params: CatalogueParams, key: PseudonymKey, index: FileIndex,
-                 archive: Path, out: Path, n_errors: int,
+                 archive: Path, out: Path, paths: Path, n_errors: int,
                  mapping: dict[str, str] | None) -> str:
     # The mapping's contents, not only its path: an edited sites.csv must rebuild the sites.
     state = {"params": to_dict(params), "mapping": sorted((mapping or {}).items()),
              "key_id": key.key_id, "index": index.fingerprint(),
-             "archive": str(archive), "out": str(out.resolve()), "errors": n_errors,
-             "version": INDEX_VERSION, "outputs": [*reports.TABLE_FILES, *reports.REPORT_FILES],
+             "archive": str(archive), "out": str(out.resolve()),
+             "paths": str(paths.resolve()), "errors": n_errors, "version": INDEX_VERSION,
+             "outputs": [*reports.TABLE_FILES, *reports.REPORT_FILES, *reports.PATH_FILES],
              # The code that makes the outputs: a fixed aggregation must rebuild them.
              "code": source_digest(sys.modules[__name__], fedct.catalogue, dicom)}
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def run(params: CatalogueParams, archive_dir: str | Path, out_dir: str | Path, *,
-        index_dir: str | Path | None = None, track: bool = True,
-        progress: bool = True) -> CatalogueResult:
+        index_dir: str | Path | None = None, paths_dir: str | Path | None = None,
+        track: bool = True, progress: bool = True) -> CatalogueResult:
     """Catalogue ``archive_dir`` into ``out_dir`` (see the module docstring).
 
     Args:
         params: the ``catalogue`` section of params.yaml.
         archive_dir: root of the DICOM archive (read only).
-        out_dir: where series.parquet, series_files.parquet, rejects.parquet and the
-            reports go.
+        out_dir: where series.parquet, rejects.parquet (no paths) and the reports go.
         index_dir: the per-file index for incremental rescans [default: OUT_DIR/index].
             Keep it outside a DVC-managed output if DVC should not delete it.
+        paths_dir: where the tables with archive paths go (series_files.parquet and
+            rejects.parquet with paths) [default: OUT_DIR/paths]. Keep it outside any
+            output that DVC caches: a DVC remote must not receive it.
         track: log the run to MLflow through ``fedct.tracking``.
         progress: show a tqdm progress bar.
     """
@@ -113,6 +129,11 @@ def run(params: CatalogueParams, archive_dir: str | Path, out_dir: str | Path, *
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     index_path = Path(index_dir) if index_dir is not None else out / INDEX_DIRNAME
+    paths = Path(paths_dir) if paths_dir is not None else out / PATHS_DIRNAME
+    paths.mkdir(parents=True, exist_ok=True)
+    # Where earlier versions wrote the file lists, archive paths and all: OUT_DIR is what
+    # DVC pushes, so a stale copy must not stay there.
+    (out / reports.SERIES_FILES_FILE).unlink(missing_ok=True)
     key = load_key(params)
     mapping = site_mapping(params)
 
@@ -126,51 +147,52 @@ def run(params: CatalogueParams, archive_dir: str | Path, out_dir: str | Path, *
             mlrun.log_params({**to_dict(params), "demo_key_used": key.demo})
         with FileIndex(index_path, key.key_id, params.chunk_size) as index:
             stats = scan(archive, index, key, workers=params.workers,
-                         scheduler=params.scheduler, exclude=[out, index_path],
+                         scheduler=params.scheduler, exclude=[out, index_path, paths],
                          progress=progress)
             state_file = index_path / "outputs.json"
-            fingerprint = _fingerprint(params, key, index, archive, out, len(stats.errors),
-                                       mapping)
+            fingerprint = _fingerprint(params, key, index, archive, out, paths,
+                                       len(stats.errors), mapping)
             up_to_date = (
                 stats.n_parsed == 0 and stats.n_dropped == 0 and state_file.exists()
                 and json.loads(state_file.read_text()).get("fingerprint") == fingerprint
                 and all((out / f).exists() for f in (*reports.TABLE_FILES,
                                                      *reports.REPORT_FILES))
+                and all((paths / f).exists() for f in reports.PATH_FILES)
             )
             if up_to_date:
                 metrics = json.loads((out / "metrics.json").read_text())
             else:
                 t_agg = time.perf_counter()
-                metrics = _build_outputs(index, params, key, mapping, stats, out, index_path)
+                metrics = _build_outputs(index, params, key, mapping, stats, out, paths,
+                                         index_path)
                 stats.seconds += time.perf_counter() - t_agg
                 state_file.write_text(json.dumps({"fingerprint": fingerprint}))
         if metrics.get("n_paths_with_patient_id"):
             warnings.warn(
                 f"catalogue: the archive paths of {metrics['n_paths_with_patient_id']} files "
                 f"contain their own PatientID, a part of the PatientName or the "
-                f"PatientBirthDate (e.g. folders named after patients), so "
-                f"{reports.SERIES_FILES_FILE}, {reports.REJECTS_FILE} and the index "
-                f"{index_path} hold patient identifiers: keep {out} and the index inside "
-                f"the archive's privacy boundary (never push them to a DVC remote outside "
-                f"it), or export the archive by UID; the reports, metrics and MLflow run "
-                f"hold no path", stacklevel=2)
+                f"PatientBirthDate (e.g. folders named after patients), so the path "
+                f"tables in {paths} and the index {index_path} hold patient identifiers: "
+                f"keep both inside the archive's privacy boundary (never in an output "
+                f"that DVC caches or git tracks), or export the archive by UID; {out}, "
+                f"the reports, metrics and MLflow run hold no path", stacklevel=2)
         if mlrun is not None:
             mlrun.log_metrics({k: v for k, v in metrics.items()
                                if isinstance(v, int | float) and not isinstance(v, bool)})
             mlrun.log_metrics({"n_parsed": stats.n_parsed, "scan_seconds": stats.seconds,
                                "files_per_second": stats.n_parsed / max(stats.seconds, 1e-9)})
-            # The tables and the index hold archive paths: they stay at the site.
+            # The tables go to DVC; the path tables and the index stay at the site.
             for name in reports.REPORT_FILES:
                 mlrun.log_artifact(out / name)
-    return CatalogueResult(out, metrics, stats, up_to_date)
+    return CatalogueResult(out, paths, metrics, stats, up_to_date)
 
 
 def _build_outputs(index: FileIndex, params: CatalogueParams, key: PseudonymKey,
                    mapping: dict[str, str] | None, stats: ScanStats, out: Path,
-                   index_path: Path) -> dict[str, Any]:
+                   paths: Path, index_path: Path) -> dict[str, Any]:
     tmp = index_path / f"tmp-{uuid.uuid4().hex[:8]}"
     try:
-        with reports.parquet_sink(out / reports.SERIES_FILES_FILE, SERIES_FILES_SCHEMA,
+        with reports.parquet_sink(paths / reports.SERIES_FILES_FILE, SERIES_FILES_SCHEMA,
                                   reports.parquet_metadata(key)) as files_sink:
             series, rejects = build_catalogue(index, params, key.key_id, mapping, tmp,
                                               files_sink, stats.errors)
@@ -178,4 +200,5 @@ def _build_outputs(index: FileIndex, params: CatalogueParams, key: PseudonymKey,
         shutil.rmtree(tmp, ignore_errors=True)
     n_id_paths = sum(pc.sum(b.column(0)).as_py() or 0
                      for b in index.batches(["path_has_patient_id"]))
-    return reports.write_outputs(series, rejects, out, key, stats.n_files, n_id_paths)
+    return reports.write_outputs(series, rejects, out, paths, key, stats.n_files,
+                                 n_id_paths)

@@ -1,7 +1,8 @@
 """Cohort: choose one usable series per study, split per site by patient, prepare volumes.
 
-Inputs: the catalogue's ``series.parquet`` and ``series_files.parquet`` (the files of
-each series in slice order, relative to the archive), the DICOM archive, and the label
+Inputs: the catalogue's ``series.parquet``, its ``series_files.parquet`` (the files of
+each series in slice order, relative to the archive; in the catalogue's paths folder,
+which stays at the site: neither DVC nor git carries it), the DICOM archive, and the label
 folder (NIfTI named by SeriesInstanceUID; the UID is pseudonymised with the catalogue's
 key before it is compared, so no UID reaches an output). Outputs: ``cohort.csv`` (one
 row per chosen series: keys, site, split, role, labelled) and ``cases/<series_key>.npz``
@@ -41,6 +42,7 @@ import pandas as pd
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from fedct.catalogue import PATHS_DIRNAME, SERIES_FILES_FILE
 from fedct.catalogue.pseudonym import KEY_ENV, load_key, pseudonym
 from fedct.config import CatalogueParams, CohortParams, to_dict
 from fedct.data.cases import case_path, save_case
@@ -50,7 +52,6 @@ from fedct.dicom.files import exact_path
 from fedct.dicom.volume import read_volume
 from fedct.errors import FedctError, Rejected
 
-SERIES_FILES = "series_files.parquet"  # written by the catalogue stage
 # cohort.shared_patients one_site: more of a site's patients than this found elsewhere
 # means IDs that repeat across hospitals, not shared patients (the stage stops).
 MAX_SHARED_LOSS = 0.5
@@ -165,13 +166,18 @@ def _read_table(path: Path, what: str, columns: list[str] | None = None) -> pd.D
                          "rerun `fedct catalogue`") from exc
 
 
-def series_files(catalogue_dir: Path, keys: Iterable[str]) -> dict[str, list[str]]:
+def series_files(paths_dir: Path, keys: Iterable[str]) -> dict[str, list[str]]:
     """Relative paths of each series' files, ordered along the slice normal.
 
-    Read from the catalogue's ``series_files.parquet`` (duplicates and rejects already
-    left out), so the cohort never walks the archive again.
+    Read from the catalogue's ``series_files.parquet`` in ``paths_dir`` (duplicates and
+    rejects already left out), so the cohort never walks the archive again.
     """
-    path = Path(catalogue_dir) / SERIES_FILES
+    path = Path(paths_dir) / SERIES_FILES_FILE
+    if not path.exists():
+        raise FedctError(
+            f"{path}: missing. The catalogue's file lists hold archive paths, so they stay "
+            "where the archive was catalogued (neither DVC nor git carries them); rerun "
+            "`fedct catalogue` here (`dvc repro` does) or pass its --paths-dir")
     wanted = set(keys)
     files = _read_table(path, "series files", ["series_key", "slice", "relpath",
                                                "relpath_bytes"])
@@ -210,8 +216,13 @@ def read_label(path: Path, image: sitk.Image) -> sitk.Image:
 
 
 def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: Path,
-        archive: Path, labels_dir: Path | None, out_dir: Path) -> pd.DataFrame:
-    """Choose, split and prepare the cohort; log to MLflow."""
+        archive: Path, labels_dir: Path | None, out_dir: Path,
+        paths_dir: Path | None = None) -> pd.DataFrame:
+    """Choose, split and prepare the cohort; log to MLflow.
+
+    ``paths_dir``: the catalogue's paths folder [default: CATALOGUE_DIR/paths, as the
+    catalogue's own default].
+    """
     from fedct import tracking
 
     out_dir = Path(out_dir)
@@ -256,8 +267,8 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
     # A series that cannot be prepared is rejected; its study's next usable series (in
     # the selection rule's order) takes its place.
     others = other_series(series, cohort)
-    files = series_files(Path(catalogue_dir), [*cohort["series_key"],
-                                               *others["series_key"]])
+    paths_dir = Path(paths_dir) if paths_dir is not None else Path(catalogue_dir) / PATHS_DIRNAME
+    files = series_files(paths_dir, [*cohort["series_key"], *others["series_key"]])
     stand_ins = {k: g.to_dict("records") for k, g in others.groupby("study_key")}
     spec = PrepSpec(params.spacing_mm, params.roi_size, params.hu_min, params.hu_max)
     (out_dir / "spec.json").write_text(json.dumps(
