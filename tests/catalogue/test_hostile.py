@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 
 import fedct
 from fedct import dicom
+from fedct.catalogue import PATHS_DIRNAME
 from fedct.catalogue.pseudonym import KEY_ENV
 from fedct.stages import catalogue as stage
 from tests.catalogue.archive import PARAMS, series_key
@@ -72,7 +73,7 @@ def test_a_deflate_bomb_is_rejected_with_flat_memory(tmp_path: Path) -> None:
     for engine, (reason, detail) in got["found"].items():
         assert reason == dicom.IMPLAUSIBLE, (engine, reason, detail)
         assert f"PixelData holds {BOMB_BYTES} bytes" in detail
-    rejects = pd.read_parquet(tmp_path / "out" / "rejects.parquet")
+    rejects = pd.read_parquet(tmp_path / "out" / PATHS_DIRNAME / "rejects.parquet")
     assert rejects.set_index("path")["reason"].to_dict() == {
         "A/ST2/SE1/IM00001.dcm": dicom.IMPLAUSIBLE}
     series = pd.read_parquet(tmp_path / "out" / "series.parquet")
@@ -109,7 +110,7 @@ def test_implausible_headers_are_rejected_by_name_and_good_series_kept(
     expected = _hostile_archive(tmp_path / "archive")
     result = stage.run(dataclasses.replace(PARAMS, workers=1), tmp_path / "archive",
                        tmp_path / "out", track=False, progress=False)
-    rejects = pd.read_parquet(result.rejects_path)
+    rejects = pd.read_parquet(result.local_rejects_path)
     folder = rejects["path"].str.rsplit("/", n=1).str[0]
     for name, (reason, words) in expected.items():
         mine = rejects[folder == name]

@@ -14,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
+from fedct.catalogue import PATHS_DIRNAME
 from fedct.catalogue.pseudonym import KEY_ENV
 from fedct.config import CatalogueParams, CohortParams
 from fedct.data.cases import case_path, load_case
@@ -92,7 +93,8 @@ def test_hostile_series_cost_themselves_and_every_good_series_is_prepared(
     assert pd.read_csv(tmp_path / "cohort" / "rejects.csv").empty
     series = pd.read_parquet(tmp_path / "catalogue" / "series.parquet")
     assert series["n_files"].sum() == 4 * 34 + 33
-    rejects = pd.read_parquet(tmp_path / "catalogue" / "rejects.parquet")
+    # The site's own copy names the files (the pushed one keys them by a hash).
+    rejects = pd.read_parquet(tmp_path / "catalogue" / PATHS_DIRNAME / "rejects.parquet")
     reasons = rejects.groupby(rejects["path"].str.split("/").str[2])["reason"].agg(set)
     assert reasons.to_dict() == {name: {"implausible value"} for name in hostile}
     assert (rejects["path"].str.startswith("A/H9/bomb/")).sum() == 1  # the bomb alone
@@ -132,7 +134,7 @@ def test_a_series_the_cohort_cannot_prepare_is_rejected_and_its_study_goes_on(
     text = " ".join(rejected["reason"])
     assert "SimpleITK could not read it" in text and "not on its series' voxel grid" in text
     assert str(tmp_path) not in text and "P0" not in text and uid_off_grid not in text
-    files = pd.read_parquet(catalogue / "series_files.parquet")
+    files = pd.read_parquet(catalogue / PATHS_DIRNAME / "series_files.parquet")
     prepared = files[files["series_key"].isin(cohort["series_key"])]
     assert {Path(p).parent.name for p in prepared["relpath"]} == {"SE2", "SE1"}
     assert f"A/P0/SE2/{stand_in[0].name}" in set(prepared["relpath"])
