@@ -1,4 +1,5 @@
-# fedct: `make demo` runs the main job, `make test` the tests; both create .venv.
+# fedct: `make demo` runs the main job, `make test` the tests (CI), `make check` the fast
+# loop for contributors; all create .venv.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,7 @@ LOCK := requirements.lock
 # memory mapped makes CPU training and batched MC dropout ~1.3x faster (benchmarks/).
 DEMO_ENV ?= MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736
 
-.PHONY: demo seeds test venv lint bench clean-demo lock mlflow-server
+.PHONY: demo seeds test check venv lint bench clean-demo lock mlflow-server
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -49,12 +50,19 @@ demo: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
 
 # The study over report seeds (params: synth.report_seeds, cohort.report_seeds): one
-# `dvc exp run --temp` per seed pair up to evaluate, then outputs/seeds/ (README).
+# `dvc exp run --temp` per seed pair up to evaluate, then outputs/seeds/ (docs/pipeline.md).
 seeds: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(DEMO_ENV) $(BIN)/fedct seeds
 
 test: venv
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# The fast loop: lint, then every test but the slow ones (`-m slow`: those that run dvc, the
+# CLI or training processes end to end; `make test` runs them). One torch thread per
+# worker: two workers with two threads each would oversubscribe two cores.
+check: venv
+	$(BIN)/ruff check src tests benchmarks
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks

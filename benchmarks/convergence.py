@@ -5,7 +5,7 @@ loop) under several settings and reports, per setting: seconds per optimiser ste
 device, the step of the best validation loss, and the deterministic test Dice of the kept
 weights on the same site (mean over structures and per structure). Run it on a
 **development** cohort (``synth.dev_seeds``, ``cohort.dev_seeds``), never on the report
-seeds: it is how the demo's ``train`` settings were chosen (README, "Demo budget").
+seeds: it is how the demo's ``train`` settings were chosen (docs/design-decisions.md).
 
     python benchmarks/convergence.py .dev/cohort --site A \\
         --setting base: --setting wide:channels=16,32,64,128 \\

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's checks (README, "On a GPU node"): the CUDA path of training and MC
+# One GPU session's checks (docs/gpu-hpc.md): the CUDA path of training and MC
 # dropout, and the convergence sweep that chose the demo's train settings, on the
 # DEVELOPMENT cohort (synth seed 2026, cohort seed 7) in COHORT (default .dev/cohort).
 # Usage: benchmarks/device_check.sh OUT_DIR [COHORT] [PARAMS]

@@ -8,7 +8,7 @@ one deterministic whole-volume pass on the held-out sites' test cases, beside th
 pipeline's pooled model and the best local model (``train``'s outputs) scored the same way
 in the same run. Run it on a **development** cohort (``synth.dev_seeds``,
 ``cohort.dev_seeds``), never on the report seeds: it is how the ``federate`` schedule was
-chosen (README, "Protocol").
+chosen (docs/design-decisions.md).
 
     python benchmarks/federation.py outputs/cohort outputs/models \\
         --setting base: --setting many:rounds=16,local_steps=25 \\

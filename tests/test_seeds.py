@@ -48,6 +48,7 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split(") ")[-1][:1] != "Z"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how, stubborn", [("SIGTERM", False), ("SIGINT", False),
                                            ("SIGINT", True)])
 def test_stopping_fedct_seeds_stops_the_experiment_and_its_children(

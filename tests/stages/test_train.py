@@ -95,6 +95,7 @@ def _weights(model_dir: Path) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_models_trained_in_parallel_equal_those_trained_one_by_one(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two worker processes change the speed only: each model (local and pooled) equals
@@ -149,6 +150,7 @@ def test_a_bug_in_one_model_lets_the_others_finish_then_surfaces_with_its_traceb
     assert (tmp_path / "ck" / "A" / "checkpoint.pt").exists()  # kept for the rerun
 
 
+@pytest.mark.slow
 def test_a_failed_site_keeps_the_finished_models_and_a_rerun_restores_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fedct.errors import FedctError
@@ -189,6 +191,7 @@ def test_no_sites_is_an_error(tmp_path: Path) -> None:
         stage.run_sites(TINY, [], tmp_path, tmp_path / "m")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigterm", "parent_killed"])
 def test_a_stopped_run_leaves_no_worker_process(tmp_path: Path, how: str) -> None:
     """SIGTERM stops the workers by PID; a parent killed outright (no ``finally``) leaves

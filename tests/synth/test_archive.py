@@ -28,6 +28,7 @@ def _read_series(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
+@pytest.mark.slow
 def test_generation_is_byte_identical(tiny_archive: dict[str, Path], tmp_path: Path) -> None:
     again = {k: tmp_path / k for k in ("archive", "labels", "truth")}
     generate(again["archive"], again["labels"], again["truth"], "tiny", seed=11, workers=1)
@@ -43,6 +44,7 @@ def test_generation_is_byte_identical(tiny_archive: dict[str, Path], tmp_path: P
     assert series.equals(pd.read_csv(again["truth"] / "series.csv"))
 
 
+@pytest.mark.slow
 def test_other_seed_gives_other_archive(tiny_archive: dict[str, Path], tmp_path: Path) -> None:
     generate(tmp_path / "a", tmp_path / "l", tmp_path / "t", "tiny", seed=12, workers=1)
     ours = pd.read_csv(tiny_archive["truth"] / "series.csv")["series_uid"]
@@ -230,6 +232,7 @@ def test_a_folder_it_did_not_write_is_refused_and_left_intact(tmp_path: Path) ->
     assert not (tmp_path / "archive").exists()  # refused before anything was touched
 
 
+@pytest.mark.slow
 def test_its_own_earlier_output_is_replaced(tmp_path: Path) -> None:
     dirs = [tmp_path / "data" / k for k in ("archive", "labels", "truth")]
     generate(*dirs, "tiny", seed=11, workers=1)
