@@ -72,7 +72,7 @@ def case_dice(model: torch.nn.Module, cases: list[dict], device: torch.device, a
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("cohort", type=Path)
-    p.add_argument("models", type=Path, help="train's outputs: <site>/model.pt")
+    p.add_argument("models", type=Path, help="train's outputs: <site>/model.safetensors")
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
     p.add_argument("--setting", action="append", default=[])
     p.add_argument("--centralised", type=int, action="append", default=[],
@@ -112,7 +112,7 @@ def main() -> None:
         print(row, flush=True)
 
     for s in ["pooled", *sites]:
-        path = args.models / s / "model.pt"
+        path = args.models / s / "model.safetensors"
         if path.is_file():
             score("pooled" if s == "pooled" else f"local_{s}", load_model(path)[0], {})
     for steps in args.centralised:

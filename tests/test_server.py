@@ -37,7 +37,7 @@ def tiny_model(folder: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     arch = architecture(3, (4, 8), (2,), 0.5, 1)
     folder.mkdir(parents=True)
-    save_model(build_from_arch(arch), folder / "model.pt", arch,
+    save_model(build_from_arch(arch), folder / "model.safetensors", arch,
                {"site": "fed", "labels": {"1": "femur", "2": "pelvis"}})
     return folder
 
@@ -74,27 +74,31 @@ def test_register_and_promote_through_a_postgres_backed_server(
     evidence = {"git_commit": "abc123", "dvc.cohort": "md5-1", "comparison": "sha-1"}
     with tracking.start_run("promote") as run:
         logged = tracking.log_fedct_model(run, champion_dir)
-    version = tracking.register_with_evidence(logged.model_uri, NAME, evidence)
+    version = tracking.register_with_evidence(logged.model_uri, NAME, evidence, champion_dir)
     # Idempotent on this backend too: the same evidence adds no version.
-    assert tracking.register_with_evidence(logged.model_uri, NAME, evidence) == version
+    assert tracking.register_with_evidence(logged.model_uri, NAME, evidence,
+                                           champion_dir) == version
     tracking.set_champion(NAME, version, reasons=["bound above margin"])
 
     # A weaker candidate is registered and refused, and the champion stays.
+    weak_dir = tiny_model(tmp_path / "fed2", seed=2)
     with tracking.start_run("promote") as run:
-        weak = tracking.log_fedct_model(run, tiny_model(tmp_path / "fed2", seed=2))
+        weak = tracking.log_fedct_model(run, weak_dir)
     weak_version = tracking.register_with_evidence(weak.model_uri, NAME,
-                                                   {**evidence, "dvc.cohort": "md5-2"})
+                                                   {**evidence, "dvc.cohort": "md5-2"},
+                                                   weak_dir)
     tracking.record_refusal(NAME, weak_version, ["lower bound below margin"])
     assert tracking.list_versions(NAME) == [version, weak_version]
     assert tracking.get_alias(NAME, "champion") == version
     assert tracking.version_tags(NAME, weak_version)["fedct.decision"] == "refused"
 
     got = tracking.download_model(f"models:/{NAME}@champion", tmp_path / "download")
-    assert (got / "model.pt").read_bytes() == (champion_dir / "model.pt").read_bytes()
-    _, card = load_model(got / "model.pt")
+    assert (got / tracking.MODEL_FILE).read_bytes() == \
+        (champion_dir / tracking.MODEL_FILE).read_bytes()
+    _, card = load_model(got / tracking.MODEL_FILE)
     assert card["site"] == "fed"
     # The server keeps the artifacts in its destination folder; the client wrote none.
-    assert len(list((tmp_path / "artifacts").rglob("model.pt"))) == 2
+    assert len(list((tmp_path / "artifacts").rglob(tracking.MODEL_FILE))) == 2
     assert not (tmp_path / "mlruns").exists()
 
 

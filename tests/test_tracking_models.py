@@ -1,8 +1,10 @@
-"""fedct models in MLflow: logged as pyfunc with model.pt + model_card.json, registered,
-found again by alias, version, run or folder; a missing one is a one-line FedctError."""
+"""fedct models in MLflow: logged as pyfunc (loader module, no pickle) with
+model.safetensors + model_card.json, registered with their digests, found again by alias,
+version, run or folder; a missing or altered one is a one-line FedctError."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +56,25 @@ def test_logged_model_comes_back_as_the_same_files_by_alias_version_and_run(
     assert card["site"] == "A" and any(m.p == 0.5 for m in dropout_modules(model))
 
 
-def test_a_second_log_adds_a_version(registered, tmp_path: Path) -> None:
+def test_the_same_weights_add_no_version_other_weights_do(registered, tmp_path: Path) -> None:
     folder, _, _ = registered
-    with tracking.start_run("promote") as run:
-        assert tracking.log_fedct_model(run, folder, registered_name=NAME).version == "2"
+    with tracking.start_run("train") as run:
+        again = tracking.log_fedct_model(run, folder, registered_name=NAME)
         unregistered = tracking.log_fedct_model(run, folder, artifact_path="plain")
+    assert (again.version, again.model_uri) == ("1", f"models:/{NAME}/1")
+    assert tracking.list_versions(NAME) == ["1"]
     assert unregistered.version is None
     assert _same_files(folder, tracking.download_model(unregistered.model_uri, tmp_path / "u"))
+    other = make_model(tmp_path / "other", seed=4)
+    with tracking.start_run("train") as run:
+        assert tracking.log_fedct_model(run, other, registered_name=NAME).version == "2"
+    assert tracking.list_versions(NAME) == ["1", "2"]
+    # Back to the first weights: they differ from the latest version's, a new version.
+    with tracking.start_run("train") as run:
+        assert tracking.log_fedct_model(run, folder, registered_name=NAME).version == "3"
+    tags = tracking.version_tags(NAME, "3")
+    assert tags[tracking.WEIGHTS_TAG] == hashlib.sha256(
+        (folder / tracking.MODEL_FILE).read_bytes()).hexdigest()
 
 
 def test_pyfunc_loads_with_mc_dropout(registered) -> None:
@@ -68,15 +82,18 @@ def test_pyfunc_loads_with_mc_dropout(registered) -> None:
 
     mlflow.set_tracking_uri(tracking._set_tracking_uri())
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
-    assert type(model.unwrap_python_model()).__qualname__ == "FedctModel"
+    assert len(dropout_modules(model.get_raw_model())) > 0
     x = np.random.default_rng(0).random((8, 8, 8), dtype=np.float32)
     probs = model.predict(x, params=None)
     assert probs.shape == (10, 3, 8, 8, 8)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     # Dropout samples: the T samples differ (a dropout-free export would repeat one).
     assert float(torch.as_tensor(probs).var(dim=0).max()) > 1e-6
-    # The logged card (with the promotion's threshold) is the one the model carries.
-    assert model.unwrap_python_model().card["failure"]["threshold"] == 0.5
+    # Nothing pickled was logged: the MLmodel names the loader module and the data.
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1",
+                                                     dst_path=str(Path.cwd() / "raw")))
+    assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pt", ".pickle")]
+    assert "loader_module: fedct.model.pyfunc" in (local / "MLmodel").read_text()
 
 
 @pytest.mark.parametrize("uri", ["models:/nope@champion", f"models:/{NAME}@nope",
@@ -110,25 +127,26 @@ def test_a_missing_alias_in_a_file_store(tmp_path: Path, monkeypatch: pytest.Mon
         tracking.download_model("models:/nope@champion", tmp_path / "dl")
 
 
-def test_a_torch_flavour_model_is_refused_for_its_missing_card(tmp_path: Path) -> None:
+def test_an_mlflow_model_without_fedct_files_is_refused(tmp_path: Path) -> None:
     with tracking.start_run("train") as run:
-        uri = run.log_torch_model(torch.nn.Linear(1, 1), "model").model_uri
-    with pytest.raises(FedctError, match="no model.pt with model_card.json"):
-        tracking.download_model(uri, tmp_path / "dl")
+        run.log_text("x", "model/notes.txt")  # a run artifact, not a fedct model
+        run_id = run.run_id
+    with pytest.raises(FedctError, match="no model.safetensors with model_card.json"):
+        tracking.download_model(f"runs:/{run_id}/model", tmp_path / "dl")
 
 
 def test_local_folders(tmp_path: Path) -> None:
     folder = make_model(tmp_path / "B")
     assert tracking.download_model(str(folder), tmp_path / "unused") == folder
-    assert tracking.download_model(str(folder / "model.pt"), tmp_path / "unused") == folder
+    assert tracking.download_model(str(folder / tracking.MODEL_FILE), tmp_path / "unused") == folder
     assert not (tmp_path / "unused").exists()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FedctError, match="empty: no model.pt"):
+    with pytest.raises(FedctError, match="empty: no model.safetensors"):
         tracking.download_model(str(tmp_path / "empty"), tmp_path / "dl")
     with pytest.raises(FedctError, match="missing: no such model folder"):
         tracking.download_model(str(tmp_path / "missing"), tmp_path / "dl")
     # A folder of models is not a model: no guessing which one was meant.
-    with pytest.raises(FedctError, match=r": no model.pt with model_card.json"):
+    with pytest.raises(FedctError, match=r": no model.safetensors with model_card.json"):
         tracking.download_model(str(tmp_path), tmp_path / "dl")
 
 
@@ -139,7 +157,7 @@ def test_a_malformed_uri_is_one_line(tmp_path: Path) -> None:
 
 def test_log_refuses_a_folder_without_a_model(tmp_path: Path) -> None:
     (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "model.pt").write_bytes(b"x")
+    (tmp_path / "half" / "model.safetensors").write_bytes(b"x")
     with tracking.start_run("promote") as run, pytest.raises(
             FedctError, match=r"half: not a fedct model folder \(no model_card.json\)"):
         tracking.log_fedct_model(run, tmp_path / "half")
@@ -161,3 +179,35 @@ def test_a_dataset_with_integer_columns_is_logged_without_mlflow_s_schema_hint(
     assert not [w for w in caught if "Inferred schema" in str(w.message)]
     inputs = mlflow.get_run(run_id).inputs.dataset_inputs
     assert [i.dataset.name for i in inputs] == ["cohort"]
+
+
+# --- attacks on the registry's side ------------------------------------------------------
+
+def _stored(name: str) -> list[Path]:
+    """The copies of ``name`` in the artifact store (./mlruns) of the registered model."""
+    return [p for p in (Path.cwd() / "mlruns").rglob(name)]
+
+
+def test_an_overwritten_stored_artifact_is_refused_by_the_registry_digest(
+        registered, tmp_path: Path) -> None:
+    folder, _, _ = registered
+    other = make_model(tmp_path / "other", seed=9)
+    for stored in _stored(tracking.MODEL_FILE):
+        stored.write_bytes((other / tracking.MODEL_FILE).read_bytes())
+    for stored in _stored(tracking.MODEL_CARD_FILE):  # a consistent card does not help
+        stored.write_bytes((other / tracking.MODEL_CARD_FILE).read_bytes())
+    with pytest.raises(FedctError) as err:
+        tracking.download_model(f"models:/{NAME}@champion", tmp_path / "dl")
+    assert "recorded at registration: the stored model was altered" in str(err.value)
+    assert str(err.value).startswith(f"models:/{NAME}@champion: {tracking.MODEL_FILE}")
+
+
+def test_a_version_without_recorded_digests_is_refused(tmp_path: Path) -> None:
+    import mlflow
+
+    folder = make_model(tmp_path / "A")
+    with tracking.start_run("train") as run:
+        logged = tracking.log_fedct_model(run, folder)
+    mlflow.register_model(logged.model_uri, "outside")  # by hand: no digests
+    with pytest.raises(FedctError, match="records no fedct.weights_sha256"):
+        tracking.download_model("models:/outside/1", tmp_path / "dl")

@@ -199,17 +199,20 @@ def evaluate(cohort_dir: Path, models_dir: Path, federated_dir: Path, out_dir: P
 
 @main.command()
 @click.argument("evaluate_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("models_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("federated_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("uncertainty_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @PARAMS
-def promote(evaluate_dir: Path, federated_dir: Path, uncertainty_dir: Path, out_dir: Path,
-            params_file: Path) -> None:
-    """Register the federated candidate; alias it champion only if it beats the locals."""
+def promote(evaluate_dir: Path, models_dir: Path, federated_dir: Path, uncertainty_dir: Path,
+            out_dir: Path, params_file: Path) -> None:
+    """Register the federated candidate; alias it champion only if it beats the locals.
+    The table and the weights (local models in MODELS_DIR, the candidate in FEDERATED_DIR)
+    must be those that `fedct evaluate` scored."""
     from fedct.stages import promote as stage
 
-    stage.run(_load(params_file).promote, evaluate_dir, federated_dir, uncertainty_dir,
-              out_dir)
+    stage.run(_load(params_file).promote, evaluate_dir, models_dir, federated_dir,
+              uncertainty_dir, out_dir)
 
 
 @main.command()
@@ -252,6 +255,20 @@ def predict(model_uri: str, input_path: Path, out_dir: Path, mc_samples: int | N
     why = failure["reason"] if failure.get("note") else "no threshold"
     click.echo(f"wrote {', '.join(v for v in report['outputs'].values() if v)} to {out_dir}; "
                f"failure flag: {f'none ({why})' if flag is None else flag}")
+
+
+@main.command("convert-model")
+@click.argument("old_model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+def convert_model(old_model: Path, out_dir: Path) -> None:
+    """Re-export a pickled OLD_MODEL (model.pt of an earlier fedct) that you trust as
+    OUT_DIR/model.safetensors + model_card.json. It is read with
+    torch.load(weights_only=True): tensors and plain containers only, anything else is
+    refused. A model from an untrusted source should be retrained, not converted."""
+    from fedct.model.io import convert_legacy
+
+    out = convert_legacy(old_model, out_dir)
+    click.echo(f"wrote {out} and its card; register or evaluate that folder, not {old_model}")
 
 
 @main.command()

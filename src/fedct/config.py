@@ -331,8 +331,13 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "params") -> T:
     if missing:
         raise ConfigError(f"{where}: missing key(s) {', '.join(f'{where}.{n}' for n in missing)}")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    obj = cls(**kwargs)
-    for keys, ok, expected in _RULES.get(cls, ()):
+    return check(cls(**kwargs), where)
+
+
+def check(obj: T, where: str) -> T:
+    """``obj`` if its values are in range (``_RULES``), else a ConfigError naming
+    ``where.key``; for params built in code as well as read from ``params.yaml``."""
+    for keys, ok, expected in _RULES.get(type(obj), ()):
         values = [getattr(obj, k) for k in keys]
         if not ok(*values):
             shown = ", ".join(f"{where}.{k} = {_show(v)}" for k, v in zip(keys, values,
@@ -432,9 +437,16 @@ _RULES: dict[type, list[tuple[tuple[str, ...], Callable[..., bool], str]]] = {
         (("n_boot",), _pos, ">= 1"),
         (("workers",), _pos, ">= 1"),
     ],
+    # The gate must not be talked into promoting: a negative margin passes a candidate
+    # worse than the best local model; a site tolerance above 0.2 Dice lets one hospital
+    # lose a fifth of its overlap; a 95 % percentile interval from fewer than 200
+    # resamples rests on its 5 most extreme values. A stricter gate is always allowed.
     PromoteParams: [
-        (("n_boot",), _pos, ">= 1"),
-        (("site_tolerance",), _nonneg, ">= 0"),
+        (("margin",), lambda v: 0.0 <= v < 1.0, "a Dice difference in [0, 1)"),
+        (("site_tolerance",), lambda v: 0.0 <= v <= 0.2, "a Dice loss in [0, 0.2]"),
+        (("n_boot",), lambda v: v >= 200, ">= 200 resamples"),
+        (("model_name",), lambda v: bool(v) and "'" not in v, "a name without quotes"),
+        (("alias",), lambda v: bool(v) and "'" not in v, "a name without quotes"),
     ],
 }
 

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
+import re
+import signal
 import subprocess
+import tempfile
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -130,31 +135,35 @@ class Run:
             dataset = mlflow.data.from_pandas(df, source=source, name=name)
             mlflow.log_input(dataset, context=context)
 
-    def log_torch_model(
-        self, model: Any, name: str, registered_name: str | None = None
-    ) -> Any:
-        """Log a torch module in pickle form.
 
-        MLflow 3 defaults to a torch.export program, which drops Dropout layers and
-        freezes the input shape: MC dropout would be impossible. The pickled module keeps
-        both.
-        """
-        mlflow = _mlflow()
-        return mlflow.pytorch.log_model(
-            model,
-            name=name,
-            export_model=False,
-            serialization_format="pickle",
-            registered_model_name=registered_name,
-            pip_requirements=["torch", "monai", "fedct"],
-        )
+@contextlib.contextmanager
+def _signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler, ``kill``) raises KeyboardInterrupt like Ctrl-C does, so that
+    the run ends as KILLED instead of staying RUNNING; the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
 def start_run(stage: str, run_name: str | None = None, tags: Mapping[str, str] | None = None,
               nested: bool = False) -> Iterator[Run]:
     """Open one explicit MLflow run for a pipeline stage (``nested``: a child of the
-    active run, e.g. one per federated method or per site)."""
+    active run, e.g. one per federated method or per site).
+
+    The run ends FINISHED when the block does, KILLED on SIGTERM, SIGINT (Ctrl-C) or a
+    KeyboardInterrupt, FAILED on any other exception (which propagates). A SIGKILL
+    cannot be caught: that run stays RUNNING in MLflow.
+    """
     configure()
     mlflow = _mlflow()
     all_tags = {
@@ -163,8 +172,26 @@ def start_run(stage: str, run_name: str | None = None, tags: Mapping[str, str] |
         "fedct.git_dirty": str(_git_dirty()).lower(),
     }
     all_tags.update(tags or {})
-    with mlflow.start_run(run_name=run_name or stage, tags=all_tags, nested=nested) as run:
-        yield Run(run)
+    run = mlflow.start_run(run_name=run_name or stage, tags=all_tags, nested=nested)
+    status = "FAILED"
+    try:
+        with _signals_as_interrupt():
+            yield Run(run)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        # A second SIGTERM or Ctrl-C waits until the run is marked (then it acts as usual).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == run.info.run_id:
+                mlflow.end_run(status)
+            else:  # no longer the active run: mark it, leave the active one alone
+                mlflow.MlflowClient().set_terminated(run.info.run_id, status)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 # --- model registry: evidence, champion alias, refusals (aliases only, never stages) ---------
@@ -175,9 +202,6 @@ DECISION_TAG = "fedct.decision"
 
 def evidence_hash(evidence: Mapping[str, str]) -> str:
     """sha256 of the canonical JSON of ``evidence`` (sorted keys, no whitespace)."""
-    import hashlib
-    import json
-
     canon = json.dumps({str(k): str(v) for k, v in evidence.items()}, sort_keys=True,
                        separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canon.encode()).hexdigest()
@@ -219,17 +243,18 @@ def version_tags(name: str, version: str) -> dict[str, str]:
     return dict(client.get_model_version(name, str(version)).tags)
 
 
-def register_with_evidence(model_uri: str, name: str, evidence: Mapping[str, str]) -> str:
+def register_with_evidence(model_uri: str, name: str, evidence: Mapping[str, str],
+                           model_dir: Path | None = None) -> str:
     """Register ``model_uri`` as a version of ``name`` carrying ``evidence``; idempotent.
 
-    ``evidence`` maps short keys (git commit, dvc.lock md5 of archive, catalogue, cohort
-    and models, the comparison table's hash) to strings. Each becomes a version tag
-    ``fedct.evidence.<key>``, and ``fedct.evidence`` holds ``evidence_hash``. If a version
-    of ``name`` already carries that hash it is returned and nothing is created, so a rerun
-    on the same evidence adds no version (whatever run the model was logged in).
+    ``evidence`` maps short keys (git commit, the digests of the files the decision read,
+    the gate's settings) to strings. Each becomes a version tag ``fedct.evidence.<key>``,
+    and ``fedct.evidence`` holds ``evidence_hash``. If a version of ``name`` already
+    carries that hash it is returned and nothing is created, so a rerun on the same
+    evidence adds no version (whatever run the model was logged in). ``model_dir``: the
+    logged fedct model folder, whose weights' and card's SHA-256 the version records
+    (``fedct.weights_sha256``, ``fedct.card_sha256``) for ``download_model`` to check.
     """
-    import re
-
     _check_name(name)
     bad = [k for k in evidence if not re.fullmatch(r"[A-Za-z0-9_.\-/]+", str(k))]
     if bad:
@@ -241,6 +266,8 @@ def register_with_evidence(model_uri: str, name: str, evidence: Mapping[str, str
             return str(version.version)
     tags = {EVIDENCE_TAG: digest, **{f"{EVIDENCE_TAG}.{k}": str(v)[:5000]
                                      for k, v in evidence.items()}}
+    if model_dir is not None:
+        tags.update(_digest_tags(*_model_files(Path(model_dir))))
     return str(_mlflow().register_model(model_uri, name, tags=tags).version)
 
 
@@ -280,24 +307,22 @@ def record_refusal(name: str, version: str, reasons: list[str] | tuple[str, ...]
                                  "\n".join(reasons)[:5000])
 
 
-def load_torch_model(uri: str) -> Any:
-    """Load a logged torch model (e.g. ``models:/fedct-pooled@champion``)."""
-    configure()
-    return _mlflow().pytorch.load_model(uri)
-
-
 # --- fedct models as MLflow models (predict's side of the registry) -------------------------
 #
-# A fedct model is a folder holding ``model.pt`` (weights + architecture + card) and
+# A fedct model is a folder holding ``model.safetensors`` (weights + architecture) and
 # ``model_card.json`` (fedct.model.io.save_model). It is logged as an ``mlflow.pyfunc``
-# model whose artifacts are exactly these two files, so a consumer gets them back as files
-# (``download_model``) and rebuilds the network through ``fedct.model.io.load_model``, with
-# its dropout layers intact for MC sampling. (MLflow 3's default torch.export form drops
-# dropout and fixes the input shape; the pickled torch flavour loses the card.)
+# model with a *loader module* (``fedct.model.pyfunc``, imported from the installed fedct)
+# and these two files as its data: nothing of it is pickled, so loading it unpickles
+# nothing. A consumer gets the files back (``download_model``) and rebuilds the network
+# through ``fedct.model.io.load_model`` with its dropout layers intact for MC sampling.
+# A registered version records the SHA-256 of both files (``fedct.weights_sha256``,
+# ``fedct.card_sha256``); ``download_model`` refuses files that differ from them.
 
-MODEL_FILE = "model.pt"
-MODEL_CARD_FILE = "model_card.json"  # = fedct.model.io.CARD_FILE (not imported: no torch here)
-_PYFUNC_CLASS: Any = None
+MODEL_FILE = "model.safetensors"  # = fedct.model.io.WEIGHTS_FILE (not imported: no torch)
+MODEL_CARD_FILE = "model_card.json"  # = fedct.model.io.CARD_FILE
+LOADER_MODULE = "fedct.model.pyfunc"
+WEIGHTS_TAG = "fedct.weights_sha256"
+CARD_TAG = "fedct.card_sha256"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,63 +334,29 @@ class LoggedModel:
     version: str | None
 
 
-def _fedct_pyfunc() -> Any:
-    """The ``mlflow.pyfunc.PythonModel`` of fedct models, built on first use.
-
-    Built lazily (``import fedct.tracking`` must not import mlflow) and published as
-    ``fedct.tracking.FedctModel`` through the module ``__getattr__`` below, so that the
-    logged model pickles the class by reference, not by value.
-    """
-    global _PYFUNC_CLASS
-    if _PYFUNC_CLASS is not None:
-        return _PYFUNC_CLASS
-    from mlflow.pyfunc import PythonModel
-
-    class FedctModel(PythonModel):
-        """A fedct Bayesian U-Net. ``predict``: a preprocessed image ``(X, Y, Z)`` or
-        ``(1, X, Y, Z)`` (normalised as the card's ``preprocessing`` says) -> MC-dropout
-        softmax samples ``(T, C, X, Y, Z)``, T from ``params["mc_samples"]`` or the card."""
-
-        def load_context(self, context: Any) -> None:
-            from fedct.model.io import load_model
-
-            self.model, self.card = load_model(Path(context.artifacts["model"]))
-            card_path = Path(context.artifacts["card"])
-            if card_path.is_file():  # the logged card wins: promotion may add to it
-                self.card = json.loads(card_path.read_text())
-
-        # No type hints: MLflow would read them as an input schema it cannot express.
-        def predict(self, context, model_input, params=None):
-            import numpy as np
-            import torch
-
-            from fedct.model.mc import mc_predict
-
-            params = params or {}
-            image = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-            if image.ndim == 3:
-                image = image[None]
-            failure = self.card.get("failure") or {}
-            n = int(params.get("mc_samples") or failure.get("mc_samples")
-                    or self.card.get("mc_samples") or 10)
-            probs = mc_predict(self.model, image, n, seed=params.get("seed", 0))
-            return probs.numpy()
-
-    FedctModel.__module__ = __name__
-    FedctModel.__qualname__ = "FedctModel"
-    _PYFUNC_CLASS = FedctModel
-    return FedctModel
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def __getattr__(name: str) -> Any:  # PEP 562: unpickling finds ``FedctModel`` here
-    if name == "FedctModel":
-        return _fedct_pyfunc()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _model_files(model_dir: Path) -> tuple[bytes, bytes]:
+    """The bytes of ``model.safetensors`` and ``model_card.json`` of a model folder."""
+    pt, card = model_dir / MODEL_FILE, model_dir / MODEL_CARD_FILE
+    missing = [p.name for p in (pt, card) if not p.is_file()]
+    if missing:
+        legacy = " (a pickled model.pt: `fedct convert-model`)" if (
+            model_dir / "model.pt").is_file() else ""
+        raise FedctError(f"{model_dir}: not a fedct model folder (no {', '.join(missing)})"
+                         + legacy)
+    return pt.read_bytes(), card.read_bytes()
+
+
+def _digest_tags(weights: bytes, card: bytes) -> dict[str, str]:
+    return {WEIGHTS_TAG: _sha256(weights), CARD_TAG: _sha256(card)}
 
 
 def _fedct_files(folder: Path) -> tuple[Path, Path] | None:
-    """``(model.pt, model_card.json)`` in a downloaded MLflow model (they sit in its
-    ``artifacts/``); None when either is missing."""
+    """``(model.safetensors, model_card.json)`` in a downloaded MLflow model (they sit in
+    its ``data/``); None when either is missing."""
     for pt in sorted(Path(folder).rglob(MODEL_FILE)):
         card = pt.parent / MODEL_CARD_FILE
         if card.is_file():
@@ -377,31 +368,40 @@ def log_fedct_model(run: Run, model_dir: Path, artifact_path: str = "model",
                     registered_name: str | None = None) -> LoggedModel:
     """Log the fedct model in ``model_dir`` to ``run`` (the active run) as a pyfunc model.
 
-    Its artifacts are ``model.pt`` and ``model_card.json`` as ``fedct.model.io.save_model``
-    wrote them; with ``registered_name`` it is also registered (a new version).
+    Its data are ``model.safetensors`` and ``model_card.json`` as
+    ``fedct.model.io.save_model`` wrote them (the bytes whose digests are recorded). With
+    ``registered_name`` it is also registered, as a new version only when its weights'
+    SHA-256 differs from that of the latest version (a rerun that trains the same weights
+    adds none; that version is returned).
     """
     mlflow = _mlflow()
     from mlflow import pyfunc
 
     model_dir = Path(model_dir)
-    pt, card = model_dir / MODEL_FILE, model_dir / MODEL_CARD_FILE
-    missing = [p.name for p in (pt, card) if not p.is_file()]
-    if missing:
-        raise FedctError(f"{model_dir}: not a fedct model folder (no {', '.join(missing)})")
+    weights, card = _model_files(model_dir)
     active = mlflow.active_run()
     if active is None or active.info.run_id != run.run_id:
         raise ValueError(f"log_fedct_model: run {run.run_id} is not the active MLflow run")
-    info = pyfunc.log_model(
-        name=artifact_path,
-        python_model=_fedct_pyfunc()(),
-        artifacts={"model": str(pt), "card": str(card)},
-        registered_model_name=registered_name,
-        pip_requirements=["torch", "monai", "fedct"],
-    )
-    version = info.registered_model_version
-    if registered_name and version is not None:
-        return LoggedModel(f"models:/{registered_name}/{version}", str(version))
-    return LoggedModel(info.model_uri, None)
+    with tempfile.TemporaryDirectory(prefix="fedct-log-") as tmp:
+        data = Path(tmp) / "model"
+        data.mkdir()
+        (data / MODEL_FILE).write_bytes(weights)
+        (data / MODEL_CARD_FILE).write_bytes(card)
+        info = pyfunc.log_model(name=artifact_path, loader_module=LOADER_MODULE,
+                                data_path=str(data),
+                                pip_requirements=["torch", "monai", "safetensors", "fedct"])
+    if not registered_name:
+        return LoggedModel(info.model_uri, None)
+    _check_name(registered_name)
+    tags = _digest_tags(weights, card)
+    versions = _search_versions(_registry(), registered_name)
+    if versions and versions[-1].tags.get(WEIGHTS_TAG) == tags[WEIGHTS_TAG]:
+        version = str(versions[-1].version)  # the same weights: no new version
+    else:
+        version = str(mlflow.register_model(info.model_uri, registered_name,
+                                            tags=tags).version)
+    run.set_tags({"fedct.registered_version": f"{registered_name}/{version}"})
+    return LoggedModel(f"models:/{registered_name}/{version}", version)
 
 
 def _set_tracking_uri() -> str:
@@ -418,22 +418,73 @@ def _set_tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+def _mlflow_error(uri: str, exc: Any, tracking_uri: str) -> FedctError:
+    reason = (exc.message or str(exc)).strip().splitlines()[0][:200]
+    # MLflow 3.17 answers a missing alias with INVALID_PARAMETER_VALUE, the rest of
+    # "not found" with RESOURCE_DOES_NOT_EXIST.
+    if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in reason:
+        hint = ("; a refused promotion sets no alias: name a version, "
+                "models:/<name>/<version>" if "@" in uri else "")
+        return FedctError(f"{uri}: no such model, version or alias in the MLflow "
+                          f"registry at {tracking_uri} ({reason}{hint})")
+    return FedctError(f"{uri}: cannot get the model from MLflow at {tracking_uri} "
+                      f"({reason})")
+
+
+def _registered_version(uri: str, tracking_uri: str) -> Any | None:
+    """The registry's ModelVersion that ``models:/name/version`` or ``models:/name@alias``
+    names; None for other URIs (a run's or a logged model's: no registry record)."""
+    from mlflow.exceptions import MlflowException
+
+    match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([^/@]+))/?", uri)
+    if match is None:
+        return None
+    name, number, alias = match.groups()
+    client = _mlflow().MlflowClient()
+    try:
+        if number is not None:
+            return client.get_model_version(name, number)
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        raise _mlflow_error(uri, exc, tracking_uri) from exc
+
+
+def _check_registered(uri: str, version: Any, pt: Path, card: Path) -> None:
+    """The downloaded files must be the ones whose digests the version recorded."""
+    tags = dict(version.tags)
+    where = f"version {version.version} of {version.name}"
+    for path, tag in ((pt, WEIGHTS_TAG), (card, CARD_TAG)):
+        recorded = tags.get(tag)
+        if recorded is None:
+            raise FedctError(f"{uri}: {where} records no {tag} (registered outside fedct or "
+                             "by an older one); register the model again with this fedct")
+        got = _sha256(path.read_bytes())
+        if got != recorded:
+            raise FedctError(f"{uri}: {path.name} of {where} has SHA-256 {got[:16]}..., not "
+                             f"the {recorded[:16]}... recorded at registration: the stored "
+                             "model was altered; refusing to load it")
+
+
 def download_model(uri: str, dst: Path) -> Path:
-    """The local folder holding ``model.pt`` + ``model_card.json`` of a fedct model.
+    """The local folder holding ``model.safetensors`` + ``model_card.json`` of a fedct model.
 
     ``uri``: ``models:/name@alias``, ``models:/name/version``, ``runs:/<run>/<path>`` or
     any other MLflow artifact URI (downloaded into ``dst``), or a local folder (returned
-    as it is, nothing copied). A missing model, version or alias is a FedctError naming
-    the URI.
+    as it is, nothing copied). A registered version is downloaded by its number (an alias
+    is resolved once) and its files must have the SHA-256 the registry recorded. A
+    missing model, version or alias, or altered files, is a FedctError naming the URI.
     """
     local = Path(uri)
     if ":/" not in uri or local.exists():
-        if local.is_file() and local.name == MODEL_FILE:
+        if local.is_file() and local.name in (MODEL_FILE, "model.pt"):
             local = local.parent
         if not local.is_dir():
             raise FedctError(f"{uri}: no such model folder (or use models:/name@alias)")
         if not ((local / MODEL_FILE).is_file() and (local / MODEL_CARD_FILE).is_file()):
-            raise FedctError(f"{uri}: no {MODEL_FILE} with {MODEL_CARD_FILE} beside it")
+            legacy = (" (a pickled model.pt of an earlier fedct: `fedct convert-model`)"
+                      if (local / "model.pt").is_file() else "")
+            raise FedctError(f"{uri}: no {MODEL_FILE} with {MODEL_CARD_FILE} beside it"
+                             + legacy)
         return local
     mlflow = _mlflow()
     from mlflow.exceptions import MlflowException
@@ -443,24 +494,18 @@ def download_model(uri: str, dst: Path) -> Path:
         raise FedctError(f"{uri}: no MLflow store in {Path.cwd()} (no {DEFAULT_STORE}): run "
                          "this where the pipeline ran, or set MLFLOW_TRACKING_URI")
     tracking_uri = _set_tracking_uri()
+    version = _registered_version(uri, tracking_uri)
+    # The version's own URI: an alias that moves during the download cannot mix versions.
+    source = uri if version is None else f"models:/{version.name}/{version.version}"
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     # Two small files: MLflow's progress bar on stderr is noise beside the one result line.
     bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+        path = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst))
     except MlflowException as exc:
-        reason = (exc.message or str(exc)).strip().splitlines()[0][:200]
-        # MLflow 3.17 answers a missing alias with INVALID_PARAMETER_VALUE, the rest of
-        # "not found" with RESOURCE_DOES_NOT_EXIST.
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in reason:
-            hint = ("; a refused promotion sets no alias: name a version, "
-                    "models:/<name>/<version>" if "@" in uri else "")
-            raise FedctError(f"{uri}: no such model, version or alias in the MLflow "
-                             f"registry at {tracking_uri} ({reason}{hint})") from exc
-        raise FedctError(f"{uri}: cannot get the model from MLflow at {tracking_uri} "
-                         f"({reason})") from exc
+        raise _mlflow_error(uri, exc, tracking_uri) from exc
     except OSError as exc:
         raise FedctError(f"{uri}: cannot download the model ({exc})") from exc
     finally:
@@ -471,7 +516,10 @@ def download_model(uri: str, dst: Path) -> Path:
     found = _fedct_files(Path(path))
     if found is None:
         raise FedctError(f"{uri}: the MLflow model has no {MODEL_FILE} with "
-                         f"{MODEL_CARD_FILE} (not logged by tracking.log_fedct_model)")
+                         f"{MODEL_CARD_FILE} (not logged by this fedct's "
+                         "tracking.log_fedct_model)")
+    if version is not None:
+        _check_registered(uri, version, *found)
     return found[0].parent
 
 

@@ -303,5 +303,5 @@ def test_tls_federation_of_two_registered_hospitals_refuses_an_unregistered_node
     assert all(r["clients"] == 2 and r["failed"] == [] for r in history)
     # Each node trained on its own site's split: A has 2 training cases, B 3.
     assert {s: v["n_train"] for s, v in history[-1]["sites"].items()} == {"A": 2, "B": 3}
-    model, card = load_model(out / "model.pt")
+    model, card = load_model(out / "model.safetensors")
     assert card["federation"]["sites"] == ["A", "B"] and card["federation"]["rounds"] == ROUNDS

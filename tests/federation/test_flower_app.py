@@ -26,8 +26,9 @@ from fedct.federation.flower_app import (
     run_config,
     run_server,
 )
-from fedct.model.io import load_model
+from fedct.model.io import LEGACY_FILE, load_model
 from tests.federation.conftest import PARAMS
+from tests.model.payload import planted
 
 
 class LocalGrid:
@@ -91,7 +92,7 @@ def test_rounds_merge_the_client_updates_weighted_by_training_cases(
     # The final model is 2/5 of A's and 3/5 of B's last update.
     upd = Path(cfg.checkpoint_dir) / "updates" / "round-2"
     a, b = torch.load(upd / "A.pt"), torch.load(upd / "B.pt")
-    model, card = load_model(Path(cfg.out_dir) / "model.pt")
+    model, card = load_model(Path(cfg.out_dir) / "model.safetensors")
     for k, v in model.state_dict().items():
         if v.is_floating_point():
             torch.testing.assert_close(v, 0.4 * a[k] + 0.6 * b[k], msg=k)
@@ -133,14 +134,14 @@ def test_resume_skips_finished_rounds_and_ends_as_if_never_stopped(
     rc = run_config(cfg)
     with pytest.raises(Killed):
         run_server(LocalGrid(rc, 2), cfg, on_round=kill_after_round_1)
-    assert torch.load(Path(cfg.checkpoint_dir) / CHECKPOINT, weights_only=False)["round"] == 1
+    assert torch.load(Path(cfg.checkpoint_dir) / CHECKPOINT, weights_only=True)["round"] == 1
     grid = LocalGrid(rc, 2)
     resumed = run_server(grid, cfg)
     assert [r["attempt"] for r in resumed] == [1, 2]
     trained = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert {int(m.content["config"]["server-round"]) for m in trained} == {2}
-    a, _ = load_model(Path(cfg.out_dir) / "model.pt")
-    b, _ = load_model(tmp_path / "full" / "out" / "model.pt")
+    a, _ = load_model(Path(cfg.out_dir) / "model.safetensors")
+    b, _ = load_model(tmp_path / "full" / "out" / "model.safetensors")
     for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         torch.testing.assert_close(va, vb, msg=ka)
     assert resumed[1]["val_dice_mean"] == pytest.approx(full[1]["val_dice_mean"])
@@ -154,7 +155,7 @@ def test_fedprox_sends_mu_and_starts_from_a_given_model(fed_cohort: Path,
                                                         tmp_path: Path) -> None:
     first = _config(fed_cohort, tmp_path / "a", rounds=1)
     _run(first)
-    init = Path(first.out_dir) / "model.pt"
+    init = Path(first.out_dir) / "model.safetensors"
     cfg = _config(fed_cohort, tmp_path / "b", rounds=1, mu=0.5, init_model=str(init))
     grid = LocalGrid(run_config(cfg), 2)
     run_server(grid, cfg)
@@ -164,8 +165,28 @@ def test_fedprox_sends_mu_and_starts_from_a_given_model(fed_cohort: Path,
     sent = train[0].content["arrays"].to_torch_state_dict()
     for k, v in start.state_dict().items():
         torch.testing.assert_close(sent[k], v, msg=k)
-    _, card = load_model(Path(cfg.out_dir) / "model.pt")
+    _, card = load_model(Path(cfg.out_dir) / "model.safetensors")
     assert card["federation"]["method"] == "fedprox"
+
+
+def test_a_pickle_payload_as_the_server_checkpoint_is_refused_not_run(
+        fed_cohort: Path, tmp_path: Path) -> None:
+    cfg = _config(fed_cohort, tmp_path)
+    marker = planted(Path(cfg.checkpoint_dir) / CHECKPOINT, tmp_path / "pwned")
+    with pytest.raises(FedctError, match=f"{CHECKPOINT}: the federation checkpoint holds "
+                                         "objects other than tensors"):
+        _run(cfg)
+    assert not marker.exists(), "resuming the federation ran the code in its checkpoint"
+
+
+def test_a_pickle_payload_as_the_initial_model_is_refused_not_run(
+        fed_cohort: Path, tmp_path: Path) -> None:
+    init = tmp_path / "init" / LEGACY_FILE
+    marker = planted(init, tmp_path / "pwned")
+    cfg = _config(fed_cohort, tmp_path, rounds=1, init_model=str(init))
+    with pytest.raises(FedctError, match="fedct convert-model"):
+        _run(cfg)
+    assert not marker.exists(), "starting from the model ran the code inside it"
 
 
 def test_fixed_site_weights_replace_case_counts(fed_cohort: Path, tmp_path: Path) -> None:

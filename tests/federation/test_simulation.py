@@ -75,7 +75,7 @@ def test_a_killed_two_site_federation_resumes_and_merges_the_last_updates(
     with pytest.raises(FedctError, match="exit code -9"):
         _federate(fed_cohort, tmp_path, kill_after_round=1)
     assert _leftovers(tmp_path) == []  # ray's orphans were found and killed too
-    assert not (tmp_path / "model.pt").exists()
+    assert not (tmp_path / "model.safetensors").exists()
     # ... and the next run trains round 2 only.
     seen: list[dict] = []
     history, model_path = _federate(fed_cohort, tmp_path, keep_updates=True,

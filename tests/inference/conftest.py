@@ -11,6 +11,7 @@ import SimpleITK as sitk
 import torch
 from pydicom.uid import generate_uid
 
+from fedct import tracking
 from fedct.model.io import architecture, build_from_arch, save_model
 from tests.dicom.writers import ct_slice, write
 
@@ -83,9 +84,9 @@ def make_model(folder: Path, failure: dict | None = None, seed: int = 3) -> Path
             "reference_ml": [0.5, 0.1], "fingerprint": "test", "n_train": 0, "n_val": 0,
             "training": {}}
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(model, folder / "model.pt", arch, card)
+    save_model(model, folder / tracking.MODEL_FILE, arch, card)
     if failure is not None:
-        # Promotion adds the threshold to the card file only (model.pt keeps the trained
+        # Promotion adds the threshold to the card file only (the weights keep the trained
         # card), so the flag tests also check that predict reads the card file.
         data = json.loads((folder / "model_card.json").read_text())
         (folder / "model_card.json").write_text(json.dumps({**data, "failure": failure}))

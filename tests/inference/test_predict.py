@@ -289,3 +289,61 @@ def test_a_model_folder_is_used_with_a_warning(dicom_series: Path, model_dir: Pa
     assert result.output.count("warning:") == 1
     series, _, version = _seg_says(tmp_path)
     assert series == "fedct-A unregistered seg [NOT CHAMPION]" and version == "unregistered"
+
+
+# --- the attack of issue 24: a pickle payload reaching `fedct predict` through the registry
+
+
+def _champion(tmp_path: Path, folder: Path) -> None:
+    from mlflow import MlflowClient
+
+    with tracking.start_run("promote") as run:
+        logged = tracking.log_fedct_model(run, folder, registered_name="fedct-seg")
+    MlflowClient().set_registered_model_alias("fedct-seg", "champion", logged.version)
+
+
+def _predict_champion(dicom_series: Path, tmp_path: Path):
+    return CliRunner().invoke(main, ["predict", "models:/fedct-seg@champion",
+                                     str(dicom_series), "-o", str(tmp_path / "out"),
+                                     "--device", "cpu"])
+
+
+def test_a_payload_written_over_the_stored_artifact_is_refused_not_run(
+        dicom_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.model.payload import planted
+
+    monkeypatch.chdir(tmp_path)
+    _champion(tmp_path, make_model(tmp_path / "A"))
+    marker = tmp_path / "pwned"
+    stored = list((tmp_path / "mlruns").rglob(tracking.MODEL_FILE))
+    assert stored
+    for path in stored:
+        planted(path, marker)
+    result = _predict_champion(dicom_series, tmp_path)
+    assert not marker.exists(), "fedct predict ran the code planted in the registry"
+    assert result.exit_code == 1
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith("Error: models:/fedct-seg@champion: ") and "altered" in error
+    assert not (tmp_path / "out" / predict.REPORT).exists()
+
+
+def test_a_payload_registered_with_matching_digests_is_refused_not_run(
+        dicom_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The registry has no login: an attacker registers a "model" whose weights file is a
+    # pickle payload, with a card and registry tags whose digests match it.
+    import hashlib
+
+    from tests.model.payload import planted
+
+    monkeypatch.chdir(tmp_path)
+    folder = make_model(tmp_path / "evil")
+    marker = planted(folder / tracking.MODEL_FILE, tmp_path / "pwned")
+    card = json.loads((folder / tracking.MODEL_CARD_FILE).read_text())
+    card["weights_sha256"] = hashlib.sha256(
+        (folder / tracking.MODEL_FILE).read_bytes()).hexdigest()
+    (folder / tracking.MODEL_CARD_FILE).write_text(json.dumps(card))
+    _champion(tmp_path, folder)
+    result = _predict_champion(dicom_series, tmp_path)
+    assert not marker.exists(), "fedct predict ran the code inside a registered model"
+    assert result.exit_code == 1
+    assert "pickled model" in result.output and "never unpickles" in result.output

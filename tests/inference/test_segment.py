@@ -49,7 +49,7 @@ def test_mc_inference_runs_in_the_precision_the_model_trained_in(model_dir: Path
     seen: list[bool] = []
     monkeypatch.setattr(segment, "mc_predict",
                         lambda *a, amp, **k: seen.append(amp) or torch.zeros(1, 3, 2, 2, 2))
-    model, _ = load_model(model_dir / "model.pt")
+    model, _ = load_model(model_dir / "model.safetensors")
     segment.mc_probabilities(model, np.zeros((1, 12, 12, 16), np.float32), 2, 0,
                              torch.device("cpu"), off.amp)
     assert seen == [False]
@@ -123,7 +123,7 @@ def test_failure_score_is_the_uncertainty_stage_s(dicom_series: Path, model_dir:
                                                   ) -> None:
     image = read_input(dicom_series).image
     card = _card(model_dir)
-    model, _ = load_model(model_dir / "model.pt")
+    model, _ = load_model(model_dir / "model.safetensors")
     x, _ = segment.preprocess(image, card.spec)
     probs = segment.mc_probabilities(model, x, 10, 0, torch.device("cpu"), True)
     out = segment.failure_flag(probs, card)
@@ -142,7 +142,7 @@ def test_flag_fires_at_the_threshold(dicom_series: Path, model_dir: Path, thresh
     # max_softmax_deficit is finite here (every class reaches p >= 0.1 somewhere).
     card = _card(model_dir, failure={"signal": "max_softmax_deficit",
                                      "threshold": threshold})
-    model, _ = load_model(model_dir / "model.pt")
+    model, _ = load_model(model_dir / "model.safetensors")
     x, _ = segment.preprocess(image, card.spec)
     out = segment.failure_flag(segment.mc_probabilities(model, x, 4, 0, torch.device("cpu"), True),
                                card)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,16 @@ from click.testing import CliRunner
 from fedct.cli import main
 from fedct.config import EvaluateParams, UncertaintyParams
 from fedct.errors import FedctError
-from fedct.model.io import architecture, build_from_arch, save_model
+from fedct.model.io import (
+    LEGACY_FILE,
+    WEIGHTS_FILE,
+    architecture,
+    build_from_arch,
+    save_model,
+)
 from fedct.stages import evaluate as stage
+from fedct.stages import promote
+from tests.model.payload import planted
 
 LABELS = {"0": "background", "1": "muscle", "2": "femur"}
 SPEC = {"spacing_mm": [2.0, 2.0, 2.0], "roi_size": [12, 12, 16], "hu_min": -200.0,
@@ -67,7 +77,7 @@ def _model(folder: Path, seed: int, site: str, **card) -> None:
     torch.manual_seed(seed)
     arch = architecture(len(LABELS), (4, 8), (2,), 0.5, 1)
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(build_from_arch(arch), folder / "model.pt", arch,
+    save_model(build_from_arch(arch), folder / WEIGHTS_FILE, arch,
                {"site": site, "labels": LABELS, "preprocessing": SPEC,
                 "reference_ml": [1.0, 0.1], **card})
 
@@ -136,6 +146,17 @@ def test_evaluate_writes_tables_metrics_plots_and_one_run_per_candidate(
     plot = pd.read_csv(out / "dice_by_site.csv")
     assert len(plot) == 4 * 3
 
+    # The record promote verifies: the table's digest and each model's as loaded.
+    scored = json.loads((out / "scored.json").read_text())
+    assert scored["cases_sha256"] == _sha(out / "cases.csv")
+    assert {n: m["kind"] for n, m in scored["models"].items()} == {
+        "A": "local", "pooled": "pooled", "fedavg": "federated", "tent": "federated"}
+    assert scored["models"]["fedavg"]["weights"] == [
+        {"site": None, "file": str(federated / "fedavg" / WEIGHTS_FILE),
+         "sha256": _sha(federated / "fedavg" / WEIGHTS_FILE)}]
+    assert [(w["site"], w["sha256"]) for w in scored["models"]["tent"]["weights"]] == [
+        (t, _sha(federated / "tent" / t / WEIGHTS_FILE)) for t in ("C", "G")]
+
     # No patient identifier in any output.
     for f in out.iterdir():
         if f.suffix in (".csv", ".json"):
@@ -160,6 +181,67 @@ def test_evaluate_writes_tables_metrics_plots_and_one_run_per_candidate(
     assert fed.data.metrics["heldout_dice"] == pytest.approx(on_disk["heldout_dice"]["fedavg"])
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert set(stage.OUTPUTS) <= artifacts
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_promote_accepts_evaluate_s_record_and_refuses_what_changed_after_it(
+        cohort_dir: Path, model_dirs: tuple[Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedct import tracking
+    from fedct.config import PromoteParams
+
+    monkeypatch.chdir(tmp_path)
+    models, federated = (shutil.copytree(p, tmp_path / p.name) for p in model_dirs)
+    (tmp_path / "unc").mkdir()
+    (tmp_path / "unc" / "threshold.json").write_text(json.dumps(
+        {"signal": "sample_disagreement", "threshold": 0.3, "aggregate": "mean"}))
+    out = tmp_path / "evaluate"
+    stage.run(PARAMS, UncertaintyParams(), cohort_dir, models, federated, out,
+              tmp_path / "unc" / "threshold.json")
+    params = PromoteParams(n_boot=200, site_tolerance=0.2)
+
+    def run() -> dict:
+        return promote.run(params, out, models, federated, tmp_path / "unc", tmp_path / "p")
+
+    first = run()  # untouched: a decision either way, with evidence from the files
+    assert first["evidence"]["weights_sha256"] == _sha(federated / "fedavg" / WEIGHTS_FILE)
+    assert first["evidence"]["best_local"] == "A"
+    # Local model A's weights and card put in place of the candidate: refused by name.
+    backup = tmp_path / "fedavg-backup"
+    shutil.copytree(federated / "fedavg", backup)
+    for f in (WEIGHTS_FILE, "model_card.json"):
+        shutil.copy(models / "A" / f, federated / "fedavg" / f)
+    with pytest.raises(FedctError, match=f"^{federated / 'fedavg' / WEIGHTS_FILE}: SHA-256"):
+        run()
+    shutil.rmtree(federated / "fedavg")
+    shutil.copytree(backup, federated / "fedavg")
+    # The table edited so that the candidate wins: refused by name.
+    table = pd.read_csv(out / "cases.csv")
+    table.loc[table["model"] == "fedavg", "dice"] = 1.0
+    table.to_csv(out / "cases.csv", index=False)
+    with pytest.raises(FedctError, match=f"^{out / 'cases.csv'}: SHA-256 .* changed after"):
+        run()
+    assert tracking.list_versions("fedct-seg") == [first["version"]]
+
+
+def test_evaluate_refuses_pickled_and_swapped_models_without_running_them(
+        cohort_dir: Path, model_dirs: tuple[Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    models, federated = (shutil.copytree(p, tmp_path / p.name) for p in model_dirs)
+    # A pickle payload as a federated candidate's model.
+    marker = planted(federated / "evil" / LEGACY_FILE, tmp_path / "pwned")
+    with pytest.raises(FedctError, match="evil/model.pt: a pickled model"):
+        stage.run(PARAMS, UncertaintyParams(), cohort_dir, models, federated, tmp_path / "o")
+    assert not marker.exists()
+    shutil.rmtree(federated / "evil")
+    # Another model's weights under pooled's card: the card's digest refuses them.
+    shutil.copy(models / "A" / WEIGHTS_FILE, models / "pooled" / WEIGHTS_FILE)
+    with pytest.raises(FedctError, match=f"pooled/{WEIGHTS_FILE}: SHA-256 .* its card"):
+        stage.run(PARAMS, UncertaintyParams(), cohort_dir, models, federated, tmp_path / "o")
 
 
 def test_missing_federated_dir_evaluates_local_and_pooled(

@@ -91,7 +91,7 @@ def test_the_fingerprint_sees_case_contents_not_only_their_size(tmp_path: Path) 
 def _weights(model_dir: Path) -> dict:
     from fedct.model.io import load_model
 
-    model, _ = load_model(model_dir / "model.pt")
+    model, _ = load_model(model_dir / "model.safetensors")
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -146,7 +146,7 @@ def test_a_bug_in_one_model_lets_the_others_finish_then_surfaces_with_its_traceb
     params = dataclasses.replace(TINY, sites=("A", "pooled"), workers=1)
     with pytest.raises(RuntimeError, match="boom"):
         stage.run_sites(params, params.sites, cohort, tmp_path / "m", tmp_path / "ck")
-    assert (tmp_path / "m" / "A" / "model.pt").exists()  # trained after the bug
+    assert (tmp_path / "m" / "A" / "model.safetensors").exists()  # trained after the bug
     assert (tmp_path / "ck" / "A" / "checkpoint.pt").exists()  # kept for the rerun
 
 
@@ -165,7 +165,7 @@ def test_a_failed_site_keeps_the_finished_models_and_a_rerun_restores_them(
     assert "site 'Z'" in message and "site Z failed" in message, message
     assert "failed: train:" not in message and "\n" not in message, message
     assert "finished and kept: A" in message, message
-    assert (tmp_path / "m" / "A" / "model.pt").exists()
+    assert (tmp_path / "m" / "A" / "model.safetensors").exists()
     assert (ckpts / "A" / "checkpoint.pt").exists()  # the rerun's to restore
     first = _weights(tmp_path / "m" / "A")
 

@@ -14,6 +14,7 @@ from fedct.config import TrainParams
 from fedct.data.labels import LabelSet
 from fedct.errors import FedctError
 from fedct.training.loop import _batches, train_model
+from tests.model.payload import planted
 
 LABELS = LabelSet(("background", "muscle", "femur"))
 PARAMS = TrainParams(steps=6, channels=(4, 8), strides=(2,), patch_size=(16, 16, 8),
@@ -82,6 +83,15 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_as_if_never_stopped(
                              on_check=lambda r: seen.append(r["step"]))
     assert seen == [4, 6]
     pd.testing.assert_frame_equal(resumed, uninterrupted)
+
+
+def test_a_pickle_payload_as_the_checkpoint_is_refused_not_run(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt.pt"
+    marker = planted(ckpt, tmp_path / "pwned")
+    with pytest.raises(FedctError, match="ckpt.pt: the training checkpoint holds objects "
+                                         "other than tensors"):
+        train_model(PARAMS, LABELS, _cases(4), _cases(2, 1), ckpt, "fp")
+    assert not marker.exists(), "resuming ran the code planted in the checkpoint"
 
 
 def test_early_stopping_on_validation_loss_keeps_the_best_weights() -> None:

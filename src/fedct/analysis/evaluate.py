@@ -1,6 +1,8 @@
 """One model on the evaluation cases with MC dropout: the per-structure records, with the
 case-level baselines (one deterministic pass, an image noise estimate) beside them.
-``evaluate_models`` runs it for many models (the uncertainty and evaluate stages)."""
+``evaluate_models`` runs it for many models (the uncertainty and evaluate stages);
+``score_models`` also returns the SHA-256 of each weights file as loaded (checked
+against its card by ``fedct.model.io.load_model``)."""
 
 from __future__ import annotations
 
@@ -19,12 +21,13 @@ from fedct.analysis.failure import case_records
 from fedct.data.cases import case_path, load_case
 from fedct.data.labels import parse_labels
 from fedct.devices import pick_device
-from fedct.model.io import card_amp, load_model
+from fedct.model.io import DIGEST_KEY, card_amp, load_model
 from fedct.model.mc import mc_predict
 
 
-def evaluate_model(args: tuple) -> list[dict]:
-    """All evaluation cases under one model (runs in a worker process)."""
+def evaluate_model(args: tuple) -> tuple[str, list[dict]]:
+    """All evaluation cases under one model (runs in a worker process): the SHA-256 of
+    the weights it loaded, and the records."""
     model_path, cohort_dir, evaluate, params, threads, position = args
     torch.set_num_threads(threads)
     device = pick_device(params.device)
@@ -51,14 +54,24 @@ def evaluate_model(args: tuple) -> list[dict]:
                  "noise_estimate": noise_estimate(data["image"], prep["hu_min"],
                                                   prep["hu_max"])}
         rows.extend({**r, **extra} for r in records)
-    return rows
+    return card[DIGEST_KEY], rows
 
 
 def evaluate_models(params: Any, cohort_dir: Path, model_paths: Sequence[Path],
                     cases: pd.DataFrame | Sequence[pd.DataFrame], device: torch.device,
                     names: Sequence[str] | None = None, desc: str = "uncertainty"
                     ) -> pd.DataFrame:
-    """``evaluate_model`` for every model: one per-structure record table.
+    """``evaluate_model`` for every model: one per-structure record table (the table of
+    ``score_models``)."""
+    return score_models(params, cohort_dir, model_paths, cases, device, names, desc)[0]
+
+
+def score_models(params: Any, cohort_dir: Path, model_paths: Sequence[Path],
+                 cases: pd.DataFrame | Sequence[pd.DataFrame], device: torch.device,
+                 names: Sequence[str] | None = None, desc: str = "uncertainty"
+                 ) -> tuple[pd.DataFrame, list[str]]:
+    """``evaluate_model`` for every model: one per-structure record table, and the
+    SHA-256 of each model's weights as loaded (in ``model_paths`` order).
 
     ``params`` needs ``mc_samples``, ``mc_batch``, ``seed``, ``workers`` and ``device``.
     ``cases``: the cohort rows every model is evaluated on, or one such table per model
@@ -84,7 +97,9 @@ def evaluate_models(params: Any, cohort_dir: Path, model_paths: Sequence[Path],
                                 desc=f"{desc}: models", position=0))
     else:
         results = [evaluate_model(j) for j in tqdm(jobs, desc=f"{desc}: models")]
+    digests = [digest for digest, _ in results]
+    results = [rows for _, rows in results]
     if names is not None:
         results = [[{**r, "model": name} for r in rows]
                    for name, rows in zip(names, results, strict=True)]
-    return pd.DataFrame([r for rows in results for r in rows])
+    return pd.DataFrame([r for rows in results for r in rows]), digests

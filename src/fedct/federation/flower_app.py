@@ -11,8 +11,8 @@ All science lives elsewhere: local training in :mod:`fedct.training.local`, merg
 - ``train-params``: JSON of ``TrainParams`` (``fedct.config.to_dict``).
 - ``rounds``, ``local-steps``, ``proximal-mu`` (0: FedAvg, > 0: FedProx), ``seed``,
   ``min-clients`` (a round fails below it), ``timeout`` (s per round's replies).
-- ``init-model`` (server): a fedct ``model.pt`` to start from; empty: a fresh model built
-  under ``seed``.
+- ``init-model`` (server): a fedct ``model.safetensors`` to start from (its card beside
+  it); empty: a fresh model built under ``seed``.
 - ``checkpoint-dir``, ``out-dir`` (server): checkpoint after each round; final model.
 - ``site-weights`` (server, optional): JSON site -> weight; empty: training cases
   (``num-examples``).
@@ -28,7 +28,9 @@ total-steps}``; replies carry the update and ``num-examples``, ``train-loss``, `
 ``bytes-received``, ``bytes-sent``, ``site-index``; :class:`FedctAvg` merges them; then
 ``evaluate`` messages return each site's validation Dice of the merged model. After each
 round the server checkpoints (weights, round, history) atomically, so a killed federation
-resumes from its last finished round.
+resumes from its last finished round. The checkpoint holds tensors and plain containers
+only and is read with ``torch.load(weights_only=True)``, which rebuilds nothing else: a
+planted object is refused, not run.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -60,7 +61,7 @@ from fedct.federation.aggregate import weighted_average
 
 CHECKPOINT = "federation.pt"
 HISTORY = "history.json"
-MODEL = "model.pt"
+MODEL = "model.safetensors"  # = fedct.model.io.WEIGHTS_FILE (imported lazily below)
 QUERY_INFO = "query.site_info"
 
 
@@ -389,7 +390,7 @@ def run_server(grid: Grid, cfg: FederationConfig,
     and ``sites``: site -> {train_loss, seconds, n_train, val_dice, val_loss, n_val}.
     """
     from fedct.data.labels import parse_labels
-    from fedct.model.io import load_model, save_model
+    from fedct.model.io import load_model, read_checkpoint, save_model
     from fedct.training.loop import build_model, model_arch
 
     params = cfg.train_params
@@ -401,11 +402,8 @@ def run_server(grid: Grid, cfg: FederationConfig,
     arch = model_arch(params, labels)
     fp = cfg.fingerprint()
     ckpt = ckpt_dir / CHECKPOINT
-    try:
-        saved = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise FedctError(f"{ckpt}: cannot read the federation checkpoint ({exc}); "
-                         "delete it to start afresh") from exc
+    # Tensors and plain containers only: a planted pickle payload is refused, not run.
+    saved = read_checkpoint(ckpt, "federation checkpoint") if ckpt.exists() else None
     if saved is not None and saved.get("fingerprint") == fp:
         state, done, history = saved["state"], saved["round"], saved["history"]
         attempt = saved["attempt"] + 1

@@ -100,7 +100,7 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
     concurrently up to it); ``client_gpus`` each client's GPU share (default: the GPU
     split among concurrent clients when CUDA is available, else 0).
 
-    Output in ``out_dir``: ``model.pt`` and ``model_card.json`` (``fedct.model.io``),
+    Output in ``out_dir``: ``model.safetensors`` and ``model_card.json`` (``fedct.model.io``),
     ``history.json`` and ``federation.log`` (Flower's and ray's output).
     """
     from fedct.federation.flower_app import HISTORY, MODEL, FederationConfig, run_config

@@ -16,7 +16,6 @@ the source's patient and study modules so that PACS files it with the study.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -58,12 +57,9 @@ def run(model_uri: str, input_path: Path, out_dir: Path, mc_samples: int | None 
     inp = read_input(Path(input_path))  # first: a bad input fails before a download
     with tempfile.TemporaryDirectory(prefix="fedct-model-") as tmp:
         folder = tracking.download_model(model_uri, Path(tmp))
-        model, _ = load_model(folder / tracking.MODEL_FILE)
-        # The card file, not the copy inside model.pt: promotion may add the threshold.
-        try:
-            raw = json.loads((folder / CARD_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise FedctError(f"{model_uri}: cannot read {CARD_FILE} ({exc})") from exc
+        # The weights are digest-checked against the card (and, for a registered version,
+        # both files against the registry by download_model); nothing is unpickled.
+        model, raw = load_model(folder / tracking.MODEL_FILE)
     card = segment.read_card(raw, f"{model_uri}: {CARD_FILE}")
     entry = tracking.registry_entry(model_uri, PromoteParams().alias)
     warnings = _not_champion(model_uri, entry)

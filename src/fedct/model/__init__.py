@@ -1,2 +1,2 @@
-"""The segmentation model: Bayesian U-Net (``unet``), MC-dropout sampling (``mc``), and
-save/load with its model card (``io``)."""
+"""The segmentation model: Bayesian U-Net (``unet``), MC-dropout sampling (``mc``),
+save/load as safetensors with its model card (``io``), and MLflow's loader (``pyfunc``)."""

@@ -1,9 +1,9 @@
 """``fedct evaluate``: every candidate model on the test cases of the held-out sites.
 
-Candidates: each folder of ``MODELS_DIR`` holding ``model.pt`` (the local models of
-``train``, kind ``local``, and ``pooled``) and of ``FEDERATED_DIR`` (kind ``federated``,
+Candidates: each folder of ``MODELS_DIR`` holding ``model.safetensors`` (the local models
+of ``train``, kind ``local``, and ``pooled``) and of ``FEDERATED_DIR`` (kind ``federated``,
 one per method of ``federate``). A federated method adapted to each target site keeps one
-model per held-out site (``FEDERATED_DIR/<method>/<site>/model.pt``, e.g. ``uw_merge``,
+model per held-out site (``FEDERATED_DIR/<method>/<site>/model.safetensors``, e.g. ``uw_merge``,
 ``tent``): each is scored on its own site's cases only, and together they are the
 candidate ``<method>``. Without ``FEDERATED_DIR`` the local and pooled models are scored
 and a warning says so.
@@ -20,7 +20,9 @@ same code and records as the uncertainty stage; the tables come from
   with 95 % two-stage cluster-bootstrap intervals;
 - ``paired.csv``: model minus best local, minus pooled and minus FedAvg, with intervals;
 - ``metrics.json`` (DVC metrics: ``heldout_dice.<candidate>``, ...), ``dice_by_site.csv``
-  (DVC plots) and ``dice_by_site.png``.
+  (DVC plots) and ``dice_by_site.png``;
+- ``scored.json``: the SHA-256 of ``cases.csv`` and of every weights file as loaded
+  (``fedct.analysis.scored``): what ``promote`` verifies its inputs against.
 
 MLflow: a parent run ``evaluate`` (params, tables as artifacts) and one child run per
 candidate, all with the same metric names (``heldout_dice``, ``heldout_dice_lo``,
@@ -40,17 +42,20 @@ from pathlib import Path
 import numpy as np
 
 from fedct.analysis import heldout
-from fedct.analysis.evaluate import evaluate_models
+from fedct.analysis.evaluate import score_models
 from fedct.analysis.failure import SIGNALS
 from fedct.analysis.plots import interval_bars
+from fedct.analysis.scored import FILE as SCORED_FILE
+from fedct.analysis.scored import write_scored
 from fedct.config import EvaluateParams, UncertaintyParams, to_dict
 from fedct.data.cases import POOLED, read_cohort, read_spec
 from fedct.devices import pick_device
 from fedct.errors import FedctError
+from fedct.model.io import CARD_FILE, LEGACY_FILE, find_weights, weights_path
+from fedct.model.io import WEIGHTS_FILE as MODEL_FILE
 
-MODEL_FILE, CARD_FILE = "model.pt", "model_card.json"
 OUTPUTS = ("cases.csv", "summary.csv", "paired.csv", "metrics.json", "dice_by_site.csv",
-           "dice_by_site.png")
+           "dice_by_site.png", SCORED_FILE)
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class Candidate:
 
 
 def _per_target(folder: Path, kind: str, sites: list[str]) -> Candidate:
-    targets = sorted(p.parent.name for p in folder.glob(f"*/{MODEL_FILE}"))
+    targets = sorted(p.parent.name for p in find_weights(folder))
     missing = sorted(set(sites) - set(targets))
     if missing:
         raise FedctError(f"{folder}: per-target models for sites {targets}, but not for the "
@@ -76,7 +81,7 @@ def find_candidates(models_dir: Path, federated_dir: Path | None, sites: list[st
                     ) -> list[Candidate]:
     """Local and pooled models of ``models_dir``, federated ones of ``federated_dir``."""
     found: list[Candidate] = []
-    for p in sorted(Path(models_dir).glob(f"*/{MODEL_FILE}")):
+    for p in find_weights(models_dir):
         name = p.parent.name
         found.append(Candidate(name, heldout.POOLED_KIND if name == POOLED else heldout.LOCAL,
                                ((None, p),)))
@@ -88,10 +93,11 @@ def find_candidates(models_dir: Path, federated_dir: Path | None, sites: list[st
         return found
     federated = []
     for folder in sorted(p for p in Path(federated_dir).iterdir() if p.is_dir()):
-        if (folder / MODEL_FILE).is_file():  # one model for every site
+        if (folder / MODEL_FILE).is_file() or (folder / LEGACY_FILE).is_file():
+            # One model for every site (a pickled one is refused by weights_path).
             federated.append(Candidate(folder.name, heldout.FEDERATED,
-                                       ((None, folder / MODEL_FILE),)))
-        elif any(folder.glob(f"*/{MODEL_FILE}")):
+                                       ((None, weights_path(folder)),)))
+        elif find_weights(folder):
             federated.append(_per_target(folder, heldout.FEDERATED, sites))
     if not federated:
         warnings.warn(f"evaluate: {federated_dir} holds no federated model; evaluating the "
@@ -182,13 +188,18 @@ def run(params: EvaluateParams, uncertainty: UncertaintyParams, cohort_dir: Path
                            "n_cases": len(test), "n_candidates": len(candidates),
                            "candidates": [c.name for c in candidates],
                            "federated_dir": str(federated_dir), "device": str(device)})
-        structures = evaluate_models(params, cohort_dir, [p for _, p, _ in jobs],
-                                     [t for _, _, t in jobs], device,
-                                     names=[n for n, _, _ in jobs], desc="evaluate")
+        structures, digests = score_models(params, cohort_dir, [p for _, p, _ in jobs],
+                                           [t for _, _, t in jobs], device,
+                                           names=[n for n, _, _ in jobs], desc="evaluate")
         cases = heldout.case_table(structures, kinds, signal, aggregation, threshold)
         summary = heldout.summary_table(cases, params.n_boot, params.seed)
         paired = heldout.paired_table(cases, params.n_boot, params.seed)
         cases.to_csv(out_dir / "cases.csv", index=False)
+        # The digests promote checks: of this table as written and of each model as loaded.
+        loaded = iter(digests)
+        write_scored(out_dir / SCORED_FILE, (out_dir / "cases.csv").read_bytes(),
+                     {c.name: (c.kind, [(site, path, next(loaded)) for site, path in c.models])
+                      for c in candidates})
         summary.to_csv(out_dir / "summary.csv", index=False)
         paired.to_csv(out_dir / "paired.csv", index=False)
         bars = heldout.dice_by_site(summary)

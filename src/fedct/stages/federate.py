@@ -1,7 +1,7 @@
 """``fedct federate``: federated models of the training sites, and label-free methods.
 
-Inputs: the cohort, the local models of ``train`` (``MODELS_DIR/<site>/model.pt``).
-Output: one folder per candidate in ``OUT_DIR``, each with ``model.pt`` and
+Inputs: the cohort, the local models of ``train`` (``MODELS_DIR/<site>/model.safetensors``).
+Output: one folder per candidate in ``OUT_DIR``, each with ``model.safetensors`` and
 ``model_card.json`` (the format of ``train``; MC dropout survives loading):
 
 - ``one_shot/``: the average of the local models (``federation.aggregate``), weighted by
@@ -50,7 +50,7 @@ from fedct.devices import pick_device, runtime
 from fedct.errors import FedctError
 from fedct.federation import LABEL_FREE
 from fedct.federation.aggregate import case_weights, site_weights, weighted_average
-from fedct.model.io import load_model, save_model
+from fedct.model.io import WEIGHTS_FILE, load_model, save_model, weights_path
 
 METHODS = ("one_shot", "fedavg", "fedprox", "uw_merge", "tent", "self_train", "uw_select")
 # Methods that need the FedAvg model (their teacher / starting point).
@@ -61,7 +61,8 @@ def _local_models(models_dir: Path, sites: tuple[str, ...]
                   ) -> dict[str, tuple[torch.nn.Module, dict]]:
     out = {}
     for site in sites:
-        path = Path(models_dir) / site / "model.pt"
+        folder = Path(models_dir) / site
+        path = weights_path(folder) if folder.is_dir() else folder / WEIGHTS_FILE
         if not path.is_file():
             raise FedctError(f"{path}: no local model of site {site} (federate.sites must "
                              "be sites that `train` trained)")
@@ -91,8 +92,8 @@ def _card(base_card: dict, method: str, where: dict, **extra) -> dict:
 
 def _save(model: torch.nn.Module, out: Path, arch: dict, card: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    save_model(model.cpu(), out / "model.pt", arch, card)
-    return out / "model.pt"
+    save_model(model.cpu(), out / WEIGHTS_FILE, arch, card)
+    return out / WEIGHTS_FILE
 
 
 def _target_images(cohort: pd.DataFrame, cohort_dir: Path) -> dict[str, list[np.ndarray]]:
@@ -279,7 +280,7 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
     # checks in evaluate and predict), not one site's.
     base_card = {**base_card, "reference_ml": _mean_reference(
         [locals_[s][1] for s in sites], [weights[s] for s in sites])}
-    fedavg_path = out_dir / "fedavg" / "model.pt"
+    fedavg_path = out_dir / "fedavg" / WEIGHTS_FILE
     with tracking.start_run("federate", run_name="federate") as parent:
         parent.log_params({**to_dict(params), "n_train": n_train,
                            **{f"runtime.{k}": v for k, v in here["stage"].items()}})
@@ -335,7 +336,7 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                         raise FedctError(f"federate uw_merge, target {target}: {exc}") from exc
                     merged = merge_for_target({s: m.state_dict() for s, m in models.items()},
                                               w)
-                    model = load_model(Path(models_dir) / sites[0] / "model.pt")[0]
+                    model = load_model(Path(models_dir) / sites[0] / WEIGHTS_FILE)[0]
                     model.load_state_dict({k: v.cpu() for k, v in merged.items()})
                     card = _card(base_card, "uw_merge", here, target_site=target,
                                  clients=list(sites), weights=w, scores=scores,
@@ -392,9 +393,9 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                 mlrun.log_params({"select_from": list(params.select_from),
                                   "signal": params.uw_signal})
                 for target, imgs in targets.items():
-                    paths = {m: (out_dir / m / target / "model.pt"
-                                 if (out_dir / m / target / "model.pt").is_file()
-                                 else out_dir / m / "model.pt") for m in params.select_from}
+                    paths = {m: (out_dir / m / target / WEIGHTS_FILE
+                                 if (out_dir / m / target / WEIGHTS_FILE).is_file()
+                                 else out_dir / m / WEIGHTS_FILE) for m in params.select_from}
                     models = {m: load_model(p)[0].to(device) for m, p in paths.items()}
                     scores = target_uncertainty(models, imgs, mc_samples=params.mc_samples,
                                                 mc_batch=params.mc_batch, seed=params.seed,

@@ -2,21 +2,32 @@
 when it beats the local baselines on the held-out sites.
 
 Inputs: ``evaluate``'s ``cases.csv`` (one row per held-out (model, case): ``model, kind,
-site, case, dice``), the candidate's folder under the federated models, and
-``uncertainty``'s ``threshold.json`` (the frozen failure signal and its flag threshold).
+site, case, dice``) and ``scored.json`` (the digests of that table and of every model it
+scored, ``fedct.analysis.scored``), the local models (``MODELS_DIR``), the candidate's
+folder under the federated models, and ``uncertainty``'s ``threshold.json`` (the frozen
+failure signal and its flag threshold).
 
 Steps:
 
-1. The gate (``fedct.analysis.gate.decide``): the lower bound of the paired 95 % cluster-
-   bootstrap interval of (candidate - best local) mean held-out Dice must exceed
-   ``promote.margin``, and no held-out site may lose more than ``promote.site_tolerance``.
-2. The candidate is copied to ``OUT_DIR/model`` with the failure signal and threshold in its
-   card (``fedct predict`` flags with them), logged to MLflow in a form that keeps MC
-   dropout, and registered under ``promote.model_name`` with its evidence: git commit,
-   the dvc.lock hashes of archive, catalogue, cohort, models and federated models, the
-   comparison table's hash and the gate's settings. The same evidence returns the same
-   version (idempotent: a rerun adds no version).
-3. Promoted: the alias ``promote.alias`` (``champion``) moves to that version. Refused: the
+1. The settings are checked (``fedct.config``: ``promote.margin`` >= 0,
+   ``promote.site_tolerance`` in [0, 0.2], ``promote.n_boot`` >= 200), whatever built them.
+2. Nothing is trusted that evaluate did not record: ``cases.csv`` is read once and its
+   SHA-256 must be the one in ``scored.json``; the candidate's weights and those of every
+   local baseline are read once and must be the weights evaluate scored under those
+   names; the candidate may not be a local model's weights under another name, and its
+   card must name those weights. A mismatch is a FedctError naming the file.
+3. The gate (``fedct.analysis.gate.decide``) on the verified table: the lower bound of the
+   paired 95 % cluster-bootstrap interval of (candidate - best local) mean held-out Dice
+   must exceed ``promote.margin``, and no held-out site may lose more than
+   ``promote.site_tolerance``.
+4. The candidate (the bytes verified in step 2) is written to ``OUT_DIR/model`` with the
+   failure signal and threshold in its card (``fedct predict`` flags with them), logged to
+   MLflow and registered under ``promote.model_name`` with its evidence: the SHA-256 of
+   every file this run read (table, record, candidate and best local weights, threshold,
+   registered card), the git commit and the gate's settings; the registry also records
+   the weights' and card's digests, which ``fedct predict`` checks. The same evidence
+   returns the same version (idempotent: a rerun adds no version).
+5. Promoted: the alias ``promote.alias`` (``champion``) moves to that version. Refused: the
    version is tagged with the reasons and the current champion stays. Aliases only,
    never the deprecated stages.
 
@@ -26,116 +37,132 @@ Output ``OUT_DIR/decision.json``: ``promote``, ``reasons``, ``candidate``, ``ver
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import shutil
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from fedct.analysis.gate import decide
-from fedct.config import PromoteParams, to_dict
+from fedct.analysis.scored import FILE as SCORED_FILE
+from fedct.analysis.scored import check_cases, check_weights, read_scored, sha256
+from fedct.config import PromoteParams, check, to_dict
 from fedct.errors import FedctError
-
-# The dvc.lock entries whose hashes make up the evidence (prefix match on the path).
-EVIDENCE_PATHS = ("data/archive", "data/labels", "outputs/catalogue", "outputs/cohort",
-                  "outputs/models", "outputs/federated")
+from fedct.model.io import CARD_FILE, DIGEST_KEY, WEIGHTS_FILE
 
 
-def lock_hashes(lock_file: Path, prefixes: tuple[str, ...] = EVIDENCE_PATHS) -> dict[str, str]:
-    """``path -> md5`` of every dep and out in ``dvc.lock`` under one of ``prefixes``."""
-    lock_file = Path(lock_file)
-    if not lock_file.is_file():
-        return {}
-    try:
-        lock = yaml.safe_load(lock_file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise FedctError(f"{lock_file}: not a readable dvc.lock ({exc})") from exc
-    found: dict[str, str] = {}
-    for stage in (lock.get("stages") or {}).values():
-        for entry in (stage.get("deps") or []) + (stage.get("outs") or []):
-            path = str(entry.get("path", ""))
-            if any(path == p or path.startswith(p + "/") for p in prefixes) and "md5" in entry:
-                found[path] = str(entry["md5"])
-    return dict(sorted(found.items()))
-
-
-def _read_json(path: Path, what: str) -> dict:
+def _read_json(path: Path, what: str) -> tuple[dict, bytes]:
+    """The JSON object of ``path`` and the bytes it was parsed from."""
     if not path.is_file():
         raise FedctError(f"{path}: not found ({what})")
     try:
-        return json.loads(path.read_text())
+        data = path.read_bytes()
+        return json.loads(data), data
     except (OSError, ValueError) as exc:
         raise FedctError(f"{path}: not readable JSON ({exc})") from exc
 
 
-def _file_md5(path: Path) -> str:
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise FedctError(f"{path}: cannot read {what} ({exc})") from exc
 
 
-def run(params: PromoteParams, evaluate_dir: Path, federated_dir: Path,
-        uncertainty_dir: Path, out_dir: Path, lock_file: Path = Path("dvc.lock")) -> dict:
+def run(params: PromoteParams, evaluate_dir: Path, models_dir: Path, federated_dir: Path,
+        uncertainty_dir: Path, out_dir: Path) -> dict:
     from fedct import tracking
 
+    params = check(params, "promote")
     evaluate_dir, out_dir = Path(evaluate_dir), Path(out_dir)
     cases_file = evaluate_dir / "cases.csv"
     if not cases_file.is_file():
         raise FedctError(f"{cases_file}: not found; run `fedct evaluate` first")
-    table = pd.read_csv(cases_file)
+    scored_file = evaluate_dir / SCORED_FILE
+    record = read_scored(scored_file)
+    # The table is parsed from the very bytes whose digest was checked.
+    cases_bytes = _read(cases_file, "the comparison table")
+    check_cases(record, cases_file, cases_bytes)
+    try:
+        table = pd.read_csv(io.BytesIO(cases_bytes))
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise FedctError(f"{cases_file}: not a readable table ({exc})") from exc
     for col in ("model", "kind", "site", "case", "dice"):
         if col not in table.columns:
             raise FedctError(f"{cases_file}: missing column {col!r}")
-    baselines = sorted(table.loc[table["kind"] == "local", "model"].unique())
+    kinds = {name: m["kind"] for name, m in record["models"].items()}
+    baselines = sorted(n for n, k in kinds.items() if k == "local")
     if not baselines:
-        raise FedctError(f"{cases_file}: no local model to compare the candidate with")
+        raise FedctError(f"{scored_file}: no local model to compare the candidate with")
     candidate_dir = Path(federated_dir) / params.candidate
-    if not (candidate_dir / "model.pt").is_file():
-        raise FedctError(f"{candidate_dir / 'model.pt'}: the candidate {params.candidate!r} "
+    candidate_file = candidate_dir / WEIGHTS_FILE
+    if not candidate_file.is_file():
+        raise FedctError(f"{candidate_file}: the candidate {params.candidate!r} "
                          "(promote.candidate) was not federated; add it to federate.methods")
+    if kinds.get(params.candidate) != "federated":
+        raise FedctError(f"{scored_file}: {params.candidate!r} (promote.candidate) was not "
+                         "scored as a federated model by `fedct evaluate`")
+
+    # Every weights file the comparison rests on must be the one evaluate scored.
+    weights = _read(candidate_file, "the candidate's weights")
+    digest = check_weights(record, params.candidate, candidate_file, weights)
+    local_digests = {}
+    for name in baselines:
+        path = Path(models_dir) / name / WEIGHTS_FILE
+        local_digests[name] = check_weights(record, name, path,
+                                            _read(path, f"local model {name}'s weights"))
+    twin = sorted(n for n, d in local_digests.items() if d == digest)
+    if twin:
+        raise FedctError(f"{candidate_file}: the candidate {params.candidate!r} has the "
+                         f"weights of local model {twin[0]}; a local model cannot be promoted "
+                         "as federated")
+    card, _ = _read_json(candidate_dir / CARD_FILE, "the candidate's model card")
+    if card.get(DIGEST_KEY) != digest:
+        raise FedctError(f"{candidate_dir / CARD_FILE}: the card records weights "
+                         f"{str(card.get(DIGEST_KEY))[:16]}..., not the candidate's "
+                         f"{digest[:16]}...; it belongs to another model")
+
     decision = decide(table, params.candidate, baselines, params.margin,
                       params.site_tolerance, n_boot=params.n_boot, seed=params.seed,
                       source=str(cases_file))
-    threshold_file = Path(uncertainty_dir) / "threshold.json"
-    failure = _read_json(threshold_file, "the failure signal and flag threshold of "
-                                         "`fedct uncertainty`")
-    # The registered copy: the candidate with the failure flag settings in its card.
+    failure, threshold_bytes = _read_json(
+        Path(uncertainty_dir) / "threshold.json",
+        "the failure signal and flag threshold of `fedct uncertainty`")
+    # The registered copy: the verified weights, the card with the failure flag settings.
     model_dir = out_dir / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
     model_dir.mkdir(parents=True)
-    shutil.copy2(candidate_dir / "model.pt", model_dir / "model.pt")
-    card = _read_json(candidate_dir / "model_card.json", "the candidate's model card")
+    (model_dir / WEIGHTS_FILE).write_bytes(weights)
     # The card carries the flag settings that `fedct predict` uses.
     card["failure"] = {"signal": failure.get("signal"), "threshold": failure.get("threshold"),
                        "aggregation": failure.get("aggregation", failure.get("aggregate")),
                        "rule": failure.get("rule"),
                        # T of the calibration: predict scores with it (or says it did not).
                        "mc_samples": failure.get("mc_samples")}
-    (model_dir / "model_card.json").write_text(json.dumps(card, indent=1, default=str))
+    card_bytes = json.dumps(card, indent=1, default=str).encode()
+    (model_dir / CARD_FILE).write_bytes(card_bytes)
     comparison = out_dir / "comparison.csv"
-    table.to_csv(comparison, index=False)
-    hashes = lock_hashes(lock_file)
+    comparison.write_bytes(cases_bytes)
+    # Evidence: digests of what this run read and wrote, never copied from elsewhere.
+    best = decision.best_local
     evidence = {"git_commit": tracking.git_commit(), "candidate": params.candidate,
-                "comparison_md5": _file_md5(cases_file),
-                "model_md5": _file_md5(candidate_dir / "model.pt"),
-                "card_md5": _file_md5(model_dir / "model_card.json"),
+                "cases_sha256": sha256(cases_bytes),
+                "scored_sha256": sha256(_read(scored_file, "the evaluate record")),
+                "weights_sha256": digest,
+                "best_local": best, "best_local_weights_sha256": local_digests[best],
+                "threshold_sha256": sha256(threshold_bytes),
+                "card_sha256": sha256(card_bytes),
                 "gate": json.dumps({"margin": params.margin,
                                     "site_tolerance": params.site_tolerance,
                                     "n_boot": params.n_boot, "seed": params.seed},
-                                   sort_keys=True),
-                **{f"dvc/{path}": md5 for path, md5 in hashes.items()}}
-    if not hashes:
-        # Outside `dvc repro` (no dvc.lock yet): say so on the version instead of silently
-        # registering it without the data's hashes.
-        evidence["dvc_lock"] = f"absent: {lock_file} has no data hashes"
-        print(f"promote: {lock_file} holds no data hashes; the version records that its "
-              "evidence lacks them", flush=True)
+                                   sort_keys=True)}
     with tracking.start_run("promote", run_name=f"promote-{params.candidate}",
                             tags={"fedct.candidate": params.candidate}) as mlrun:
         mlrun.log_params(to_dict(params))
         logged = tracking.log_fedct_model(mlrun, model_dir)
         version = tracking.register_with_evidence(logged.model_uri, params.model_name,
-                                                  evidence)
+                                                  evidence, model_dir)
         if decision.promote:
             tracking.set_champion(params.model_name, version, params.alias,
                                   reasons=list(decision.reasons))
@@ -145,7 +172,7 @@ def run(params: PromoteParams, evaluate_dir: Path, federated_dir: Path,
         result = {"promote": bool(decision.promote), "reasons": list(decision.reasons),
                   "candidate": params.candidate, "model_name": params.model_name,
                   "version": version, "alias": params.alias, "champion": champion,
-                  "numbers": decision.as_dict()}
+                  "evidence": evidence, "numbers": decision.as_dict()}
         (out_dir / "decision.json").write_text(json.dumps(result, indent=1, default=str))
         mlrun.log_metrics({"promoted": float(decision.promote),
                            "difference": decision.difference.estimate,

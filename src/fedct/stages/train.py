@@ -2,7 +2,7 @@
 
 Inputs: the cohort (``cohort.csv``, ``spec.json``, ``labels.json``, prepared ``cases/``).
 Output: one folder per model, ``MODELS_DIR/<site>`` (``pooled`` for the pooled model), with
-``model.pt`` and ``model_card.json`` (weights, architecture and card, so MC dropout works
+``model.safetensors`` and ``model_card.json`` (weights, architecture and card, so MC dropout works
 after loading), ``reference.json`` (mean structure volumes of the training set, for
 label-free volume checks), ``history.csv`` (at every validation pass: training loss,
 validation loss and Dice per structure), ``curves.png`` and ``metrics.json``.
@@ -56,7 +56,7 @@ from fedct.data.cases import (
 )
 from fedct.devices import pick_device, runtime
 from fedct.errors import FedctError
-from fedct.model.io import save_model
+from fedct.model.io import WEIGHTS_FILE, save_model
 from fedct.training.curves import plot_curves
 from fedct.training.loop import fingerprint, model_arch, reference_volumes, train_model
 
@@ -118,7 +118,7 @@ def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
         reference = reference_volumes([c["label"][0] for c in train], spacing, labels)
         (out_dir / "reference.json").write_text(json.dumps(
             {"structures": list(labels.structures.values()), "volume_ml": reference}, indent=1))
-        save_model(model, out_dir / "model.pt", model_arch(params, labels),
+        save_model(model, out_dir / WEIGHTS_FILE, model_arch(params, labels),
                    {"site": site, "labels": labels.to_json(), "preprocessing": spec,
                     "reference_ml": reference, "fingerprint": fp,
                     "n_train": len(train), "n_val": len(val), "training": to_dict(params),
@@ -191,8 +191,13 @@ def _train_job(job: tuple) -> dict:
 
     params, site, cohort_dir, out_dir, checkpoint_dir, threads = job
     torch.set_num_threads(threads)
-    return run(params, site, cohort_dir, out_dir, checkpoint_dir, keep_checkpoint=True,
-               position=_SLOT)
+    try:
+        return run(params, site, cohort_dir, out_dir, checkpoint_dir, keep_checkpoint=True,
+                   position=_SLOT)
+    except KeyboardInterrupt:
+        # Stopped (SIGTERM from ``_stop_workers``, or Ctrl-C): the MLflow run has ended
+        # KILLED; the pool's worker loop would otherwise go on to the next queued model.
+        os._exit(130)
 
 
 def _reason(exc: FedctError) -> str:

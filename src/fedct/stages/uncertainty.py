@@ -43,6 +43,7 @@ from fedct.config import UncertaintyParams, to_dict
 from fedct.data.cases import POOLED, evaluation_cases, read_cohort
 from fedct.devices import pick_device
 from fedct.errors import FedctError
+from fedct.model.io import WEIGHTS_FILE, find_weights
 
 ARTIFACTS = ("signals.csv", "within_site.csv", "failure_sweep.csv", "risk_coverage.csv",
              "shift_dice.csv", "shift_uncertainty.csv", "site_ranking.csv", "site_ranks.csv",
@@ -66,9 +67,9 @@ def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: 
                              f"{list(SIGNALS)}")
     cohort = read_cohort(cohort_dir)
     evaluate = evaluation_cases(cohort)
-    model_paths = sorted(p for p in models_dir.glob("*/model.pt"))
+    model_paths = find_weights(models_dir)
     if not model_paths:
-        raise FedctError(f"{models_dir}: no */model.pt; run `fedct train` first")
+        raise FedctError(f"{models_dir}: no */{WEIGHTS_FILE}; run `fedct train` first")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(params.device)
     chosen = params.signal

@@ -35,7 +35,7 @@ from fedct.config import TrainParams, model_params
 from fedct.data.labels import LabelSet
 from fedct.devices import pick_device, use_amp
 from fedct.errors import FedctError
-from fedct.model.io import architecture, build_from_arch
+from fedct.model.io import architecture, build_from_arch, read_checkpoint
 from fedct.provenance import source_digest
 
 
@@ -243,7 +243,7 @@ def train_model(params: TrainParams, labels: LabelSet, train_cases: list[dict],
     history: list[dict] = []
     step, best, best_state, stale = 0, float("inf"), None, 0
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        state = read_checkpoint(checkpoint, "training checkpoint", device)
         if state.get("fingerprint") == fp:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])

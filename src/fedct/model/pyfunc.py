@@ -1,0 +1,56 @@
+"""fedct models as MLflow ``pyfunc`` models, loaded by this module: nothing is pickled.
+
+``fedct.tracking.log_fedct_model`` logs a model folder (``model.safetensors`` +
+``model_card.json``) with ``loader_module="fedct.model.pyfunc"``: MLflow stores the two
+files and the module's name, and ``mlflow.pyfunc.load_model`` imports this module from
+the installed fedct and calls ``_load_pyfunc`` (MLflow's name for the loader's entry
+point) on the folder. The weights load through ``fedct.model.io.load_model`` (digest
+checked against the card), with dropout intact for MC sampling. No mlflow import here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedct.model.io import CARD_FILE, WEIGHTS_FILE, load_model
+
+
+class FedctPyfunc:
+    """A fedct Bayesian U-Net. ``predict``: a preprocessed image ``(X, Y, Z)`` or
+    ``(1, X, Y, Z)`` (normalised as the card's ``preprocessing`` says) -> MC-dropout
+    softmax samples ``(T, C, X, Y, Z)``, T from ``params["mc_samples"]`` or the card."""
+
+    def __init__(self, folder: Path) -> None:
+        self.model, self.card = load_model(Path(folder))
+
+    def get_raw_model(self):
+        """The torch module (MLflow's ``PyFuncModel.get_raw_model``)."""
+        return self.model
+
+    # No type hints: MLflow would read them as an input schema it cannot express.
+    def predict(self, model_input, params=None):
+        import numpy as np
+        import torch
+
+        from fedct.model.mc import mc_predict
+
+        params = params or {}
+        image = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        if image.ndim == 3:
+            image = image[None]
+        failure = self.card.get("failure") or {}
+        n = int(params.get("mc_samples") or failure.get("mc_samples")
+                or self.card.get("mc_samples") or 10)
+        return mc_predict(self.model, image, n, seed=params.get("seed", 0)).numpy()
+
+
+def _load_pyfunc(data_path: str) -> Any:
+    """MLflow's entry point: the model in ``data_path`` (the logged folder, or a folder
+    above it)."""
+    root = Path(data_path)
+    if not (root / WEIGHTS_FILE).is_file():
+        found = sorted(p.parent for p in root.rglob(WEIGHTS_FILE)
+                       if (p.parent / CARD_FILE).is_file())
+        root = found[0] if found else root
+    return FedctPyfunc(root)
