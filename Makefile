@@ -48,6 +48,8 @@ lock:
 demo: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(DEMO_ENV) $(BIN)/dvc repro
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
+	@echo "Results travel with git: commit the lock and results/ (docs/pipeline.md, Sharing results):"
+	@echo "  git add dvc.lock results && git commit -m 'demo results'"
 
 # The study over report seeds (params: synth.report_seeds, cohort.report_seeds): one
 # `dvc exp run --temp` per seed pair up to evaluate, then outputs/seeds/ (docs/pipeline.md).

@@ -120,6 +120,11 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     status = _run(dvc + ["status"], work, env)
     assert "changed" not in status
 
+    # Results travel with git (docs/pipeline.md, "Sharing results"): commit dvc.lock and
+    # results/, push; a fresh clone shows the metrics and plots before any pull, then
+    # `dvc pull` restores every stage's cached outputs.
+    _share_and_clone(work, tmp_path, env, dvc)
+
     # Regenerating the archive by hand (as on another machine) leaves dvc.lock valid:
     # the same seed gives byte-identical files.
     shutil.rmtree(work / "data")
@@ -174,5 +179,56 @@ def test_dvc_repro_tiny(tmp_path: Path) -> None:
     # No fake identifier of the archive anywhere in the outputs or the tracking store.
     phi = pd.read_csv(work / "data" / "truth" / "phi.csv", dtype=str)
     identifiers = phi[["name", "patient_id", "accession", "birth_date"]].to_numpy().ravel()
-    assert_no_identifiers([*(work / "outputs").rglob("*"), work / "mlflow.db",
+    assert_no_identifiers([*(work / "outputs").rglob("*"), *(work / "results").rglob("*"),
+                           work / "mlflow.db",
                            *(work / "mlruns").rglob("*")], identifiers)
+
+
+def _width(table: str) -> int:
+    return max((len(line) for line in table.splitlines()), default=0)
+
+
+def _share_and_clone(work: Path, tmp_path: Path, env: dict[str, str], dvc: list[str]) -> None:
+    """The push/pull walk-through of docs/pipeline.md on the repository that ran."""
+    # What `make demo` tells the user to commit: dvc.lock and results/ (uncached outputs
+    # DVC leaves to git); nothing else is left for git.
+    _run(["git", "add", "dvc.lock", "results"], work, env)
+    _run(["git", "commit", "-q", "-m", "results"], work, env)
+    assert _run(["git", "status", "--porcelain"], work, env).strip() == ""
+    _run(dvc + ["remote", "add", "-d", "shared", str(tmp_path / "remote")], work, env)
+    _run(["git", "commit", "-q", "-am", "remote"], work, env)
+    _run(dvc + ["push"], work, env)
+    widths = {"after": _width(_run(dvc + ["metrics", "show"], work, env)),
+              "before": _width(_run(dvc + ["metrics", "show", *sorted(
+                  str(p.relative_to(work)) for p in (work / "outputs").glob("*/metrics.json"))],
+                  work, env))}
+    print(f"dvc metrics show, widest line: {widths}")
+    assert widths["after"] < 1500 < widths["before"], widths
+
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(work), str(clone)], tmp_path, env)
+    # No pull, and the remote out of reach: metrics and plots come from git.
+    (tmp_path / "remote").rename(tmp_path / "away")
+    shown = _run(dvc + ["metrics", "show"], clone, env)
+    assert "results/metrics.json" in shown and "heldout_dice_fedavg" in shown, shown
+    plots = _run(dvc + ["plots", "show", "-o", str(tmp_path / "plots")], clone, env)
+    assert "file://" in plots and len(list((tmp_path / "plots").rglob("*.png"))) >= 9
+    (tmp_path / "away").rename(tmp_path / "remote")
+    _run(dvc + ["pull"], clone, env)
+    lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    for stage, entry in lock.items():
+        for out in entry.get("outs", []):
+            if not out["path"].startswith(("outputs/catalogue_paths", "outputs/catalogue_index")):
+                assert (clone / out["path"]).exists(), (stage, out["path"])
+    # As the docs say: only the catalogue's site-only path tables are missing (never
+    # pushed); `dvc repro` rebuilds them from the archive (pulled here: the synth stage's)
+    # with the same bytes, so nothing downstream reruns and the status is clean.
+    status = _run(dvc + ["status"], clone, env)
+    assert "outputs/catalogue_paths" in status and "outputs/catalogue_index" in status
+    changed = {line.rstrip(":") for line in status.splitlines()
+               if line and not line.startswith((" ", "\t"))}
+    assert changed == {"catalogue", "cohort"}, status
+    rerun = _run(dvc + ["repro"], clone, env)
+    assert [line for line in rerun.splitlines() if line.startswith("Running stage")] == [
+        "Running stage 'catalogue':"], rerun
+    assert "changed" not in _run(dvc + ["status"], clone, env)

@@ -51,9 +51,15 @@ def _chromium() -> str:
     return exe
 
 
-def _dump_dom(exe: str, page: Path, workdir: Path, timeout: float = 90) -> str:
+# No network: every request that is not to this machine goes to a closed port, as on a
+# hospital network that blocks CDNs (file:// pages load as usual).
+OFFLINE = ("--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>")
+
+
+def _dump_dom(exe: str, page: Path, workdir: Path, timeout: float = 90,
+              extra: tuple[str, ...] = ()) -> str:
     """Chromium's DOM of ``page`` after load; every process it started is stopped."""
-    cmd = [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+    cmd = [exe, *extra, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
            "--disable-crash-reporter", "--disable-breakpad", "--disable-extensions",
            f"--user-data-dir={workdir / 'profile'}", "--virtual-time-budget=5000",
            "--dump-dom", page.as_uri()]

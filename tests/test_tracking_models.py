@@ -211,3 +211,58 @@ def test_a_version_without_recorded_digests_is_refused(tmp_path: Path) -> None:
     mlflow.register_model(logged.model_uri, "outside")  # by hand: no digests
     with pytest.raises(FedctError, match="records no fedct.weights_sha256"):
         tracking.download_model("models:/outside/1", tmp_path / "dl")
+
+
+def test_pyfunc_honours_its_params_schema(registered) -> None:
+    """``mc_samples``, ``device`` and ``seed`` reach predict through MLflow's params
+    schema (without one MLflow drops them with a warning); a wrong type is refused."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking._set_tracking_uri())
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    params = {p.name: p.default for p in model.metadata.get_params_schema().params}
+    assert params == {"mc_samples": 10, "device": "cpu", "seed": 0}
+    x = np.random.default_rng(0).random((8, 8, 8), dtype=np.float32)
+    assert model.predict(x, params={"mc_samples": 3}).shape == (3, 3, 8, 8, 8)
+    same = model.predict(x, params={"mc_samples": 2, "seed": 5, "device": "cpu"})
+    np.testing.assert_array_equal(same, model.predict(x, params={"mc_samples": 2, "seed": 5}))
+    assert not np.array_equal(same, model.predict(x, params={"mc_samples": 2, "seed": 6}))
+    with pytest.raises(MlflowException):
+        model.predict(x, params={"mc_samples": "many"})
+    with pytest.raises(FedctError, match="mc_samples 0"):
+        model.predict(x, params={"mc_samples": 0})
+
+
+def test_logged_requirements_pin_versions_and_carry_the_fedct_wheel(registered) -> None:
+    """requirements.txt installs: every package pinned, fedct as the wheel logged with the
+    model (no package index has fedct), by a path relative to the model folder."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking._set_tracking_uri())
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1",
+                                                     dst_path=str(Path.cwd() / "req")))
+    reqs = [r for r in (local / "requirements.txt").read_text().splitlines() if r]
+    assert "fedct" not in reqs
+    named = [r for r in reqs if not r.startswith("./")]
+    assert named and all("==" in r for r in named), reqs
+    wheels = [r for r in reqs if r.startswith("./")]
+    assert len(wheels) == 1 and wheels[0].endswith(".whl"), reqs
+    wheel = local / wheels[0]
+    assert wheel.is_file() and wheel.name.startswith("fedct-")
+    # pip accepts it as fedct at the package's version, without an index.
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps",
+                           "--no-index", "--ignore-installed", "--report", "-", "--quiet",
+                           wheels[0]], cwd=local, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    report = json.loads(proc.stdout)
+    assert [i["metadata"]["name"] for i in report["install"]] == ["fedct"]
+    assert report["install"][0]["metadata"]["version"] == version("fedct")
+    # The files that load are still only the weights and the card: no pickle came with it.
+    assert not [p for p in local.rglob("*") if p.suffix in (".pkl", ".pt", ".pickle")]

@@ -219,11 +219,14 @@ def promote(evaluate_dir: Path, models_dir: Path, federated_dir: Path, uncertain
 @click.argument("outputs_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "--out", "out_file", required=True,
               type=click.Path(dir_okay=False, path_type=Path), help="The HTML file to write.")
-def report(outputs_dir: Path, out_file: Path) -> None:
+@click.option("--results", "results_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write the headline metrics.json and plots/*.png here (the "
+                   "results committed to git: docs/results-and-ui.md).")
+def report(outputs_dir: Path, out_file: Path, results_dir: Path | None) -> None:
     """The study report of OUTPUTS_DIR as one static HTML file (logged to MLflow)."""
     from fedct.stages import report as stage
 
-    result = stage.run(outputs_dir, out_file)
+    result = stage.run(outputs_dir, out_file, results_dir=results_dir)
     missing = f"; not available: {', '.join(result.missing)}" if result.missing else ""
     click.echo(f"wrote {out_file} ({len(result.sections)} sections){missing}")
 

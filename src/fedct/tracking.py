@@ -364,6 +364,18 @@ def _fedct_files(folder: Path) -> tuple[Path, Path] | None:
     return None
 
 
+def _signature(defaults: Mapping[str, int | str]) -> Any:
+    """A signature with only a params schema (``fedct.model.pyfunc.default_params``):
+    MLflow passes params to ``predict`` only when the signature declares them. No input
+    schema: a tensor of any (X, Y, Z) shape."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    kinds = {int: "long", str: "string"}
+    return ModelSignature(params=ParamSchema([ParamSpec(k, kinds[type(v)], v)
+                                              for k, v in defaults.items()]))
+
+
 def log_fedct_model(run: Run, model_dir: Path, artifact_path: str = "model",
                     registered_name: str | None = None) -> LoggedModel:
     """Log the fedct model in ``model_dir`` to ``run`` (the active run) as a pyfunc model.
@@ -377,6 +389,8 @@ def log_fedct_model(run: Run, model_dir: Path, artifact_path: str = "model",
     mlflow = _mlflow()
     from mlflow import pyfunc
 
+    from fedct.model import pyfunc as fedct_pyfunc
+
     model_dir = Path(model_dir)
     weights, card = _model_files(model_dir)
     active = mlflow.active_run()
@@ -388,8 +402,9 @@ def log_fedct_model(run: Run, model_dir: Path, artifact_path: str = "model",
         (data / MODEL_FILE).write_bytes(weights)
         (data / MODEL_CARD_FILE).write_bytes(card)
         info = pyfunc.log_model(name=artifact_path, loader_module=LOADER_MODULE,
-                                data_path=str(data),
-                                pip_requirements=["torch", "monai", "safetensors", "fedct"])
+                                data_path=str(data), signature=_signature(
+                                    fedct_pyfunc.default_params(json.loads(card))),
+                                pip_requirements=fedct_pyfunc.requirements(data))
     if not registered_name:
         return LoggedModel(info.model_uri, None)
     _check_name(registered_name)

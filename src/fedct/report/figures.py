@@ -71,21 +71,29 @@ def uncertainty_scatter(pairs: pd.DataFrame, signal: str, threshold: float | Non
     return _png(fig)
 
 
-def round_curves(histories: Mapping[str, pd.DataFrame]) -> bytes:
-    """Global validation Dice per round, one line per federated method."""
+def line_chart(histories: Mapping[str, pd.DataFrame], x: str, y: str, xlabel: str,
+               ylabel: str, title: str, integer_x: bool = False) -> bytes:
+    """Column ``y`` against ``x``, one line per entry of ``histories`` (its label); rows
+    where ``y`` is NaN are left out (validation every few epochs)."""
     fig = _figure(6.5, 4.0)
     ax = fig.add_subplot(1, 1, 1)
-    for method, h in histories.items():
-        h = h.sort_values("round")
-        ax.plot(h["round"], h["val_dice"], marker="o", ms=3, lw=1.5, label=method)
-    from matplotlib.ticker import MaxNLocator
+    for name, h in histories.items():
+        h = h.dropna(subset=[y]).sort_values(x)
+        ax.plot(h[x], h[y], marker="o", ms=3, lw=1.5, label=name)
+    if integer_x:
+        from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="round", ylabel="global validation Dice",
-           title="Federated training: validation Dice per round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _png(fig)
+
+
+def round_curves(histories: Mapping[str, pd.DataFrame]) -> bytes:
+    """Global validation Dice per round, one line per federated method."""
+    return line_chart(histories, "round", "val_dice", "round", "global validation Dice",
+                      "Federated training: validation Dice per round", integer_x=True)
 
 
 def interval_chart(summary: pd.DataFrame, estimate: str, lo: str, hi: str) -> bytes:
