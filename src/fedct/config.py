@@ -234,6 +234,11 @@ class EvaluateParams:
     # Cluster-bootstrap resamples (sites, then cases) of every interval and paired difference.
     n_boot: int = 1000
     seed: int = 0
+    # Where "the best local model" (the bar of paired.csv and of the promotion gate) is
+    # chosen: ``val``, on the training sites' validation cases (every local model scored
+    # on them; no held-out case takes part in the choice), or ``test``, on the held-out
+    # test cases it is then compared on (the demo's earlier rule; docs/protocol.md).
+    best_local_on: Literal["test", "val"] = "test"
     # CPU: models evaluated in parallel processes (ignored on a GPU).
     workers: int = 2
     device: str = "auto"

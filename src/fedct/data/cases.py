@@ -83,6 +83,14 @@ def training_cases(cohort: pd.DataFrame, site: str,
     return c
 
 
+def validation_cases(cohort: pd.DataFrame) -> pd.DataFrame:
+    """Labelled validation cases of training sites: where the best local model is chosen
+    (``evaluate.best_local_on: val``), never a held-out case."""
+    keep = ((cohort["role"] == "train") & (cohort["split"] == "val")
+            & cohort["has_label"].astype(bool))
+    return cohort[keep].reset_index(drop=True)
+
+
 def evaluation_cases(cohort: pd.DataFrame) -> pd.DataFrame:
     """Val, calib and test cases of training sites, all (test) cases of held-out sites."""
     return cohort[cohort["split"].isin(["val", "calib", "test"])].reset_index(drop=True)
