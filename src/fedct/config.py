@@ -76,8 +76,22 @@ class CohortParams:
     # failure definition and the flag threshold are set on data that nothing else saw.
     calib_fraction: float = 0.125
     test_fraction: float = 0.25
+    # At least this many calib patients per training site (when it has patients to spare:
+    # one each stays for train, val and test): so that the failure cut-off and the flag
+    # threshold rest on enough in-domain pairs, whatever the fraction gives. 0: the
+    # fraction alone (at least one from four patients on).
+    min_calib: int = 0
     # Sites whose data never trains a model; they are only evaluated on.
     holdout_sites: tuple[str, ...] = ("C", "G")
+    # Of each held-out site's patients, this fraction (at least one) forms the ``adapt``
+    # split: images that the label-free methods adapt on (never a label: none is
+    # prepared), disjoint from the ``test`` cases every model is scored on. 0: no adapt
+    # split; the label-free methods then adapt on the test images themselves
+    # (transductive, the demo's earlier design).
+    adapt_fraction: float = 0.0
+    # Held-out sites without an injected shift: negative controls of the failure and shift
+    # analyses (the uncertainty stage reports them apart). A subset of holdout_sites.
+    control_sites: tuple[str, ...] = ()
     # Sites without labels: they only take part in label-free methods.
     unlabelled_sites: tuple[str, ...] = ()
     # A patient key found at several sites: ``one_site`` (one person: kept at one site
@@ -390,6 +404,10 @@ _RULES: dict[type, list[tuple[tuple[str, ...], Callable[..., bool], str]]] = {
         (("test_fraction",), _unit, "a fraction in [0, 1)"),
         (("val_fraction", "calib_fraction", "test_fraction"), lambda a, b, c: a + b + c < 1,
          "a sum below 1 (the rest of each site's patients train)"),
+        (("min_calib",), _nonneg, ">= 0"),
+        (("adapt_fraction",), _unit, "a fraction in [0, 1)"),
+        (("control_sites", "holdout_sites"), lambda c, h: set(c) <= set(h),
+         "control sites among the held-out sites"),
         (("spacing_mm",), _all(_pos), "sizes > 0 mm"),
         (("roi_size",), _all(_pos), "sizes >= 1 voxel"),
         (("hu_min", "hu_max"), lambda lo, hi: lo < hi, "hu_min < hu_max"),

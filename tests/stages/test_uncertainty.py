@@ -68,7 +68,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         torch.manual_seed(seed)
         arch = architecture(len(LABELS), (4, 8), (2,), 0.5, 1)
         (root / site).mkdir()
-        save_model(build_from_arch(arch), root / site / "model.pt", arch,
+        save_model(build_from_arch(arch), root / site / "model.safetensors", arch,
                    {"site": site, "labels": LABELS, "preprocessing": SPEC,
                     "reference_ml": [1.0, 0.1], "training": {"amp": False}})
     return root
@@ -183,6 +183,6 @@ def test_an_unknown_signal_is_refused_before_any_output(cohort_dir: Path, models
 
 def test_no_model_is_an_error_that_names_the_folder(cohort_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
-    with pytest.raises(FedctError, match="no \\*/model.pt; run `fedct train` first"):
+    with pytest.raises(FedctError, match="no \\*/model.safetensors; run `fedct train` first"):
         stage.run(PARAMS, cohort_dir, tmp_path / "models", tmp_path / "out")
     assert not (tmp_path / "out").exists()
