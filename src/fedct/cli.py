@@ -153,7 +153,9 @@ def uncertainty(cohort_dir: Path, models_dir: Path, out_dir: Path, params_file: 
     """Every model on every site with MC dropout: shift matrix, failure detection."""
     from fedct.stages import uncertainty as stage
 
-    metrics = stage.run(_load(params_file).uncertainty, cohort_dir, models_dir, out_dir)
+    params = _load(params_file)
+    metrics = stage.run(params.uncertainty, cohort_dir, models_dir, out_dir,
+                        control_sites=params.cohort.control_sites)
     click.echo(metrics)
 
 

@@ -183,6 +183,12 @@ class UncertaintyParams:
     # 2026, cohort 7): it ranks C and G first, predictive entropy ranks G, E, J, C
     # (entropy holds the aleatoric part, which any noisier acquisition raises).
     ranking_signal: str = "sample_disagreement"
+    # Protocol fixes of issue 23 (off: the demo's earlier protocol). ``heldout_flag``: a
+    # "held-out site" flag (1 for a case of a held-out site) among the baselines, what a
+    # site label alone scores. ``domain_subsets``: AUROC and AURC also among out-of-domain
+    # pairs only and among the negative-control sites' pairs (``cohort.control_sites``).
+    heldout_flag: bool = False
+    domain_subsets: bool = False
     # Cluster-bootstrap resamples (sites, then cases) for every interval.
     n_boot: int = 1000
     seed: int = 0
