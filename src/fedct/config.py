@@ -21,7 +21,7 @@ import yaml
 
 from fedct.errors import FedctError
 
-Profile = Literal["tiny", "demo", "study"]
+Profile = Literal["tiny", "demo", "study", "clinical"]
 SiteRule = Literal["folder", "institution", "mapping"]
 
 
@@ -493,6 +493,58 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of stage -> params")
     return from_dict(Params, raw, where=str(path))
+
+
+@dataclass(frozen=True)
+class StudyRuns:
+    """The ``study`` key of a profile overlay (``profiles/study.yaml``): what `make study`
+    runs besides the params. Each report seed pair (``synth.report_seeds[i]``,
+    ``cohort.report_seeds[i]`` of the overlay) runs once per training seed (``train.seed``
+    and ``federate.seed`` set to it)."""
+
+    train_seeds: tuple[int, ...] = (0, 1)
+
+
+_RULES[StudyRuns] = [
+    (("train_seeds",), lambda v: len(v) >= 1 and len(set(v)) == len(v),
+     "one or more distinct seeds"),
+]
+
+
+def _merge(base: dict, over: dict, where: str) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if key not in base:
+            raise ConfigError(f"{where}.{key}: unknown key; known: {sorted(base)}")
+        out[key] = (_merge(base[key], value, f"{where}.{key}")
+                    if isinstance(value, dict) and isinstance(base[key], dict) else value)
+    return out
+
+
+def load_overlay(path: str | Path, params_path: str | Path = "params.yaml"
+                 ) -> tuple[Params, StudyRuns, dict[str, Any]]:
+    """A profile overlay on ``params.yaml``: the merged, checked params; its ``study`` key;
+    and the overridden keys as ``{"stage.key": value}`` (what ``dvc exp run -S`` sets).
+
+    The overlay holds a subset of params.yaml's keys (unknown ones are errors naming the
+    key, as in params.yaml) and a ``study`` key (:class:`StudyRuns`)."""
+    path = Path(path)
+    base_path = Path(params_path)
+    try:
+        over = yaml.safe_load(path.read_text()) or {}
+        base = yaml.safe_load(base_path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{exc.filename}: cannot read the params ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(over, dict) or not isinstance(over.get("study", {}), dict):
+        raise ConfigError(f"{path}: top level must be a mapping of stage -> params")
+    runs = from_dict(StudyRuns, {"train_seeds": [0, 1], **over.pop("study", {})},
+                     f"{path}:study")
+    params = from_dict(Params, _merge(base, over, str(path)), where=str(path))
+    flat = {k: v for k, v in to_dict(params).items()
+            if k.split(".")[0] in over and k.split(".")[1] in over[k.split(".")[0]]}
+    return params, runs, flat
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
