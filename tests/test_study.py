@@ -94,3 +94,18 @@ def test_each_finished_run_is_a_row_and_a_rerun_resumes_after_a_cut_off(
     assert len(ran) == 4 and len(again) == 4 and pd.isna(again["runtime_min"].iloc[-1])
     pooled = __import__("json").loads((out / study.POOLED_FILE).read_text())
     assert pooled["n_runs"] == 4 and len(pooled["report_seeds"]) == 2
+
+
+def test_queue_puts_the_missing_runs_into_dvcs_queue_and_writes_no_row(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+
+    class Done:
+        returncode, stderr = 0, ""
+
+    monkeypatch.setattr(study, "existing_experiments", lambda repo_: {"study-5301-331-t0"})
+    monkeypatch.setattr(study, "run_dvc", lambda args, *a, **k: calls.append(args) or Done())
+    runs = study.run(Path("profiles/study.yaml"), repo / "out", queue=True)
+    assert runs.empty and not (repo / "out" / study.RUNS_FILE).exists()
+    assert [c[:3] for c in calls] == [["exp", "run", "--queue"]] * 3  # one already exists
+    assert "study-5301-331-t0" not in {c[4] for c in calls}

@@ -304,8 +304,11 @@ def seeds(out_dir: Path, run_missing: bool, force: bool, params_file: Path) -> N
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default="results/study", show_default=True,
               help="runs.csv (one row per finished run) and pooled.json.")
+@click.option("--queue", is_flag=True,
+              help="Queue the missing runs in DVC's experiment queue (then `dvc queue start "
+                   "-j N`; a later `fedct study` reads them back).")
 @PARAMS
-def study(overlay: Path, out_dir: Path, params_file: Path) -> None:
+def study(overlay: Path, out_dir: Path, queue: bool, params_file: Path) -> None:
     """The study (issue 23): one `dvc exp run --temp` per (report seed pair, training
     seed) of the overlay, each run's row appended to OUT/runs.csv as it finishes (a rerun
     skips those already there) and OUT/pooled.json rewritten."""
@@ -314,7 +317,10 @@ def study(overlay: Path, out_dir: Path, params_file: Path) -> None:
     if params_file.resolve() != Path("params.yaml").resolve():
         raise FedctError(f"--params {params_file}: the experiments run with the repository's "
                          "params.yaml (DVC); put the study's changes in the overlay")
-    runs = command.run(overlay, out_dir, params_file)
+    runs = command.run(overlay, out_dir, params_file, queue=queue)
+    if queue:
+        click.echo("queued; run them with `dvc queue start -j N`, then `fedct study` again")
+        return
     click.echo(f"{len(runs)} study run(s) in {out_dir / command.RUNS_FILE}; pooled in "
                f"{out_dir / command.POOLED_FILE}")
 

@@ -72,11 +72,13 @@ def plan(params: Params, base: Params, train_seeds: tuple[int, ...]
     return [(s, c, t) for s, c in pairs for t in train_seeds]
 
 
-def run_command(flat: dict, synth_seed: int, cohort_seed: int, train_seed: int) -> list[str]:
-    """The ``dvc exp run`` arguments of one run."""
+def run_command(flat: dict, synth_seed: int, cohort_seed: int, train_seed: int,
+                queue: bool = False) -> list[str]:
+    """The ``dvc exp run`` arguments of one run (``queue``: into DVC's experiment queue)."""
     sets = {**flat, "synth.seed": synth_seed, "cohort.seed": cohort_seed,
             "train.seed": train_seed, "federate.seed": train_seed}
-    args = ["exp", "run", "--temp", "-n", experiment_name(synth_seed, cohort_seed, train_seed)]
+    args = ["exp", "run", "--queue" if queue else "--temp", "-n",
+            experiment_name(synth_seed, cohort_seed, train_seed)]
     for key, value in sets.items():
         args += ["-S", override(key, value)]
     return [*args, TARGET]
@@ -134,8 +136,12 @@ def append_run(out_dir: Path, row: dict, n_boot: int, seed: int) -> pd.DataFrame
     return runs
 
 
-def run(overlay: Path, out_dir: Path, params_file: Path = Path("params.yaml")) -> pd.DataFrame:
-    """Every run of the overlay that ``runs.csv`` lacks (module docstring); the table."""
+def run(overlay: Path, out_dir: Path, params_file: Path = Path("params.yaml"),
+        queue: bool = False) -> pd.DataFrame:
+    """Every run of the overlay that ``runs.csv`` lacks (module docstring); the table.
+
+    ``queue``: put those runs into DVC's experiment queue instead (``dvc queue start -j
+    N`` runs them, one per worker); a later call without it reads them back."""
     repo, out_dir = Path.cwd(), Path(out_dir)
     params, runs_cfg, flat = load_overlay(overlay, params_file)
     base = load_params(params_file)
@@ -155,6 +161,13 @@ def run(overlay: Path, out_dir: Path, params_file: Path = Path("params.yaml")) -
             print(f"study: {name} is in {out_dir / RUNS_FILE}; skipped", flush=True)
             continue
         runtime = math.nan
+        if queue:
+            if name not in experiments:
+                out = run_dvc(run_command(flat, s, c, t, queue=True), repo, env=env)
+                if out.returncode != 0:
+                    raise FedctError(f"cannot queue {name}: {out.stderr.strip()[-400:]}")
+                print(f"study: queued {name}", flush=True)
+            continue
         if name not in experiments:
             env = env or tracking_env()
             print(f"study: running {name} (dvc exp run --temp ... {TARGET})", flush=True)
