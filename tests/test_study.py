@@ -32,6 +32,7 @@ def fake_run(name: str) -> dict:
     return {"evaluate": evaluate, "uncertainty": uncertainty,
             "ranking": pd.DataFrame({"site": ranking}), "cases": cases,
             "decision": {"promote": False}, "convergence": {"cap_hit_fraction": 0.0},
+            "federated": {"fedavg_best_round": 3, "fedavg_last_round": 4},
             "card": {"runtime": {"device": "cpu", "cpu": "Some CPU", "threads": 2}}}
 
 

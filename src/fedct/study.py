@@ -45,7 +45,8 @@ FILES = {"evaluate": "outputs/evaluate/metrics.json",
          "cases": "outputs/uncertainty/cases.csv",
          "decision": "outputs/promote/decision.json",
          "card": "outputs/models/pooled/model_card.json"}
-OPTIONAL = {"convergence": "outputs/models/convergence.json"}
+OPTIONAL = {"convergence": "outputs/models/convergence.json",
+            "federated": "outputs/federated/metrics.json"}
 RUNS_FILE, POOLED_FILE = "runs.csv", "pooled.json"
 
 
@@ -182,7 +183,8 @@ def run(overlay: Path, out_dir: Path, params_file: Path = Path("params.yaml"),
         row = run_row(s, c, t, got["evaluate"], got["uncertainty"],
                       list(got["ranking"]["site"].astype(str)), got["cases"],
                       got["convergence"], got["decision"], params.cohort.holdout_sites,
-                      params.cohort.control_sites, runtime, device_of(got["card"]))
+                      params.cohort.control_sites, runtime, device_of(got["card"]),
+                      got["federated"])
         done = append_run(out_dir, row, params.evaluate.n_boot, params.evaluate.seed)
         print(f"study: {name} done; {len(done)} run(s) in {out_dir / RUNS_FILE}", flush=True)
     return done

@@ -36,7 +36,8 @@ def row(train_seed=0, synth=5301, cohort=331, **kw):
     evaluate, uncertainty, ranking, cases = fake_outputs(**kw)
     return study.run_row(synth, cohort, train_seed, evaluate, uncertainty, ranking, cases,
                          {"cap_hit_fraction": 0.1}, {"promote": True}, ["C", "G", "H", "J"],
-                         ["H", "J"], 42.0, "2 CPU cores")
+                         ["H", "J"], 42.0, "2 CPU cores",
+                         {"fedavg_best_round": 11, "fedavg_last_round": 12})
 
 
 def test_a_run_row_holds_every_column_from_the_outputs() -> None:
@@ -55,6 +56,7 @@ def test_a_run_row_holds_every_column_from_the_outputs() -> None:
     assert r["n_calib_pairs"] == 2  # own-site calib pairs with a Dice; pooled never
     assert r["cap_hit_fraction"] == 0.1 and r["promoted"] == 1.0
     assert r["fedavg_over_pooled"] == pytest.approx(0.8 / 0.84)
+    assert (r["fedavg_best_round"], r["fedavg_last_round"]) == (11, 12)
 
 
 def test_a_control_ranked_above_a_shifted_site_is_a_miss_and_unknowns_stay_empty() -> None:

@@ -39,12 +39,13 @@ RUN_COLUMNS = (
     "fedavg_minus_best_local", "fedavg_over_pooled", "best_local", "most_shifted_site",
     "auroc_without_most_shifted_lo", "auroc_out_of_domain", "aurc_out_of_domain",
     "aurc_best_baseline_out_of_domain", "auroc_controls", "aurc_controls",
-    "aurc_best_baseline_controls", "site_ranking",
+    "aurc_best_baseline_controls", "site_ranking", "fedavg_best_round", "fedavg_last_round",
 )
 #: Columns that are labels, not numbers to pool.
 LABELS = ("report_seed", "device", "best_local", "most_shifted_site", "site_ranking")
 #: Columns pooled as a mean without an interval (counts, run facts).
-NO_INTERVAL = ("train_seed", "n_calib_pairs", "runtime_min")
+NO_INTERVAL = ("train_seed", "n_calib_pairs", "runtime_min", "fedavg_best_round",
+               "fedavg_last_round")
 #: Why a column may stay empty (docs/study.md repeats it).
 EMPTY_BECAUSE = {
     "shifted_sites_above_controls": "no cohort.control_sites, or a shifted or control site "
@@ -112,11 +113,13 @@ def n_calib_pairs(uncertainty_cases: pd.DataFrame) -> int:
 def run_row(synth_seed: int, cohort_seed: int, train_seed: int, evaluate: Mapping,
             uncertainty: Mapping, ranking: Sequence[str], uncertainty_cases: pd.DataFrame,
             convergence: Mapping | None, decision: Mapping | None, holdout_sites: Sequence[str],
-            control_sites: Sequence[str], runtime_min: float, device: str) -> dict:
+            control_sites: Sequence[str], runtime_min: float, device: str,
+            federated: Mapping | None = None) -> dict:
     """One row of runs.csv (``RUN_COLUMNS``) from one run's outputs: ``evaluate`` and
     ``uncertainty`` (their ``metrics.json``), the label-free ``ranking`` (site order of
     ``site_ranking.csv``), the uncertainty stage's ``cases.csv``, the train stage's
-    ``convergence.json`` and promote's ``decision.json`` (None: not there)."""
+    ``convergence.json``, promote's ``decision.json`` and federate's ``metrics.json``
+    (``federated``; None: not there)."""
     shifted = [s for s in holdout_sites if s not in set(control_sites)]
     fedavg, pooled = (_get(evaluate, "heldout_dice", "fedavg"),
                       _get(evaluate, "heldout_dice", "pooled"))
@@ -153,6 +156,8 @@ def run_row(synth_seed: int, cohort_seed: int, train_seed: int, evaluate: Mappin
         "aurc_controls": _get(uncertainty, "aurc_controls"),
         "aurc_best_baseline_controls": best_baseline_aurc(uncertainty, "controls"),
         "site_ranking": ",".join(str(s) for s in ranking),
+        "fedavg_best_round": _get(federated or {}, "fedavg_best_round"),
+        "fedavg_last_round": _get(federated or {}, "fedavg_last_round"),
     }
     return {c: row[c] for c in RUN_COLUMNS}
 

@@ -120,6 +120,18 @@ def _timed(method: str):
     print(f"federate {method}: done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
+def rounds_summary(history: list[dict]) -> dict:
+    """Convergence of a multi-round method (issue 23): ``best_round``, the completed round
+    with the highest aggregated validation Dice of the clients' val splits (None without
+    one), and ``last_round``, the round whose model is kept (the last)."""
+    done = [r for r in history if r.get("round") is not None]
+    scored = [r for r in done if r.get("val_dice_mean") is not None
+              and np.isfinite(float(r["val_dice_mean"]))]
+    best = max(scored, key=lambda r: float(r["val_dice_mean"])) if scored else None
+    return {"best_round": int(best["round"]) if best else None,
+            "last_round": int(done[-1]["round"]) if done else None}
+
+
 def _history_table(history: list[dict]) -> pd.DataFrame:
     rows = []
     for rec in history:
@@ -319,6 +331,7 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                 tracking.log_fedct_model(mlrun, path.parent)
                 mlrun.log_artifact(path.parent / "history.csv")
                 metrics[f"{name}_val_dice"] = history[-1].get("val_dice_mean")
+                metrics.update({f"{name}_{k}": v for k, v in rounds_summary(history).items()})
                 metrics[f"{name}_failed_clients"] = sum(len(r.get("failed", []))
                                                         for r in history)
         if "uw_merge" in params.methods:
