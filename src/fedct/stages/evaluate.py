@@ -192,7 +192,9 @@ def run(params: EvaluateParams, uncertainty: UncertaintyParams, cohort_dir: Path
 
     def scored_on(c: Candidate, site: str | None):
         on = test if site is None else test[test["site"].astype(str) == site]
-        return pd.concat([on, val], ignore_index=True) if c.kind == heldout.LOCAL else on
+        if c.kind != heldout.LOCAL or val.empty:
+            return on
+        return pd.concat([on, val], ignore_index=True)
 
     jobs = [(c.name, path, scored_on(c, site)) for c in candidates for site, path in c.models]
     kinds = {c.name: c.kind for c in candidates}
