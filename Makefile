@@ -16,7 +16,7 @@ LOCK := requirements.lock
 # memory mapped makes CPU training and batched MC dropout ~1.3x faster (benchmarks/).
 DEMO_ENV ?= MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736
 
-.PHONY: demo seeds test check venv lint bench clean-demo lock mlflow-server
+.PHONY: demo seeds study test check venv lint bench clean-demo lock mlflow-server
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -55,6 +55,12 @@ demo: venv
 # `dvc exp run --temp` per seed pair up to evaluate, then outputs/seeds/ (docs/pipeline.md).
 seeds: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(DEMO_ENV) $(BIN)/fedct seeds
+
+# The study of issue 23 (docs/study.md): profiles/study.yaml over params.yaml, one `dvc exp
+# run --temp` per (report seed pair, training seed); each finished run is one row of
+# results/study/runs.csv (commit it), and a rerun resumes where the last one stopped.
+study: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(DEMO_ENV) $(BIN)/fedct study
 
 test: venv
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile

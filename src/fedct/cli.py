@@ -47,7 +47,7 @@ def main() -> None:
               help="Where the ground truth goes (tests and evaluation only).")
 @click.option("--labels", "labels_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="NIfTI label masks [default: ARCHIVE_DIR/../labels].")
-@click.option("--profile", type=click.Choice(["tiny", "demo", "study"]), default=None,
+@click.option("--profile", type=click.Choice(["tiny", "demo", "study", "clinical"]), default=None,
               help="Archive size [default: synth.profile of params.yaml].")
 @click.option("--seed", type=int, default=None, help="[default: synth.seed of params.yaml]")
 @click.option("--workers", type=int, default=None, help="Processes [default: all cores].")
@@ -153,7 +153,9 @@ def uncertainty(cohort_dir: Path, models_dir: Path, out_dir: Path, params_file: 
     """Every model on every site with MC dropout: shift matrix, failure detection."""
     from fedct.stages import uncertainty as stage
 
-    metrics = stage.run(_load(params_file).uncertainty, cohort_dir, models_dir, out_dir)
+    params = _load(params_file)
+    metrics = stage.run(params.uncertainty, cohort_dir, models_dir, out_dir,
+                        control_sites=params.cohort.control_sites)
     click.echo(metrics)
 
 
@@ -295,6 +297,35 @@ def seeds(out_dir: Path, run_missing: bool, force: bool, params_file: Path) -> N
     result = command.run(_load(params_file), out_dir, run_missing=run_missing, force=force)
     click.echo(f"summarised {len(result['experiments'])} report seeds "
                f"({', '.join(result['experiments'])}) in {out_dir}")
+
+
+@main.command()
+@click.option("--profile", "overlay", type=click.Path(exists=True, dir_okay=False,
+                                                      path_type=Path),
+              default="profiles/study.yaml", show_default=True,
+              help="Params overlay of the study (checked like params.yaml).")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default="results/study", show_default=True,
+              help="runs.csv (one row per finished run) and pooled.json.")
+@click.option("--queue", is_flag=True,
+              help="Queue the missing runs in DVC's experiment queue (then `dvc queue start "
+                   "-j N`; a later `fedct study` reads them back).")
+@PARAMS
+def study(overlay: Path, out_dir: Path, queue: bool, params_file: Path) -> None:
+    """The study (issue 23): one `dvc exp run --temp` per (report seed pair, training
+    seed) of the overlay, each run's row appended to OUT/runs.csv as it finishes (a rerun
+    skips those already there) and OUT/pooled.json rewritten."""
+    from fedct import study as command
+
+    if params_file.resolve() != Path("params.yaml").resolve():
+        raise FedctError(f"--params {params_file}: the experiments run with the repository's "
+                         "params.yaml (DVC); put the study's changes in the overlay")
+    runs = command.run(overlay, out_dir, params_file, queue=queue)
+    if queue:
+        click.echo("queued; run them with `dvc queue start -j N`, then `fedct study` again")
+        return
+    click.echo(f"{len(runs)} study run(s) in {out_dir / command.RUNS_FILE}; pooled in "
+               f"{out_dir / command.POOLED_FILE}")
 
 
 @main.command()

@@ -21,7 +21,7 @@ import yaml
 
 from fedct.errors import FedctError
 
-Profile = Literal["tiny", "demo", "study"]
+Profile = Literal["tiny", "demo", "study", "clinical"]
 SiteRule = Literal["folder", "institution", "mapping"]
 
 
@@ -76,8 +76,22 @@ class CohortParams:
     # failure definition and the flag threshold are set on data that nothing else saw.
     calib_fraction: float = 0.125
     test_fraction: float = 0.25
+    # At least this many calib patients per training site (when it has patients to spare:
+    # one each stays for train, val and test): so that the failure cut-off and the flag
+    # threshold rest on enough in-domain pairs, whatever the fraction gives. 0: the
+    # fraction alone (at least one from four patients on).
+    min_calib: int = 0
     # Sites whose data never trains a model; they are only evaluated on.
     holdout_sites: tuple[str, ...] = ("C", "G")
+    # Of each held-out site's patients, this fraction (at least one) forms the ``adapt``
+    # split: images that the label-free methods adapt on (never a label: none is
+    # prepared), disjoint from the ``test`` cases every model is scored on. 0: no adapt
+    # split; the label-free methods then adapt on the test images themselves
+    # (transductive, the demo's earlier design).
+    adapt_fraction: float = 0.0
+    # Held-out sites without an injected shift: negative controls of the failure and shift
+    # analyses (the uncertainty stage reports them apart). A subset of holdout_sites.
+    control_sites: tuple[str, ...] = ()
     # Sites without labels: they only take part in label-free methods.
     unlabelled_sites: tuple[str, ...] = ()
     # A patient key found at several sites: ``one_site`` (one person: kept at one site
@@ -169,6 +183,12 @@ class UncertaintyParams:
     # 2026, cohort 7): it ranks C and G first, predictive entropy ranks G, E, J, C
     # (entropy holds the aleatoric part, which any noisier acquisition raises).
     ranking_signal: str = "sample_disagreement"
+    # Protocol fixes of issue 23 (off: the demo's earlier protocol). ``heldout_flag``: a
+    # "held-out site" flag (1 for a case of a held-out site) among the baselines, what a
+    # site label alone scores. ``domain_subsets``: AUROC and AURC also among out-of-domain
+    # pairs only and among the negative-control sites' pairs (``cohort.control_sites``).
+    heldout_flag: bool = False
+    domain_subsets: bool = False
     # Cluster-bootstrap resamples (sites, then cases) for every interval.
     n_boot: int = 1000
     seed: int = 0
@@ -234,6 +254,11 @@ class EvaluateParams:
     # Cluster-bootstrap resamples (sites, then cases) of every interval and paired difference.
     n_boot: int = 1000
     seed: int = 0
+    # Where "the best local model" (the bar of paired.csv and of the promotion gate) is
+    # chosen: ``val``, on the training sites' validation cases (every local model scored
+    # on them; no held-out case takes part in the choice), or ``test``, on the held-out
+    # test cases it is then compared on (the demo's earlier rule; docs/protocol.md).
+    best_local_on: Literal["test", "val"] = "test"
     # CPU: models evaluated in parallel processes (ignored on a GPU).
     workers: int = 2
     device: str = "auto"
@@ -385,6 +410,10 @@ _RULES: dict[type, list[tuple[tuple[str, ...], Callable[..., bool], str]]] = {
         (("test_fraction",), _unit, "a fraction in [0, 1)"),
         (("val_fraction", "calib_fraction", "test_fraction"), lambda a, b, c: a + b + c < 1,
          "a sum below 1 (the rest of each site's patients train)"),
+        (("min_calib",), _nonneg, ">= 0"),
+        (("adapt_fraction",), _unit, "a fraction in [0, 1)"),
+        (("control_sites", "holdout_sites"), lambda c, h: set(c) <= set(h),
+         "control sites among the held-out sites"),
         (("spacing_mm",), _all(_pos), "sizes > 0 mm"),
         (("roi_size",), _all(_pos), "sizes >= 1 voxel"),
         (("hu_min", "hu_max"), lambda lo, hi: lo < hi, "hu_min < hu_max"),
@@ -464,6 +493,58 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of stage -> params")
     return from_dict(Params, raw, where=str(path))
+
+
+@dataclass(frozen=True)
+class StudyRuns:
+    """The ``study`` key of a profile overlay (``profiles/study.yaml``): what `make study`
+    runs besides the params. Each report seed pair (``synth.report_seeds[i]``,
+    ``cohort.report_seeds[i]`` of the overlay) runs once per training seed (``train.seed``
+    and ``federate.seed`` set to it)."""
+
+    train_seeds: tuple[int, ...] = (0, 1)
+
+
+_RULES[StudyRuns] = [
+    (("train_seeds",), lambda v: len(v) >= 1 and len(set(v)) == len(v),
+     "one or more distinct seeds"),
+]
+
+
+def _merge(base: dict, over: dict, where: str) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if key not in base:
+            raise ConfigError(f"{where}.{key}: unknown key; known: {sorted(base)}")
+        out[key] = (_merge(base[key], value, f"{where}.{key}")
+                    if isinstance(value, dict) and isinstance(base[key], dict) else value)
+    return out
+
+
+def load_overlay(path: str | Path, params_path: str | Path = "params.yaml"
+                 ) -> tuple[Params, StudyRuns, dict[str, Any]]:
+    """A profile overlay on ``params.yaml``: the merged, checked params; its ``study`` key;
+    and the overridden keys as ``{"stage.key": value}`` (what ``dvc exp run -S`` sets).
+
+    The overlay holds a subset of params.yaml's keys (unknown ones are errors naming the
+    key, as in params.yaml) and a ``study`` key (:class:`StudyRuns`)."""
+    path = Path(path)
+    base_path = Path(params_path)
+    try:
+        over = yaml.safe_load(path.read_text()) or {}
+        base = yaml.safe_load(base_path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{exc.filename}: cannot read the params ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(over, dict) or not isinstance(over.get("study", {}), dict):
+        raise ConfigError(f"{path}: top level must be a mapping of stage -> params")
+    runs = from_dict(StudyRuns, {"train_seeds": [0, 1], **over.pop("study", {})},
+                     f"{path}:study")
+    params = from_dict(Params, _merge(base, over, str(path)), where=str(path))
+    flat = {k: v for k, v in to_dict(params).items()
+            if k.split(".")[0] in over and k.split(".")[1] in over[k.split(".")[0]]}
+    return params, runs, flat
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -118,8 +118,9 @@ def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
             signal.signal(sig, handler)
 
 
-def _dvc(args: list[str], repo: Path, env: dict | None = None, capture: bool = True
-         ) -> subprocess.CompletedProcess:
+def run_dvc(args: list[str], repo: Path, env: dict | None = None, capture: bool = True
+            ) -> subprocess.CompletedProcess:
+    """``dvc ARGS`` in ``repo``, in its own process group (``run_group``)."""
     dvc = Path(sys.executable).with_name("dvc")
     cmd = [str(dvc) if dvc.exists() else "dvc", *args]
     return run_group(cmd, repo, env=env, capture=capture)
@@ -127,23 +128,23 @@ def _dvc(args: list[str], repo: Path, env: dict | None = None, capture: bool = T
 
 def existing_experiments(repo: Path) -> set[str]:
     """Names of the DVC experiments of the current commit."""
-    out = _dvc(["exp", "list", "--name-only"], repo)
+    out = run_dvc(["exp", "list", "--name-only"], repo)
     if out.returncode != 0:
         raise FedctError(f"{repo}: `dvc exp list` failed: {out.stderr.strip()[-400:]}")
     return {line.strip() for line in out.stdout.splitlines() if line.strip()}
 
 
-def _params_edited(repo: Path) -> bool:
-    """Whether ``params.yaml`` differs from the commit (``git diff``; False outside git)."""
+def params_edited(repo: Path, path: str = "params.yaml") -> bool:
+    """Whether ``path`` differs from the commit (``git diff``; False outside git)."""
     try:
-        out = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "params.yaml"],
+        out = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", path],
                              cwd=repo, capture_output=True, check=False)
     except OSError:
         return False
     return out.returncode == 1
 
 
-def _tracking_env() -> dict:
+def tracking_env() -> dict:
     """The environment of an experiment: the workspace's MLflow store by absolute path
     (``--temp`` runs in another folder, where the relative default would be lost); the
     experiment is created here first, so its artifacts stay beside the workspace's store."""
@@ -159,7 +160,7 @@ def run_experiment(repo: Path, synth_seed: int, cohort_seed: int, env: dict,
     print(f"seeds: running experiment {name} (dvc exp run --temp ... {TARGET})", flush=True)
     args = ["exp", "run", "--temp", "-n", name, "-S", f"synth.seed={synth_seed}",
             "-S", f"cohort.seed={cohort_seed}", *(["--force"] if force else []), TARGET]
-    out = _dvc(args, repo, env=env, capture=False)
+    out = run_dvc(args, repo, env=env, capture=False)
     if out.returncode != 0:
         raise FedctError(f"experiment {name} failed (exit {out.returncode}); see the output "
                          "above, then `fedct seeds` again (finished experiments are kept)")
@@ -200,7 +201,7 @@ def run(params: Params, out_dir: Path, run_missing: bool = True, force: bool = F
     names = [experiment_name(s, c) for s, c in pairs]
     have = existing_experiments(repo)
     todo = [(p, n) for p, n in zip(pairs, names, strict=True) if force or n not in have]
-    if _params_edited(repo):
+    if params_edited(repo):
         # An experiment's name holds its seeds only and belongs to the commit: one run with
         # uncommitted params would later pass for the commit's, and one of the commit was
         # not run with the edit.
@@ -210,7 +211,7 @@ def run(params: Params, out_dir: Path, run_missing: bool = True, force: bool = F
         raise FedctError(f"experiments {[n for _, n in todo]} do not exist for this commit; "
                          "run `fedct seeds` without --no-run")
     if todo:
-        env = _tracking_env()
+        env = tracking_env()
         for (s, c), _ in todo:
             run_experiment(repo, s, c, env, force=force)
     rows, cases = [], {}

@@ -90,6 +90,30 @@ def test_best_local_is_the_highest_local_and_matches_the_gate() -> None:
     assert heldout.best_local(cases[cases["kind"] != "local"]) is None
 
 
+def test_best_local_chosen_on_validation_cases_never_looks_at_held_out_dice() -> None:
+    # A wins on the held-out cases, B on the training sites' validation cases: with a
+    # selection table (evaluate.best_local_on: val) the bar is B, in the paired table,
+    # its metrics and the gate alike, whatever the held-out cases say.
+    cases = cases_table({"A": 0.8, "B": 0.6, "pooled": 0.9, "fedavg": 0.95})
+    val = cases_table({"A": 0.5, "B": 0.7}, sites="AB", per_site=3, seed=1)
+    assert heldout.best_local(cases) == "A"
+    assert heldout.best_local(cases, val) == "B"
+    paired = heldout.paired_table(cases, n_boot=50, selection=val)
+    bar = paired[paired["reference"] == heldout.BEST_LOCAL]
+    assert set(bar["reference_model"]) == {"B"}
+    summary = heldout.summary_table(cases, n_boot=50)
+    metrics = heldout.metrics_json(summary, paired)
+    assert metrics["best_local"] == "B"
+    assert metrics["heldout_dice"]["local"] == pytest.approx(cases.loc[
+        cases["model"] == "B", "dice"].mean())
+    gate = decide(cases, "fedavg", ["A", "B"], 0.0, 0.5, n_boot=50, selection=val)
+    assert gate.best_local == "B" and gate.selected_on == "val"
+    assert decide(cases, "fedavg", ["A", "B"], 0.0, 0.5, n_boot=50).selected_on == "test"
+    # Held-out Dice no longer moves the choice: lift A's held-out cases further.
+    lifted = cases.assign(dice=np.where(cases["model"] == "A", 1.0, cases["dice"]))
+    assert heldout.best_local(lifted, val) == "B"
+
+
 def test_summary_means_equal_hand_means_and_intervals_contain_them() -> None:
     cases = cases_table({"A": 0.5, "B": 0.7, "pooled": 0.9, "fedavg": 0.8}, per_site=6)
     summary = heldout.summary_table(cases, N_BOOT, seed=1)

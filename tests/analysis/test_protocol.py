@@ -109,3 +109,17 @@ def test_deterministic_max_softmax_and_noise_estimate() -> None:
                    for s in (5.0, 40.0))
     n_quiet, n_loud = noise_estimate(quiet, -250, 1000), noise_estimate(loud, -250, 1000)
     assert n_loud > 5 * n_quiet and 3 < n_quiet < 8
+
+
+def test_held_out_flag_out_of_domain_and_control_subsets_per_pair() -> None:
+    pairs = pd.DataFrame({
+        "model": ["A", "A", "A", "pooled", "pooled", "B"],
+        "site": ["A", "B", "C", "A", "H", "H"],
+        "role": ["train", "train", "holdout", "train", "holdout", "holdout"]})
+    assert protocol.heldout_flag(pairs).tolist() == [0, 0, 1, 0, 1, 1]
+    assert protocol.out_of_domain(pairs).tolist() == [False, True, True, False, True, True]
+    test = pairs.assign(failed=False)
+    subsets = protocol.subsets(test, "C", domain_subsets=True, control_sites=("H",))
+    assert list(subsets) == ["all", "without_C", "out_of_domain", "controls"]
+    assert subsets["controls"].tolist() == [False, False, False, False, True, True]
+    assert list(protocol.subsets(test, "C")) == ["all", "without_C"]  # the demo's

@@ -266,3 +266,42 @@ def test_ids_that_repeat_at_every_site_stop_the_cohort_naming_the_setting(
     per_site = split_patients(select_series(_same_ids_everywhere()), params)
     assert set(per_site["site"]) == set("ABCD")
     assert (per_site[per_site["site"] != "D"].groupby("site")["split"].nunique() == 4).all()
+
+
+def test_held_out_patients_split_into_disjoint_adapt_and_test_cases() -> None:
+    from fedct.analysis.heldout import heldout_test_cases
+    from fedct.data.cases import adaptation_cases, evaluation_cases
+
+    chosen = select_series(_catalogue(n_sites=3, n_patients=16))
+    params = CohortParams(holdout_sites=("C",), adapt_fraction=0.5, control_sites=("C",))
+    a = split_patients(chosen, params).assign(has_label=True)
+    held = a[a["site"] == "C"].drop_duplicates("patient_key")["split"].value_counts()
+    assert held.to_dict() == {"adapt": 8, "test": 8}
+    assert (a.groupby("patient_key")["split"].nunique() == 1).all()
+    adapted = set(adaptation_cases(a)["series_key"])
+    assert adapted and adapted == set(a.loc[a["split"] == "adapt", "series_key"])
+    assert not adapted & set(heldout_test_cases(a)["series_key"])
+    assert not adapted & set(evaluation_cases(a)["series_key"])
+    # Today's design (adapt_fraction 0): every held-out patient is a test case.
+    today = split_patients(chosen, dataclasses.replace(params, adapt_fraction=0.0))
+    assert (today.loc[today["site"] == "C", "split"] == "test").all()
+
+
+def test_min_calib_gives_every_training_site_that_many_calibration_patients() -> None:
+    chosen = select_series(_catalogue(n_sites=2, n_patients=16))
+    params = CohortParams(holdout_sites=(), min_calib=4)
+    a = split_patients(chosen, params)
+    for _, g in a.groupby("site"):
+        counts = g.drop_duplicates("patient_key")["split"].value_counts().to_dict()
+        assert counts == {"train": 6, "test": 4, "val": 2, "calib": 4}
+    # A site too small to spare them keeps a train, val and test patient.
+    small = split_patients(select_series(_catalogue(n_sites=1, n_patients=5)), params)
+    counts = small.drop_duplicates("patient_key")["split"].value_counts().to_dict()
+    assert counts["train"] >= 1 and counts["val"] >= 1 and counts["test"] >= 1
+
+
+def test_control_sites_must_be_held_out() -> None:
+    from fedct.config import ConfigError, check
+
+    with pytest.raises(ConfigError, match="cohort.control_sites"):
+        check(CohortParams(holdout_sites=("C", "G"), control_sites=("H",)), "cohort")

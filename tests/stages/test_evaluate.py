@@ -295,3 +295,46 @@ def test_cli_errors_are_one_line(tmp_path: Path, model_dirs: tuple[Path, Path]) 
                                        "--params", str(REPO_PARAMS)])
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and "cohort.csv" in lines[0], lines
+
+
+def test_best_local_on_val_scores_local_models_on_training_val_cases_only_and_promote_checks_it(
+        cohort_dir: Path, model_dirs: tuple[Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedct.config import PromoteParams
+
+    monkeypatch.chdir(tmp_path)
+    # Site A gets a labelled validation case; a second local model B joins A.
+    cohort = shutil.copytree(cohort_dir, tmp_path / "cohort")
+    table = pd.read_csv(cohort / "cohort.csv")
+    val = table.iloc[[0]].assign(series_key="s99a", split="val")
+    shutil.copy(cohort / "cases" / "s00a.npz", cohort / "cases" / "s99a.npz")
+    pd.concat([table, val]).to_csv(cohort / "cohort.csv", index=False)
+    models, federated = (shutil.copytree(p, tmp_path / p.name) for p in model_dirs)
+    _model(models / "B", 7, "B")
+    (tmp_path / "unc").mkdir()
+    threshold = tmp_path / "unc" / "threshold.json"
+    threshold.write_text(json.dumps({"signal": "sample_disagreement", "threshold": 0.3,
+                                     "aggregate": "mean"}))
+    out = tmp_path / "evaluate"
+    params = dataclasses.replace(PARAMS, best_local_on="val")
+    metrics = stage.run(params, UncertaintyParams(), cohort, models, federated, out, threshold)
+    selection = pd.read_csv(out / stage.SELECTION_FILE)
+    # Only the local models, only the training site's validation case.
+    assert sorted(selection["model"]) == ["A", "B"] and set(selection["case"]) == {"s99a"}
+    cases = pd.read_csv(out / "cases.csv")
+    assert "s99a" not in set(cases["case"])  # never among the held-out comparison
+    best = selection.sort_values(["dice", "model"], ascending=[False, True])["model"].iloc[0]
+    assert metrics["best_local"] == best and metrics["best_local_on"] == "val"
+    record = json.loads((out / "scored.json").read_text())
+    assert record["selection_sha256"] == _sha(out / stage.SELECTION_FILE)
+    run = promote.run(PromoteParams(n_boot=200, site_tolerance=0.2), out, models, federated,
+                      tmp_path / "unc", tmp_path / "p")
+    assert run["evidence"]["best_local"] == best
+    assert run["numbers"]["selected_on"] == "val"
+    # The validation table edited so that the other local model becomes the bar: refused.
+    other = "A" if best == "B" else "B"
+    selection.loc[selection["model"] == other, "dice"] = 1.0
+    selection.to_csv(out / stage.SELECTION_FILE, index=False)
+    with pytest.raises(FedctError, match=r"selection\.csv: SHA-256 .* changed after"):
+        promote.run(PromoteParams(n_boot=200, site_tolerance=0.2), out, models, federated,
+                    tmp_path / "unc", tmp_path / "p")

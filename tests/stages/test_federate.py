@@ -18,7 +18,7 @@ import torch
 
 from fedct.config import FederateParams, TrainParams
 from fedct.errors import FedctError
-from fedct.model.io import WEIGHTS_FILE, architecture, build_from_arch, load_model, save_model
+from fedct.model.io import architecture, build_from_arch, load_model, save_model
 from fedct.stages import federate as stage
 
 LABELS = {"0": "background", "1": "muscle", "2": "femur"}
@@ -72,7 +72,7 @@ def _model(folder: Path, seed: int, site: str, channels: tuple[int, ...] = (4, 8
     torch.manual_seed(seed)
     arch = architecture(len(LABELS), channels, (2,), 0.5, 1)
     folder.mkdir(parents=True, exist_ok=True)
-    save_model(build_from_arch(arch), folder / WEIGHTS_FILE, arch,
+    save_model(build_from_arch(arch), folder / "model.safetensors", arch,
                {"site": site, "labels": LABELS, "preprocessing": SPEC,
                 "reference_ml": REFERENCE_ML[site], "n_train": N_TRAIN[site]})
 
@@ -90,7 +90,7 @@ def federated(cohort_dir: Path, models_dir: Path, tmp_path_factory: pytest.TempP
               ) -> tuple[Path, dict, dict[str, bytes]]:
     """One stage run (its own MLflow store); the local models' bytes before it."""
     root = tmp_path_factory.mktemp("federate")
-    before = {s: (models_dir / s / WEIGHTS_FILE).read_bytes() for s in N_TRAIN}
+    before = {s: (models_dir / s / "model.safetensors").read_bytes() for s in N_TRAIN}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         mp.setenv("MLFLOW_ARTIFACTS_DESTINATION", str(root / "mlartifacts"))
@@ -123,8 +123,8 @@ def test_one_shot_is_the_case_weighted_average_of_the_local_models(
     weights = {"A": 0.75, "B": 0.25}  # training cases 3 and 1
     assert metrics["sites"] == ["A", "B"]
     assert metrics["weights"] == pytest.approx(weights)
-    merged = _state(out / "one_shot" / WEIGHTS_FILE)
-    _float_params_equal(merged, {s: _state(models_dir / s / WEIGHTS_FILE) for s in N_TRAIN},
+    merged = _state(out / "one_shot" / "model.safetensors")
+    _float_params_equal(merged, {s: _state(models_dir / s / "model.safetensors") for s in N_TRAIN},
                         weights)
     card = json.loads((out / "one_shot" / "model_card.json").read_text())
     assert card["kind"] == "federated" and card["method"] == "one_shot"
@@ -134,13 +134,13 @@ def test_one_shot_is_the_case_weighted_average_of_the_local_models(
     assert card["reference_ml"] == pytest.approx([1.5, 0.3])
     assert card["runtime"]["stage"]["device"] == "cpu"
     # Averaging works on copies: the local models on disk are untouched.
-    assert {s: (models_dir / s / WEIGHTS_FILE).read_bytes() for s in N_TRAIN} == before
+    assert {s: (models_dir / s / "model.safetensors").read_bytes() for s in N_TRAIN} == before
 
 
 def test_uw_merge_writes_one_model_per_held_out_site_weighted_by_uncertainty(
         federated: tuple[Path, dict, dict], models_dir: Path) -> None:
     out, metrics, _ = federated
-    locals_ = {s: _state(models_dir / s / WEIGHTS_FILE) for s in N_TRAIN}
+    locals_ = {s: _state(models_dir / s / "model.safetensors") for s in N_TRAIN}
     assert sorted(p.name for p in (out / "uw_merge").iterdir()) == ["C", "G"]
     for target in ("C", "G"):
         card = json.loads((out / "uw_merge" / target / "model_card.json").read_text())
@@ -152,7 +152,7 @@ def test_uw_merge_writes_one_model_per_held_out_site_weighted_by_uncertainty(
         assert set(w) == {"A", "B"} and sum(w.values()) == pytest.approx(1.0)
         assert all(v > 0 for v in w.values())
         assert metrics[f"uw_merge_weights_{target}"] == pytest.approx(w)
-        _float_params_equal(_state(out / "uw_merge" / target / WEIGHTS_FILE), locals_, w)
+        _float_params_equal(_state(out / "uw_merge" / target / "model.safetensors"), locals_, w)
 
 
 def test_uw_select_takes_the_least_uncertain_candidate_per_target(
@@ -164,9 +164,9 @@ def test_uw_select_takes_the_least_uncertain_candidate_per_target(
         assert set(scores) == {"one_shot", "uw_merge"}
         assert card["chosen"] == min(scores, key=lambda m: (scores[m], m != "one_shot"))
         assert metrics[f"uw_select_{target}"] == {"chosen": card["chosen"], "scores": scores}
-        source = (out / "one_shot" / WEIGHTS_FILE if card["chosen"] == "one_shot"
-                  else out / "uw_merge" / target / WEIGHTS_FILE)
-        chosen, copy = _state(source), _state(out / "uw_select" / target / WEIGHTS_FILE)
+        source = (out / "one_shot" / "model.safetensors" if card["chosen"] == "one_shot"
+                  else out / "uw_merge" / target / "model.safetensors")
+        chosen, copy = _state(source), _state(out / "uw_select" / target / "model.safetensors")
         assert chosen.keys() == copy.keys()
         assert all(torch.equal(chosen[k], copy[k]) for k in chosen)
 
@@ -187,8 +187,8 @@ def test_equal_weighting_averages_the_sites_alike(cohort_dir: Path, models_dir: 
     params = dataclasses.replace(PARAMS, methods=("one_shot",), weighting="equal")
     metrics = stage.run(params, TRAIN, cohort_dir, models_dir, tmp_path / "out")
     assert metrics["weights"] == pytest.approx({"A": 0.5, "B": 0.5})
-    _float_params_equal(_state(tmp_path / "out" / "one_shot" / WEIGHTS_FILE),
-                        {s: _state(models_dir / s / WEIGHTS_FILE) for s in N_TRAIN},
+    _float_params_equal(_state(tmp_path / "out" / "one_shot" / "model.safetensors"),
+                        {s: _state(models_dir / s / "model.safetensors") for s in N_TRAIN},
                         {"A": 0.5, "B": 0.5})
 
 
@@ -227,3 +227,47 @@ def test_label_free_methods_need_a_held_out_site(cohort_dir: Path, models_dir: P
     (cohort / "cases").symlink_to(cohort_dir / "cases")
     with pytest.raises(FedctError, match="no held-out site for the label-free methods"):
         stage.run(PARAMS, TRAIN, cohort, models_dir, tmp_path / "out")
+
+
+def test_label_free_methods_read_only_the_adapt_split_never_a_scored_case(
+        cohort_dir: Path, models_dir: Path, tmp_path: Path) -> None:
+    # cohort.adapt_fraction > 0: each held-out site has adapt cases and test cases. The
+    # test cases' files are unreadable here, so a method that read one would fail; and no
+    # case that evaluate or uncertainty scores is among those adapted on.
+    import shutil
+
+    from fedct.analysis.heldout import heldout_test_cases
+    from fedct.data.cases import adaptation_cases, evaluation_cases
+
+    cohort = shutil.copytree(cohort_dir, tmp_path / "cohort")
+    table = pd.read_csv(cohort / "cohort.csv")
+    table.loc[table["series_key"].isin(["s03c", "s05g"]), ["split", "has_label"]] = [
+        "adapt", False]
+    extra = table[table["series_key"] == "s05g"].assign(series_key="s06g", split="test")
+    table = pd.concat([table, extra], ignore_index=True)
+    table.to_csv(cohort / "cohort.csv", index=False)
+    scored = table[(table["role"] == "holdout") & (table["split"] == "test")]
+    for key in scored["series_key"]:
+        (cohort / "cases" / f"{key}.npz").write_bytes(b"not a case: never read")
+    adapted = set(adaptation_cases(table)["series_key"])
+    assert adapted == {"s03c", "s05g"}
+    assert not adapted & set(heldout_test_cases(table.assign(has_label=True))["series_key"])
+    assert not adapted & set(evaluation_cases(table)["series_key"])
+    stage.run(PARAMS, TRAIN, cohort, models_dir, tmp_path / "out")
+    for target in ("C", "G"):
+        card = json.loads((tmp_path / "out" / "uw_merge" / target / "model_card.json")
+                          .read_text())
+        assert card["target_site"] == target
+    # Without an adapt split, the same methods read the scored cases (transductive): the
+    # unreadable files then stop the run, so the test above did not pass by chance.
+    table.loc[table["split"] == "adapt", "split"] = "test"
+    table.to_csv(cohort / "cohort.csv", index=False)
+    with pytest.raises(Exception):  # noqa: B017 - whatever numpy raises on a bad file
+        stage.run(PARAMS, TRAIN, cohort, models_dir, tmp_path / "out2")
+
+
+def test_rounds_summary_reports_the_best_and_the_last_round() -> None:
+    history = [{"round": 1, "val_dice_mean": 0.5}, {"round": 2, "val_dice_mean": 0.7},
+               {"round": 3, "val_dice_mean": 0.6}, {"round": 4, "val_dice_mean": None}]
+    assert stage.rounds_summary(history) == {"best_round": 2, "last_round": 4}
+    assert stage.rounds_summary([]) == {"best_round": None, "last_round": None}

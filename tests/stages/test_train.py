@@ -247,3 +247,28 @@ def test_a_stopped_run_leaves_no_worker_process(tmp_path: Path, how: str) -> Non
             if c.pid != os.getpid():
                 with __import__("contextlib").suppress(psutil.Error):
                     c.kill()
+
+
+def test_convergence_reports_best_step_cap_and_the_share_of_models_the_cap_stopped(
+        tmp_path: Path) -> None:
+    per_model = {"A": {"best_step": 300, "steps": 400, "cap": 400, "cap_hit": True},
+                 "B": {"best_step": 120, "steps": 200, "cap": 400, "cap_hit": False},
+                 "pooled": {"best_step": 900, "steps": 1000, "cap": 1600, "cap_hit": False},
+                 "E": {"best_step": 400, "steps": 400, "cap": 400, "cap_hit": True}}
+    out = stage.convergence(per_model)
+    assert out["cap_hit_fraction"] == pytest.approx(0.5)
+    assert out["models"]["pooled"] == per_model["pooled"] and out["n_models"] == 4
+    for site, metrics in per_model.items():
+        (tmp_path / site).mkdir()
+        (tmp_path / site / "metrics.json").write_text(json.dumps(metrics))
+    assert stage.write_convergence(tmp_path) == json.loads(
+        (tmp_path / stage.CONVERGENCE_FILE).read_text()) == json.loads(json.dumps(out))
+
+
+def test_a_model_that_runs_to_its_cap_says_so(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cohort = _tiny_cohort(tmp_path / "cohort")
+    metrics = stage.run(dataclasses.replace(TINY, patience=0), "A", cohort, tmp_path / "out")
+    assert metrics["cap"] == TINY.steps and metrics["cap_hit"] is True
+    assert metrics["best_step"] <= metrics["steps"] == TINY.steps

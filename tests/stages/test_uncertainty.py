@@ -16,7 +16,7 @@ import torch
 
 from fedct.config import UncertaintyParams
 from fedct.errors import FedctError
-from fedct.model.io import WEIGHTS_FILE, architecture, build_from_arch, save_model
+from fedct.model.io import architecture, build_from_arch, save_model
 from fedct.stages import uncertainty as stage
 
 LABELS = {"0": "background", "1": "muscle", "2": "femur"}
@@ -68,7 +68,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         torch.manual_seed(seed)
         arch = architecture(len(LABELS), (4, 8), (2,), 0.5, 1)
         (root / site).mkdir()
-        save_model(build_from_arch(arch), root / site / WEIGHTS_FILE, arch,
+        save_model(build_from_arch(arch), root / site / "model.safetensors", arch,
                    {"site": site, "labels": LABELS, "preprocessing": SPEC,
                     "reference_ml": [1.0, 0.1], "training": {"amp": False}})
     return root
@@ -186,3 +186,33 @@ def test_no_model_is_an_error_that_names_the_folder(cohort_dir: Path, tmp_path: 
     with pytest.raises(FedctError, match="no \\*/model.safetensors; run `fedct train` first"):
         stage.run(PARAMS, cohort_dir, tmp_path / "models", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_held_out_flag_baseline_and_out_of_domain_and_control_subsets(
+        cohort_dir: Path, models_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # uncertainty.heldout_flag and domain_subsets (issue 23): the "held-out site" flag is
+    # judged beside the other baselines, and every signal also among out-of-domain pairs
+    # and among the control sites' pairs (here C plays the negative control).
+    import dataclasses
+
+    monkeypatch.chdir(tmp_path)
+    params = dataclasses.replace(PARAMS, heldout_flag=True, domain_subsets=True)
+    metrics = stage.run(params, cohort_dir, models_dir, tmp_path / "out", control_sites=("C",))
+    signals = pd.read_csv(tmp_path / "out" / "signals.csv")
+    worst = metrics["most_shifted_site"]
+    assert set(signals["subset"]) == {"all", f"without_{worst}", "out_of_domain", "controls"}
+    flag = signals[(signals["signal"] == "heldout_site") & (signals["level"] == "case")]
+    assert set(flag["kind"]) == {"baseline"} and len(flag) == 4
+    cases = pd.read_csv(tmp_path / "out" / "cases.csv")
+    test = cases[cases["split"] == "test"]
+    assert (cases["heldout_site"] == (cases["role"] == "holdout")).all()
+    # Out of domain: A on B and C, B on A and C, pooled on C; never a model on its own site.
+    ood = test[(test["model"] != test["site"])
+               & ~((test["model"] == "pooled") & (test["role"] == "train"))]
+    assert metrics["n_pairs_out_of_domain"] == len(ood) == (2 + 3) * 2 + 3
+    assert metrics["n_pairs_controls"] == int((test["site"] == "C").sum()) == 3 * 3
+    for key in ("auroc_out_of_domain", "aurc_out_of_domain", "aurc_controls",
+                "aurc_heldout_site_all", "aurc_heldout_site_out_of_domain",
+                "aurc_heldout_site_without_worst"):
+        assert key in metrics, key

@@ -20,8 +20,11 @@ Rule (issue 11): promote only when the lower bound of the 95 % paired two-stage 
 bootstrap interval (sites, then cases; ``fedct.analysis.stats.paired_difference``) of
 candidate minus best local mean held-out Dice is strictly above ``margin``, and no
 held-out site's mean difference is below ``-site_tolerance``. The best local model is the
-baseline with the highest mean case Dice on these cases; choosing it on the same cases
-favours the baseline, which is the conservative direction for a promotion gate.
+baseline with the highest mean case Dice on the training sites' validation cases when a
+``selection`` table is given (``evaluate.best_local_on: val``: no held-out case picks the
+bar), else on the held-out cases themselves (``test``, the earlier rule; choosing the bar
+on the cases it is compared on favours the baseline, the conservative direction for a gate,
+but makes the reported "best local" a test-set selection).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class Decision:
     candidate: str
     best_local: str
     local_means: tuple[tuple[str, float], ...]  # (baseline, mean case Dice), best first
+    selected_on: str  # "val": the training sites' validation cases; "test": held-out cases
     candidate_mean: float
     difference: Interval
     sites: tuple[SiteDifference, ...]
@@ -141,6 +145,7 @@ def decide(
     seed: int = 0,
     alpha: float = 0.05,
     source: str = "comparison table",
+    selection: pd.DataFrame | None = None,
 ) -> Decision:
     """Apply the promotion rule to the held-out comparison table.
 
@@ -153,6 +158,9 @@ def decide(
         site_tolerance: largest allowed loss of mean Dice at any one site (>= 0).
         n_boot, seed, alpha: of the cluster bootstrap (``1 - alpha`` interval).
         source: how error messages name the table (its file path).
+        selection: the baselines on the training sites' validation cases (``site, case,
+            model, dice``); when given, the best local model is chosen on it, not on
+            ``table``.
 
     Returns:
         A frozen ``Decision``; ``promote`` is True only when both conditions hold.
@@ -170,7 +178,9 @@ def decide(
                          f"got {margin} and {site_tolerance}")
     wide = case_dice(table, [candidate, *baselines], source)
 
-    means = wide[baselines].mean()
+    chosen_on = (wide if selection is None
+                 else case_dice(selection, baselines, f"{source} (validation cases)"))
+    means = chosen_on[baselines].mean()
     # Highest mean wins; ties go to the first name in sorted order, so the choice does not
     # depend on the order the caller lists the baselines in.
     ranked = sorted(means.items(), key=lambda kv: (-kv[1], str(kv[0])))
@@ -209,6 +219,7 @@ def decide(
         candidate=candidate,
         best_local=str(best),
         local_means=tuple((str(m), float(v)) for m, v in ranked),
+        selected_on="test" if selection is None else "val",
         candidate_mean=float(wide[candidate].mean()),
         difference=interval,
         sites=sites,

@@ -24,8 +24,10 @@ Tables:
 - ``paired_table``: per model, the paired difference of mean case Dice against the best
   local model, against pooled and against FedAvg
   (``fedct.analysis.stats.paired_difference``), over all sites and per site. The best
-  local model is the local model with the highest mean held-out case Dice (ties: the
-  first name in sorted order), exactly the gate's rule.
+  local model is the local model with the highest mean case Dice (ties: the first name in
+  sorted order), exactly the gate's rule: on the training sites' validation cases when a
+  ``selection`` table is given (``evaluate.best_local_on: val``), else on the held-out
+  cases (``test``).
 
 Extra rows per (model, case), e.g. one per report seed, are averaged into one case row
 before any statistic, so every case weighs the same.
@@ -257,24 +259,29 @@ def summary_table(cases: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
             .sort_values(["_m", "_s"]).drop(columns=["_m", "_s"]).reset_index(drop=True))
 
 
-def best_local(cases: pd.DataFrame) -> str | None:
-    """The local model with the highest mean held-out case Dice; None without local models.
+def best_local(cases: pd.DataFrame, selection: pd.DataFrame | None = None) -> str | None:
+    """The local model with the highest mean case Dice; None without local models.
 
     The same rule as ``fedct.analysis.gate.decide``: means over the cases every local
-    model scored, ties to the first name in sorted order.
+    model scored, ties to the first name in sorted order; on ``selection`` (the local
+    models on the training sites' validation cases) when given, else on ``cases``.
     """
     local = sorted(cases.loc[cases["kind"] == LOCAL, "model"].astype(str).unique())
     if not local:
         return None
-    means = case_dice(cases, local, "held-out cases")[local].mean()
+    if selection is None:
+        means = case_dice(cases, local, "held-out cases")[local].mean()
+    else:
+        means = case_dice(selection, local, "validation cases")[local].mean()
     return str(sorted(means.items(), key=lambda kv: (-kv[1], str(kv[0])))[0][0])
 
 
 def paired_table(cases: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05) -> pd.DataFrame:
+                 alpha: float = 0.05, selection: pd.DataFrame | None = None) -> pd.DataFrame:
     """Paired differences of mean case Dice, model minus reference, with intervals.
 
-    References: ``best_local`` (``best_local``), ``pooled`` (the pooled model) and
+    References: ``best_local`` (``best_local``, chosen on ``selection`` when given),
+    ``pooled`` (the pooled model) and
     ``fedavg`` (the federated model named ``fedavg``: what a label-free method must match
     at a shifted site), when present. One row per (model, reference, site),
     ``site == "all"`` over every held-out site (two-stage cluster bootstrap) and one per
@@ -292,7 +299,7 @@ def paired_table(cases: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
     models = _order(list(kinds), kinds)
     wide = case_dice(cases, models, "held-out cases")
     references = []
-    best = best_local(cases)
+    best = best_local(cases, selection)
     if best is not None:
         references.append((BEST_LOCAL, best))
     pooled = sorted(m for m, k in kinds.items() if k == POOLED_KIND)

@@ -8,7 +8,10 @@ Pairs are (model, case) rows of the uncertainty stage. The protocol:
 2. **Every signal and baseline** is scored on the test pairs by Spearman with Dice, failure
    AUROC with a 95 % two-stage cluster-bootstrap interval (sites, then cases within sites;
    all pairs of a case move together) and AURC (risk = failure rate among kept pairs),
-   over all test pairs and without the most shifted site (the site with most failures).
+   over all test pairs and without the most shifted site (the site with most failures);
+   with ``uncertainty.domain_subsets`` also among out-of-domain pairs only (the model
+   never trained on the case's site) and among the negative-control sites' pairs
+   (``cohort.control_sites``: held-out sites without an injected shift).
 3. **Within each site** AUROC where the site has both failed and good pairs.
 4. **The label-free site ranking** uses the same number of pairs per site (a seeded
    subsample), the median and a case-bootstrap interval.
@@ -48,6 +51,37 @@ def in_domain_calibration_dice(cases: pd.DataFrame, split: str = "calib") -> pd.
 def failure_threshold(cases: pd.DataFrame, percentile: float, split: str = "calib") -> float:
     """The Dice below which a pair has failed (``percentile`` of in-domain calib Dice)."""
     return relative_failure_threshold(in_domain_calibration_dice(cases, split), percentile)
+
+
+#: The trivial "held-out site" flag (``uncertainty.heldout_flag``): 1 for a pair whose case
+#: comes from a held-out site, else 0. No image, no model: what a site label alone scores.
+HELDOUT_FLAG = "heldout_site"
+#: Names of the extra subsets of ``uncertainty.domain_subsets``.
+OUT_OF_DOMAIN, CONTROLS = "out_of_domain", "controls"
+
+
+def heldout_flag(pairs: pd.DataFrame) -> pd.Series:
+    """The held-out-site flag of each pair (``role`` of its case), as a score."""
+    return (pairs["role"] == "holdout").astype(float)
+
+
+def out_of_domain(pairs: pd.DataFrame) -> pd.Series:
+    """Pairs whose model never trained on the case's site: a local model on another site,
+    the pooled model on a held-out site."""
+    model, site = pairs["model"].astype(str), pairs["site"].astype(str)
+    return (model != site) & ~((model == POOLED) & (pairs["role"] == "train"))
+
+
+def subsets(test: pd.DataFrame, worst: str, domain_subsets: bool = False,
+            control_sites: tuple[str, ...] = ()) -> dict[str, pd.Series]:
+    """The subsets of ``signal_table``: ``all`` and ``without_<worst>``; with
+    ``domain_subsets`` also ``out_of_domain`` and (given control sites) ``controls``."""
+    out = {"all": pd.Series(True, index=test.index), f"without_{worst}": test["site"] != worst}
+    if domain_subsets:
+        out[OUT_OF_DOMAIN] = out_of_domain(test)
+        if control_sites:
+            out[CONTROLS] = test["site"].astype(str).isin(control_sites)
+    return out
 
 
 def most_shifted_site(test: pd.DataFrame) -> str:

@@ -7,7 +7,10 @@
 - ``models``: candidate name -> ``kind`` (``local``, ``pooled``, ``federated``) and
   ``weights``: one entry per model file scored, ``site`` (the held-out site it was
   scored on; null: every site), ``file`` (as given to evaluate, for people) and
-  ``sha256`` (of the weights as loaded, checked against the model's card).
+  ``sha256`` (of the weights as loaded, checked against the model's card);
+- ``selection_sha256`` (only with ``evaluate.best_local_on: val``): SHA-256 of
+  ``selection.csv``, the local models on the training sites' validation cases, on which
+  the best local model is chosen (promote checks it as it checks ``cases.csv``).
 
 Promote reads ``cases.csv`` once, compares its digest with ``cases_sha256`` and parses
 those bytes; it reads each weights file it relies on once and compares its digest with the
@@ -34,15 +37,20 @@ def sha256(data: bytes) -> str:
 
 
 def write_scored(path: Path, cases: bytes,
-                 models: Mapping[str, tuple[str, Sequence[tuple[str | None, Path, str]]]]
-                 ) -> dict[str, Any]:
+                 models: Mapping[str, tuple[str, Sequence[tuple[str | None, Path, str]]]],
+                 selection: bytes | None = None) -> dict[str, Any]:
     """Write ``scored.json``: ``cases`` are the bytes of ``cases.csv`` as written;
-    ``models``: name -> (kind, [(site or None, weights file, SHA-256 as loaded)])."""
-    record = {"format": FORMAT, "cases_sha256": sha256(cases),
-              "models": {name: {"kind": kind,
-                                "weights": [{"site": site, "file": str(file), "sha256": d}
-                                            for site, file, d in weights]}
-                         for name, (kind, weights) in models.items()}}
+    ``models``: name -> (kind, [(site or None, weights file, SHA-256 as loaded)]);
+    ``selection``: the bytes of ``selection.csv`` when the best local model is chosen on
+    validation cases."""
+    record: dict[str, Any] = {
+        "format": FORMAT, "cases_sha256": sha256(cases),
+        "models": {name: {"kind": kind,
+                          "weights": [{"site": site, "file": str(file), "sha256": d}
+                                      for site, file, d in weights]}
+                   for name, (kind, weights) in models.items()}}
+    if selection is not None:
+        record["selection_sha256"] = sha256(selection)
     Path(path).write_text(json.dumps(record, indent=1))
     return record
 
@@ -74,6 +82,18 @@ def check_cases(record: Mapping[str, Any], cases_file: Path, data: bytes) -> Non
                          f"{record['cases_sha256'][:16]}... the evaluate stage recorded in "
                          f"{FILE}: the comparison table was changed after evaluate; rerun "
                          "`fedct evaluate`")
+
+
+def check_selection(record: Mapping[str, Any], selection_file: Path, data: bytes) -> None:
+    """``data`` (the bytes of ``selection_file`` just read) must be the validation table
+    evaluate wrote and recorded (``selection_sha256``)."""
+    want = record.get("selection_sha256")
+    got = sha256(data)
+    if not isinstance(want, str) or got != want:
+        raise FedctError(f"{selection_file}: SHA-256 {got[:16]}... is not the "
+                         f"{str(want)[:16]}... the evaluate stage recorded in {FILE}: the "
+                         "validation table that picks the best local model was changed "
+                         "after evaluate; rerun `fedct evaluate`")
 
 
 def check_weights(record: Mapping[str, Any], name: str, path: Path, data: bytes) -> str:

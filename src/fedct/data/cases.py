@@ -83,6 +83,30 @@ def training_cases(cohort: pd.DataFrame, site: str,
     return c
 
 
+#: The split of held-out patients whose images label-free methods adapt on (no label).
+ADAPT = "adapt"
+
+
+def adaptation_cases(cohort: pd.DataFrame) -> pd.DataFrame:
+    """The held-out cases the label-free methods may read (images only).
+
+    With an ``adapt`` split (``cohort.adapt_fraction`` > 0): those cases only, disjoint
+    from the ``test`` cases every model is scored on. Without one: every held-out case
+    (transductive: they adapt on the images they are scored on)."""
+    held = cohort[cohort["role"] == "holdout"]
+    if (held["split"] == ADAPT).any():
+        held = held[held["split"] == ADAPT]
+    return held.reset_index(drop=True)
+
+
+def validation_cases(cohort: pd.DataFrame) -> pd.DataFrame:
+    """Labelled validation cases of training sites: where the best local model is chosen
+    (``evaluate.best_local_on: val``), never a held-out case."""
+    keep = ((cohort["role"] == "train") & (cohort["split"] == "val")
+            & cohort["has_label"].astype(bool))
+    return cohort[keep].reset_index(drop=True)
+
+
 def evaluation_cases(cohort: pd.DataFrame) -> pd.DataFrame:
     """Val, calib and test cases of training sites, all (test) cases of held-out sites."""
     return cohort[cohort["split"].isin(["val", "calib", "test"])].reset_index(drop=True)

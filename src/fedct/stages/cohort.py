@@ -16,8 +16,11 @@ Split rule, per site: patients shuffled with a generator seeded by (seed, site);
 ``test_fraction`` of them (at least one) to test, ``val_fraction`` (at least one when a
 site has three or more patients) to val (checkpoint selection), ``calib_fraction`` (at
 least one when a site has four or more) to calib (the failure definition and the flag
-threshold of the uncertainty stage, which nothing else sees), the rest to train.
-Held-out sites put every patient in test: they never train a model. Unlabelled sites keep
+threshold of the uncertainty stage, which nothing else sees; at least ``min_calib`` when
+the site can spare them), the rest to train. Held-out sites never train a model: with
+``adapt_fraction`` 0 every patient is in test; else that fraction (at least one, never
+all) is in ``adapt``, images the label-free methods adapt on, prepared without their
+labels, and the rest in test, the only cases any model is scored on. Unlabelled sites keep
 their split but carry ``labelled = False``; only label-free methods may use them.
 Patients at several sites (``cohort.shared_patients``): with ``one_site`` a patient key
 found at several sites (the same PatientID at two hospitals, as with a national patient
@@ -45,7 +48,7 @@ from tqdm import tqdm
 from fedct.catalogue import PATHS_DIRNAME, SERIES_FILES_FILE
 from fedct.catalogue.pseudonym import KEY_ENV, load_key, pseudonym
 from fedct.config import CatalogueParams, CohortParams, to_dict
-from fedct.data.cases import case_path, save_case
+from fedct.data.cases import ADAPT, case_path, save_case
 from fedct.data.labels import read_labels, write_labels
 from fedct.data.preprocess import PrepSpec, grid_mismatch, prepare_volume
 from fedct.dicom.files import exact_path
@@ -105,9 +108,17 @@ def split_sizes(n: int, params: CohortParams) -> dict[str, int]:
     n_calib = int(round(params.calib_fraction * n))
     if n >= 4 and params.calib_fraction > 0:
         n_calib = max(1, n_calib)
+    n_calib = max(n_calib, params.min_calib)
     n_calib = min(n_calib, max(0, n - n_test - n_val - 1))
     return {"test": n_test, "val": n_val, "calib": n_calib,
             "train": n - n_test - n_val - n_calib}
+
+
+def adapt_size(n: int, fraction: float) -> int:
+    """Patients of a held-out site with ``n`` patients in ``adapt`` (the rule above)."""
+    if fraction <= 0 or n < 2:
+        return 0
+    return min(n - 1, max(1, int(round(fraction * n))))
 
 
 def split_patients(chosen: pd.DataFrame, params: CohortParams) -> pd.DataFrame:
@@ -122,7 +133,8 @@ def split_patients(chosen: pd.DataFrame, params: CohortParams) -> pd.DataFrame:
         n = len(patients)
         holdout = site in params.holdout_sites
         if holdout:
-            split = dict.fromkeys(patients, "test")
+            n_adapt = adapt_size(n, params.adapt_fraction)
+            split = {p: "adapt" if i < n_adapt else "test" for i, p in enumerate(patients)}
         else:
             size = split_sizes(n, params)
             bounds = np.cumsum([size["test"], size["val"], size["calib"]])
@@ -281,7 +293,9 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
         prepared, rejects = [], []
         for row in tqdm(cohort.to_dict("records"), desc="cohort: prepare"):
             for cand in [row, *stand_ins.get(row["study_key"], [])]:
-                lab_path = labels.get(cand["series_key"]) if row["labelled"] else None
+                # An adapt case is for label-free use only: its label is never prepared.
+                lab_path = (labels.get(cand["series_key"])
+                            if row["labelled"] and row["split"] != ADAPT else None)
                 try:
                     image = read_volume(Path(archive), files[cand["series_key"]])
                     label = read_label(lab_path, image) if lab_path is not None else None
@@ -302,7 +316,8 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
             print(f"cohort: {len(rejected)} series could not be prepared and are left out "
                   f"(reasons in {out_dir / 'rejects.csv'})", flush=True)
         has_label = cohort["has_label"].astype(bool)
-        unmatched = int((cohort["labelled"].astype(bool) & ~has_label).sum())
+        unmatched = int((cohort["labelled"].astype(bool) & ~has_label
+                         & (cohort["split"] != ADAPT)).sum())
         if unmatched:
             print(f"cohort: {unmatched} series of labelled sites have no label file in "
                   f"{labels_dir}; they are kept as unlabelled (has_label false)", flush=True)
@@ -320,6 +335,8 @@ def run(params: CohortParams, catalogue_params: CatalogueParams, catalogue_dir: 
             "n_val": int((cohort["split"] == "val").sum()),
             "n_calib": int((cohort["split"] == "calib").sum()),
             "n_test": int((cohort["split"] == "test").sum()),
+            **({"n_adapt": int((cohort["split"] == ADAPT).sum())} if params.adapt_fraction
+               else {}),
             "n_labelled": int(cohort["has_label"].sum()),
             "n_labelled_site_without_label": unmatched,
             "n_orphan_label_files": orphans,

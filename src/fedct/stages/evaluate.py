@@ -8,10 +8,13 @@ model per held-out site (``FEDERATED_DIR/<method>/<site>/model.safetensors``, e.
 candidate ``<method>``. Without ``FEDERATED_DIR`` the local and pooled models are scored
 and a warning says so.
 
-Cases: the labelled test cases of held-out sites (``role == holdout`` in
-``cohort.csv``). Every model runs MC dropout through ``fedct.analysis.evaluate``, the
-same code and records as the uncertainty stage; the tables come from
-``fedct.analysis.heldout``. Outputs (``OUT_DIR``):
+Cases: the labelled test cases of held-out sites (``role == holdout`` and ``split ==
+test`` in ``cohort.csv``; a held-out site's ``adapt`` cases, which the label-free methods
+adapted on, are never scored). With ``evaluate.best_local_on: val`` the local models are
+also scored on the training sites' labelled validation cases (``selection.csv``): the best
+local model is chosen there, never on a held-out case. Every model runs MC dropout
+through ``fedct.analysis.evaluate``, the same code and records as the uncertainty stage;
+the tables come from ``fedct.analysis.heldout``. Outputs (``OUT_DIR``):
 
 - ``cases.csv``: one row per (model, case): Dice and HD95 (mean and per structure), the
   frozen failure signal (``uncertainty.signal`` / ``aggregation``), the flag threshold of
@@ -19,6 +22,8 @@ same code and records as the uncertainty stage; the tables come from
 - ``summary.csv``: per model, per site and over all held-out sites, mean Dice and HD95
   with 95 % two-stage cluster-bootstrap intervals;
 - ``paired.csv``: model minus best local, minus pooled and minus FedAvg, with intervals;
+- ``selection.csv`` (``best_local_on: val`` only): one row per (local model, validation
+  case of a training site), as ``cases.csv``; what picks the best local model;
 - ``metrics.json`` (DVC metrics: ``heldout_dice.<candidate>``, ...), ``dice_by_site.csv``
   (DVC plots) and ``dice_by_site.png``;
 - ``scored.json``: the SHA-256 of ``cases.csv`` and of every weights file as loaded
@@ -40,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from fedct.analysis import heldout
 from fedct.analysis.evaluate import score_models
@@ -48,12 +54,13 @@ from fedct.analysis.plots import interval_bars
 from fedct.analysis.scored import FILE as SCORED_FILE
 from fedct.analysis.scored import write_scored
 from fedct.config import EvaluateParams, UncertaintyParams, to_dict
-from fedct.data.cases import POOLED, read_cohort, read_spec
+from fedct.data.cases import POOLED, read_cohort, read_spec, validation_cases
 from fedct.devices import pick_device
 from fedct.errors import FedctError
 from fedct.model.io import CARD_FILE, LEGACY_FILE, find_weights, weights_path
 from fedct.model.io import WEIGHTS_FILE as MODEL_FILE
 
+SELECTION_FILE = "selection.csv"
 OUTPUTS = ("cases.csv", "summary.csv", "paired.csv", "metrics.json", "dice_by_site.csv",
            "dice_by_site.png", SCORED_FILE)
 
@@ -178,8 +185,18 @@ def run(params: EvaluateParams, uncertainty: UncertaintyParams, cohort_dir: Path
     _check_cards(candidates, read_spec(cohort_dir), cohort_dir)
     threshold = read_threshold(threshold_file, signal, aggregation, params.mc_samples)
     device = pick_device(params.device)
-    jobs = [(c.name, path, test if site is None else test[test["site"].astype(str) == site])
-            for c in candidates for site, path in c.models]
+    val = validation_cases(cohort) if params.best_local_on == "val" else test.iloc[:0]
+    if params.best_local_on == "val" and val.empty:
+        raise FedctError(f"{cohort_dir / 'cohort.csv'}: evaluate.best_local_on is val, but no "
+                         "training site has a labelled validation case (cohort.val_fraction)")
+
+    def scored_on(c: Candidate, site: str | None):
+        on = test if site is None else test[test["site"].astype(str) == site]
+        if c.kind != heldout.LOCAL or val.empty:
+            return on
+        return pd.concat([on, val], ignore_index=True)
+
+    jobs = [(c.name, path, scored_on(c, site)) for c in candidates for site, path in c.models]
     kinds = {c.name: c.kind for c in candidates}
     out_dir.mkdir(parents=True, exist_ok=True)
     with tracking.start_run("evaluate") as parent:
@@ -191,15 +208,26 @@ def run(params: EvaluateParams, uncertainty: UncertaintyParams, cohort_dir: Path
         structures, digests = score_models(params, cohort_dir, [p for _, p, _ in jobs],
                                            [t for _, _, t in jobs], device,
                                            names=[n for n, _, _ in jobs], desc="evaluate")
-        cases = heldout.case_table(structures, kinds, signal, aggregation, threshold)
+        on_heldout = structures["role"] == "holdout"
+        cases = heldout.case_table(structures[on_heldout], kinds, signal, aggregation,
+                                   threshold)
+        selection = None
+        if params.best_local_on == "val":
+            selection = heldout.case_table(structures[~on_heldout], kinds, signal,
+                                           aggregation, threshold)
+            selection.to_csv(out_dir / SELECTION_FILE, index=False)
+        else:
+            (out_dir / SELECTION_FILE).unlink(missing_ok=True)
         summary = heldout.summary_table(cases, params.n_boot, params.seed)
-        paired = heldout.paired_table(cases, params.n_boot, params.seed)
+        paired = heldout.paired_table(cases, params.n_boot, params.seed, selection=selection)
         cases.to_csv(out_dir / "cases.csv", index=False)
         # The digests promote checks: of this table as written and of each model as loaded.
         loaded = iter(digests)
         write_scored(out_dir / SCORED_FILE, (out_dir / "cases.csv").read_bytes(),
                      {c.name: (c.kind, [(site, path, next(loaded)) for site, path in c.models])
-                      for c in candidates})
+                      for c in candidates},
+                     selection=(None if selection is None
+                                else (out_dir / SELECTION_FILE).read_bytes()))
         summary.to_csv(out_dir / "summary.csv", index=False)
         paired.to_csv(out_dir / "paired.csv", index=False)
         bars = heldout.dice_by_site(summary)
@@ -208,11 +236,13 @@ def run(params: EvaluateParams, uncertainty: UncertaintyParams, cohort_dir: Path
                       "Mean Dice on held-out sites (95 % cluster-bootstrap interval)",
                       "mean case Dice")
         metrics = heldout.metrics_json(summary, paired)
+        if selection is not None:
+            metrics["best_local_on"] = params.best_local_on
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         parent.log_metrics({"n_cases": len(test), "n_candidates": len(candidates)})
         parent.set_tags({"fedct.best_local": str(metrics["best_local"]),
                          "fedct.signal": signal})
-        for f in OUTPUTS:
+        for f in OUTPUTS + ((SELECTION_FILE,) if selection is not None else ()):
             parent.log_artifact(out_dir / f)
         parent_id = parent.run_id
     # One child run per candidate with the same metric names: MLflow's compare view.

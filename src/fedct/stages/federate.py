@@ -22,8 +22,10 @@ Output: one folder per candidate in ``OUT_DIR``, each with ``model.safetensors``
   (``federate.uw_signal``) on the target's images: the model a site without ground truth
   would deploy. It runs last, on the models written above.
 
-The label-free methods are transductive: they see the same target images that the
-``evaluate`` stage scores (as TENT does at test time), never a target label.
+The label-free methods read the target's images, never a label: its ``adapt`` cases,
+disjoint from the ``test`` cases ``evaluate`` scores, when the cohort has them
+(``cohort.adapt_fraction`` > 0); else they are transductive and see the same target
+images that ``evaluate`` scores (as TENT does at test time).
 
 MLflow: one parent run per stage, a child run per method (a step per round: global
 validation Dice, per-site loss and Dice, bytes, seconds), with a grandchild run per
@@ -45,7 +47,7 @@ import pandas as pd
 import torch
 
 from fedct.config import FederateParams, TrainParams, to_dict
-from fedct.data.cases import case_path, load_image, read_cohort, save_case
+from fedct.data.cases import adaptation_cases, case_path, load_image, read_cohort, save_case
 from fedct.devices import pick_device, runtime
 from fedct.errors import FedctError
 from fedct.federation import LABEL_FREE
@@ -97,8 +99,9 @@ def _save(model: torch.nn.Module, out: Path, arch: dict, card: dict) -> Path:
 
 
 def _target_images(cohort: pd.DataFrame, cohort_dir: Path) -> dict[str, list[np.ndarray]]:
-    """Each held-out site's images (never a label): the label-free methods' only input."""
-    held = cohort[cohort["role"] == "holdout"]
+    """Each held-out site's images (never a label): the label-free methods' only input;
+    its ``adapt`` cases when the cohort has them (``adaptation_cases``)."""
+    held = adaptation_cases(cohort)
     return {site: [load_image(case_path(cohort_dir, k)) for k in rows["series_key"]]
             for site, rows in held.groupby("site", sort=True)}
 
@@ -115,6 +118,18 @@ def _timed(method: str):
     t0 = time.perf_counter()
     yield
     print(f"federate {method}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def rounds_summary(history: list[dict]) -> dict:
+    """Convergence of a multi-round method (issue 23): ``best_round``, the completed round
+    with the highest aggregated validation Dice of the clients' val splits (None without
+    one), and ``last_round``, the round whose model is kept (the last)."""
+    done = [r for r in history if r.get("round") is not None]
+    scored = [r for r in done if r.get("val_dice_mean") is not None
+              and np.isfinite(float(r["val_dice_mean"]))]
+    best = max(scored, key=lambda r: float(r["val_dice_mean"])) if scored else None
+    return {"best_round": int(best["round"]) if best else None,
+            "last_round": int(done[-1]["round"]) if done else None}
 
 
 def _history_table(history: list[dict]) -> pd.DataFrame:
@@ -209,7 +224,7 @@ def _self_train_cohort(cohort: pd.DataFrame, cohort_dir: Path, teacher: torch.nn
     teacher = teacher.to(device)
     kept: dict[str, float] = {}
     rows = [keep]
-    held = cohort[cohort["role"] == "holdout"]
+    held = adaptation_cases(cohort)
     for site, imgs in images.items():
         cases = pseudo_labelled_cases(teacher, imgs, params.mc_samples, params.mc_batch,
                                       params.seed, params.pseudo_p_min, params.pseudo_std_max,
@@ -316,6 +331,7 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                 tracking.log_fedct_model(mlrun, path.parent)
                 mlrun.log_artifact(path.parent / "history.csv")
                 metrics[f"{name}_val_dice"] = history[-1].get("val_dice_mean")
+                metrics.update({f"{name}_{k}": v for k, v in rounds_summary(history).items()})
                 metrics[f"{name}_failed_clients"] = sum(len(r.get("failed", []))
                                                         for r in history)
         if "uw_merge" in params.methods:

@@ -16,7 +16,9 @@ Steps:
    local baseline are read once and must be the weights evaluate scored under those
    names; the candidate may not be a local model's weights under another name, and its
    card must name those weights. A mismatch is a FedctError naming the file.
-3. The gate (``fedct.analysis.gate.decide``) on the verified table: the lower bound of the
+3. The gate (``fedct.analysis.gate.decide``) on the verified table (and, when evaluate
+   chose the best local model on validation cases, on its verified ``selection.csv``,
+   whose digest ``scored.json`` records): the lower bound of the
    paired 95 % cluster-bootstrap interval of (candidate - best local) mean held-out Dice
    must exceed ``promote.margin``, and no held-out site may lose more than
    ``promote.site_tolerance``.
@@ -46,7 +48,13 @@ import pandas as pd
 
 from fedct.analysis.gate import decide
 from fedct.analysis.scored import FILE as SCORED_FILE
-from fedct.analysis.scored import check_cases, check_weights, read_scored, sha256
+from fedct.analysis.scored import (
+    check_cases,
+    check_selection,
+    check_weights,
+    read_scored,
+    sha256,
+)
 from fedct.config import PromoteParams, check, to_dict
 from fedct.errors import FedctError
 from fedct.model.io import CARD_FILE, DIGEST_KEY, WEIGHTS_FILE
@@ -123,9 +131,20 @@ def run(params: PromoteParams, evaluate_dir: Path, models_dir: Path, federated_d
                          f"{str(card.get(DIGEST_KEY))[:16]}..., not the candidate's "
                          f"{digest[:16]}...; it belongs to another model")
 
+    selection = None
+    if "selection_sha256" in record:
+        # evaluate chose the best local model on validation cases: the gate does too, on
+        # the very bytes evaluate recorded.
+        selection_file = evaluate_dir / "selection.csv"
+        selection_bytes = _read(selection_file, "the validation table")
+        check_selection(record, selection_file, selection_bytes)
+        try:
+            selection = pd.read_csv(io.BytesIO(selection_bytes))
+        except (ValueError, pd.errors.ParserError) as exc:
+            raise FedctError(f"{selection_file}: not a readable table ({exc})") from exc
     decision = decide(table, params.candidate, baselines, params.margin,
                       params.site_tolerance, n_boot=params.n_boot, seed=params.seed,
-                      source=str(cases_file))
+                      source=str(cases_file), selection=selection)
     failure, threshold_bytes = _read_json(
         Path(uncertainty_dir) / "threshold.json",
         "the failure signal and flag threshold of `fedct uncertainty`")

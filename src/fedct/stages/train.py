@@ -5,7 +5,9 @@ Output: one folder per model, ``MODELS_DIR/<site>`` (``pooled`` for the pooled m
 ``model.safetensors`` and ``model_card.json`` (weights, architecture and card, so MC dropout works
 after loading), ``reference.json`` (mean structure volumes of the training set, for
 label-free volume checks), ``history.csv`` (at every validation pass: training loss,
-validation loss and Dice per structure), ``curves.png`` and ``metrics.json``.
+validation loss and Dice per structure), ``curves.png`` and ``metrics.json`` (with
+``best_step``, ``cap`` and ``cap_hit``); and ``MODELS_DIR/convergence.json``: every model's
+best step and cap, and ``cap_hit_fraction``.
 
 The models train in ``train.workers`` processes at once, longest first (the pooled model
 has a cap of ``train.steps`` x its sites). On the CPU each process gets an equal share of
@@ -132,7 +134,11 @@ def run(params: TrainParams, site: str, cohort_dir: Path, out_dir: Path,
                    "best_step": int((best if best is not None else history.iloc[-1])["step"]),
                    "best_val_loss": float(best["val_loss"]) if best is not None else float("nan"),
                    "best_val_dice": float(best["val_dice_mean"]) if best is not None
-                   else float("nan")}
+                   else float("nan"),
+                   # Convergence (issue 23): the cap binds when training ran to it without
+                   # a validation plateau stopping it first.
+                   "cap": params.steps,
+                   "cap_hit": bool(int(history["step"].iloc[-1]) >= params.steps)}
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         mlrun.log_metrics(metrics)
         mlrun.log_artifact(out_dir / "curves.png")
@@ -296,4 +302,32 @@ def run_sites(params: TrainParams, sites: Sequence[str], cohort_dir: Path, model
     if checkpoint_dir is not None:
         for site in order:
             checkpoint_path(checkpoint_dir, site).unlink(missing_ok=True)
+    write_convergence(models_dir)
     return results
+
+
+CONVERGENCE_FILE = "convergence.json"
+
+
+def convergence(per_model: dict[str, dict]) -> dict:
+    """Per model its best step, last step and cap, and ``cap_hit_fraction``: the share of
+    models that ran to their cap without a validation plateau stopping them (issue 23:
+    at most 1 in 10). ``per_model``: model -> its ``metrics.json``."""
+    models = {m: {k: v.get(k) for k in ("best_step", "steps", "cap", "cap_hit")}
+              for m, v in sorted(per_model.items())}
+    known = [v["cap_hit"] for v in models.values() if v["cap_hit"] is not None]
+    return {"models": models, "n_models": len(models),
+            "cap_hit_fraction": (sum(map(bool, known)) / len(known)) if known else None}
+
+
+def write_convergence(models_dir: Path) -> dict:
+    """``MODELS_DIR/convergence.json`` over every model folder's ``metrics.json``."""
+    per_model = {}
+    for f in sorted(Path(models_dir).glob("*/metrics.json")):
+        try:
+            per_model[f.parent.name] = json.loads(f.read_text())
+        except (OSError, ValueError) as exc:
+            raise FedctError(f"{f}: cannot read a model's metrics ({exc})") from exc
+    out = convergence(per_model)
+    (Path(models_dir) / CONVERGENCE_FILE).write_text(json.dumps(out, indent=1))
+    return out

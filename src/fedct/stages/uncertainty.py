@@ -12,7 +12,9 @@ structure; one deterministic pass and the image's noise level give the baselines
   dice, hd95, every signal and baseline, ``failed``;
 - ``signals.csv``: one row per (signal, level, subset): Spearman with Dice, failure AUROC
   with its 95 % cluster-bootstrap interval, AURC; ``kind`` uncertainty or baseline;
-  subsets ``all`` and ``without_<most shifted site>``;
+  subsets ``all`` and ``without_<most shifted site>`` (with ``domain_subsets`` also
+  ``out_of_domain`` and ``controls``, the pairs of ``cohort.control_sites``); with
+  ``heldout_flag`` the baselines include the "held-out site" flag;
 - ``within_site.csv``, ``risk_coverage.csv`` (+ PNG), ``failure_sweep.csv``;
 - ``threshold.json``: the frozen signal, its flag threshold (calibration pairs only) and
   the failure definition, for ``predict``;
@@ -56,8 +58,12 @@ def _evaluate_all(params: UncertaintyParams, cohort_dir: Path, model_paths: list
     return evaluate_models(params, cohort_dir, model_paths, evaluate, device)
 
 
-def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: Path) -> dict:
-    """Evaluate every model on every evaluation case; write the tables and plots."""
+def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: Path,
+        control_sites: tuple[str, ...] = ()) -> dict:
+    """Evaluate every model on every evaluation case; write the tables and plots.
+
+    ``control_sites``: the held-out sites without an injected shift
+    (``cohort.control_sites``), reported apart with ``params.domain_subsets``."""
     from fedct import tracking
 
     cohort_dir, models_dir, out_dir = Path(cohort_dir), Path(models_dir), Path(out_dir)
@@ -73,13 +79,16 @@ def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(params.device)
     chosen = params.signal
-    kinds = {**dict.fromkeys(SIGNALS, "uncertainty"), **dict.fromkeys(BASELINES, "baseline")}
+    baselines = (*BASELINES, *((protocol.HELDOUT_FLAG,) if params.heldout_flag else ()))
+    kinds = {**dict.fromkeys(SIGNALS, "uncertainty"), **dict.fromkeys(baselines, "baseline")}
     with tracking.start_run("uncertainty") as mlrun:
         mlrun.log_params({**to_dict(params), "n_models": len(model_paths),
                           "n_cases": len(evaluate), "device": str(device)})
         structures = _evaluate_all(params, cohort_dir, model_paths, evaluate, device)
         cases = aggregate_cases(structures, params.aggregation)
         cases["header_rule"] = header_rule(cases, cohort)
+        if params.heldout_flag:
+            cases[protocol.HELDOUT_FLAG] = protocol.heldout_flag(cases)
         # 1. Failure, relative to in-domain calibration Dice.
         calib_split = protocol.calibration_split(cases)
         if calib_split != "calib":
@@ -93,8 +102,7 @@ def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: 
         cases.to_csv(out_dir / "cases.csv", index=False)
         test = cases[cases["split"] == "test"].dropna(subset=["dice"])
         worst = protocol.most_shifted_site(test)
-        subsets = {"all": pd.Series(True, index=test.index),
-                   f"without_{worst}": test["site"] != worst}
+        subsets = protocol.subsets(test, worst, params.domain_subsets, tuple(control_sites))
         # 2.-3. Every signal and baseline on the test pairs, overall and within sites.
         signals = protocol.signal_table(
             test, structures[structures["split"] == "test"].dropna(subset=["dice"]),
@@ -135,7 +143,7 @@ def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: 
             "aggregate": params.aggregation, "failure_percentile": params.failure_percentile,
             "failure_dice": fail_at, "calibrated_on": f"{calib_split} split pairs"}, indent=1))
         metrics = _metrics(test, signals, ranking, params, fail_at, threshold,
-                           flagged, worst)
+                           flagged, worst, list(subsets), baselines)
         metrics["calibration_split"] = calib_split
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         mlrun.log_metrics({k: v for k, v in metrics.items()
@@ -149,7 +157,9 @@ def run(params: UncertaintyParams, cohort_dir: Path, models_dir: Path, out_dir: 
 
 def _metrics(test: pd.DataFrame, signals: pd.DataFrame,
              ranking: pd.DataFrame, params: UncertaintyParams, fail_at: float,
-             threshold: float, flagged: pd.Series, worst: str) -> dict:
+             threshold: float, flagged: pd.Series, worst: str,
+             subsets: list[str] | None = None, baselines: tuple[str, ...] = BASELINES
+             ) -> dict:
     def row(signal: str, subset: str) -> pd.Series:
         s = signals[(signals["level"] == "case") & (signals["signal"] == signal)
                     & (signals["subset"] == subset)]
@@ -164,13 +174,18 @@ def _metrics(test: pd.DataFrame, signals: pd.DataFrame,
                  "most_shifted_site": worst,
                  "in_domain_dice": float(test[test["model"] == test["site"]]["dice"].mean()),
                  "n_test_pairs": len(test), "n_failed_test": int(failed.sum())}
-    for subset, tag in (("all", "all"), (f"without_{worst}", "without_worst")):
+    tags = {"all": "all", f"without_{worst}": "without_worst"}
+    for subset in subsets or list(tags):
+        tag = tags.get(subset, subset)
         r = row(chosen, subset)
         out.update({f"auroc_{tag}": float(r["auroc"]), f"auroc_lo_{tag}": float(r["auroc_lo"]),
                     f"auroc_hi_{tag}": float(r["auroc_hi"]), f"aurc_{tag}": float(r["aurc"]),
                     f"spearman_{tag}": float(r["spearman"])})
-        for b in BASELINES:
+        for b in baselines:
             out[f"aurc_{b}_{tag}"] = float(row(b, subset)["aurc"])
+        if subset not in tags:
+            out[f"n_pairs_{tag}"] = int(r["n"])
+            out[f"n_failed_{tag}"] = int(r["n_failed"])
     out.update({
         "flag_sensitivity": float((flagged & failed).sum() / max(int(failed.sum()), 1)),
         "flag_specificity": float((~flagged & ~failed).sum() / max(int((~failed).sum()), 1)),

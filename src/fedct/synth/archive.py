@@ -94,8 +94,13 @@ PROFILES: dict[str, Profile] = {
                     fine_dz_mm=4.0, reformat_slices=8),
     "demo": Profile(patients_per_site=8, matrix=96, length_mm=200.0, supersample=2,
                     fine_dz_mm=1.0),
-    "study": Profile(patients_per_site=40, matrix=512, length_mm=400.0, supersample=1,
-                     fine_dz_mm=0.5, reformat_slices=64, thick_recon_mm=20.0),
+    # The study (issue 23, profiles/study.yaml): the demo's grid, twice its patients, so
+    # that every site gives >= 4 calibration and >= 8 test patients.
+    "study": Profile(patients_per_site=16, matrix=96, length_mm=200.0, supersample=2,
+                     fine_dz_mm=1.0),
+    # Clinical-size volumes (GPU): 512 x 512 pixels, 400 mm of legs.
+    "clinical": Profile(patients_per_site=40, matrix=512, length_mm=400.0, supersample=1,
+                        fine_dz_mm=0.5, reformat_slices=64, thick_recon_mm=20.0),
 }
 
 # How each vendor stores pixels (as their scanners commonly do): signedness and intercept.
