@@ -199,7 +199,9 @@ def run(params: PromoteParams, evaluate_dir: Path, models_dir: Path, federated_d
                            "difference_hi": decision.difference.hi})
         mlrun.log_artifact(out_dir / "decision.json")
         mlrun.log_artifact(comparison)
-    verdict = "PROMOTED" if decision.promote else "REFUSED (the champion stays)"
+    stays = (f"{params.alias} stays version {champion}" if champion is not None
+             else f"no version carries {params.alias} yet")
+    verdict = "PROMOTED" if decision.promote else f"REFUSED ({stays})"
     print(f"promote {params.candidate} as {params.model_name} v{version}: {verdict}")
     for reason in decision.reasons:
         print(f"  - {reason}")
