@@ -136,22 +136,55 @@ class Run:
             mlflow.log_input(dataset, context=context)
 
 
-@contextlib.contextmanager
-def _signals_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler, ``kill``) raises KeyboardInterrupt like Ctrl-C does, so that
-    the run ends as KILLED instead of staying RUNNING; the main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _Stops:
+    """SIGTERM and SIGINT raise KeyboardInterrupt, except while ``deferred`` (a run is
+    being opened or closed): then the signal is kept in ``pending`` for later."""
 
-    def stop(signum, frame):
+    def __init__(self) -> None:
+        self.deferred = True
+        self.pending: int | None = None
+
+    def handle(self, signum, frame) -> None:
+        if self.deferred:
+            self.pending = self.pending or signum
+            return
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    def resume(self) -> None:
+        """Stop deferring; a signal that came meanwhile is raised now."""
+        self.deferred = False
+        if self.pending is not None:
+            raise KeyboardInterrupt(f"signal {self.pending}")
+
+
+@contextlib.contextmanager
+def _stops() -> Iterator[_Stops]:
+    """Install ``_Stops`` for SIGTERM (a scheduler, ``kill``) and SIGINT (Ctrl-C) in the main
+    thread (signal handlers live there; elsewhere the caller's handling stays)."""
+    stops = _Stops()
+    if threading.current_thread() is not threading.main_thread():
+        stops.deferred = False
+        yield stops
+        return
+    previous = {sig: signal.signal(sig, stops.handle) for sig in (signal.SIGTERM,
+                                                                   signal.SIGINT)}
     try:
-        yield
+        yield stops
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _end_run(run: Any, status: str) -> None:
+    mlflow = _mlflow()
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run.info.run_id:
+        try:
+            mlflow.end_run(status)  # pops the run off MLflow's stack first
+            return
+        except Exception:  # noqa: BLE001 - the store call failed: mark the run afresh below
+            pass
+    mlflow.MlflowClient().set_terminated(run.info.run_id, status)
 
 
 @contextlib.contextmanager
@@ -161,8 +194,9 @@ def start_run(stage: str, run_name: str | None = None, tags: Mapping[str, str] |
     active run, e.g. one per federated method or per site).
 
     The run ends FINISHED when the block does, KILLED on SIGTERM, SIGINT (Ctrl-C) or a
-    KeyboardInterrupt, FAILED on any other exception (which propagates). A SIGKILL
-    cannot be caught: that run stays RUNNING in MLflow.
+    KeyboardInterrupt, FAILED on any other exception (which propagates). A signal that
+    comes while the run is being opened or closed is raised once that is done, so no run
+    is left RUNNING; only SIGKILL, which no process can catch, leaves one so.
     """
     configure()
     mlflow = _mlflow()
@@ -172,26 +206,20 @@ def start_run(stage: str, run_name: str | None = None, tags: Mapping[str, str] |
         "fedct.git_dirty": str(_git_dirty()).lower(),
     }
     all_tags.update(tags or {})
-    run = mlflow.start_run(run_name=run_name or stage, tags=all_tags, nested=nested)
-    status = "FAILED"
-    try:
-        with _signals_as_interrupt():
-            yield Run(run)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        # A second SIGTERM or Ctrl-C waits until the run is marked (then it acts as usual).
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    with _stops() as stops:
+        run = mlflow.start_run(run_name=run_name or stage, tags=all_tags, nested=nested)
+        status = "FAILED"
         try:
-            active = mlflow.active_run()
-            if active is not None and active.info.run_id == run.info.run_id:
-                mlflow.end_run(status)
-            else:  # no longer the active run: mark it, leave the active one alone
-                mlflow.MlflowClient().set_terminated(run.info.run_id, status)
+            stops.resume()
+            yield Run(run)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            stops.deferred = True
+            _end_run(run, status)
+        stops.resume()  # a signal during the closing of a finished run: stop now
 
 
 # --- model registry: evidence, champion alias, refusals (aliases only, never stages) ---------

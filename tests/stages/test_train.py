@@ -239,6 +239,13 @@ def test_a_stopped_run_leaves_no_worker_process(tmp_path: Path, how: str) -> Non
         proc.wait(timeout=60)
         _, alive = psutil.wait_procs(workers, timeout=60)
         assert not alive, f"workers left running: {[w.pid for w in alive]}"
+        # Each model's MLflow run ended KILLED, none is left RUNNING for ever.
+        import mlflow
+
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'run.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("fedct").experiment_id])
+        assert sorted((r.info.run_name, r.info.status) for r in runs) == [
+            ("train-A", "KILLED"), ("train-pooled", "KILLED")], err.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -169,6 +169,10 @@ def _init_worker(lock, slots, parent: int) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
+        # Orphaned: stop as on SIGTERM (the model's MLflow run ends KILLED, then
+        # ``_train_job`` exits), and for good if that has not ended the process.
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30.0)
         os._exit(1)
 
     threading.Thread(target=watch, name="fedct-train-parent-watch", daemon=True).start()
@@ -214,14 +218,15 @@ def _reason(exc: FedctError) -> str:
 
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
     """Cancel what has not started and end the worker processes by PID (an interrupted
-    worker would otherwise go on to the next model)."""
+    worker would otherwise go on to the next model). SIGTERM first, so that each worker
+    ends its MLflow run KILLED (a busy store may take seconds); SIGKILL after 30 s."""
     procs = list((getattr(pool, "_processes", None) or {}).values())  # before shutdown
     pool.shutdown(wait=False, cancel_futures=True)
     for proc in procs:
         if proc.is_alive():
             proc.terminate()
     for proc in procs:
-        proc.join(timeout=10)
+        proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
 
