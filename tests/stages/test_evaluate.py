@@ -27,23 +27,11 @@ from fedct.model.io import (
 from fedct.stages import evaluate as stage
 from fedct.stages import promote
 from tests.model.payload import planted
+from tests.stages.tiny import LABELS, PATIENT, SPEC, tiny_case
 
-LABELS = {"0": "background", "1": "muscle", "2": "femur"}
-SPEC = {"spacing_mm": [2.0, 2.0, 2.0], "roi_size": [12, 12, 16], "hu_min": -200.0,
-        "hu_max": 1000.0}
-PATIENT = "PATIENT-SECRET-4711"  # a patient key that must reach no output
 PARAMS = EvaluateParams(mc_samples=3, mc_batch=3, n_boot=100, seed=0, workers=1,
                         device="cpu")
 REPO_PARAMS = Path(__file__).parents[2] / "params.yaml"
-
-
-def _case(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """A (1, 12, 12, 16) image in [0, 1] with a muscle block and a bone block."""
-    label = np.zeros((1, 12, 12, 16), dtype=np.uint8)
-    label[0, 2:10, 2:10, 2:14] = 1
-    label[0, 4:7, 4:7, 4:12] = 2
-    image = (0.2 + 0.3 * label + rng.normal(0, 0.03, label.shape)).astype(np.float32)
-    return {"image": np.clip(image, 0, 1), "label": label}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +48,7 @@ def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     records = []
     for i, (site, split, role, labelled) in enumerate(rows):
         key = f"s{i:02d}{site.lower()}"
-        case = _case(rng)
+        case = tiny_case(rng)
         if not labelled:
             case.pop("label")
         np.savez_compressed(root / "cases" / f"{key}.npz", **case)

@@ -20,26 +20,14 @@ from fedct.config import FederateParams, TrainParams
 from fedct.errors import FedctError
 from fedct.model.io import architecture, build_from_arch, load_model, save_model
 from fedct.stages import federate as stage
+from tests.stages.tiny import LABELS, PATIENT, SPEC, tiny_case
 
-LABELS = {"0": "background", "1": "muscle", "2": "femur"}
-SPEC = {"spacing_mm": [2.0, 2.0, 2.0], "roi_size": [12, 12, 16], "hu_min": -200.0,
-        "hu_max": 1000.0}
-PATIENT = "PATIENT-SECRET-4711"  # a patient key that must reach no output
 N_TRAIN = {"A": 3, "B": 1}
 REFERENCE_ML = {"A": [1.0, 0.2], "B": [3.0, 0.6]}
 PARAMS = FederateParams(sites=("A", "B"), methods=("one_shot", "uw_merge", "uw_select"),
                         select_from=("one_shot", "uw_merge"), mc_samples=3, mc_batch=3,
                         device="cpu")
 TRAIN = TrainParams(channels=(4, 8), strides=(2,), amp=False, device="cpu")
-
-
-def _case(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """A (1, 12, 12, 16) image in [0, 1] with a muscle block and a bone block."""
-    label = np.zeros((1, 12, 12, 16), dtype=np.uint8)
-    label[0, 2:10, 2:10, 2:14] = 1
-    label[0, 4:7, 4:7, 4:12] = 2
-    image = (0.2 + 0.3 * label + rng.normal(0, 0.03, label.shape)).astype(np.float32)
-    return {"image": np.clip(image, 0, 1), "label": label}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +43,7 @@ def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     records = []
     for i, (site, split, role) in enumerate(rows):
         key = f"s{i:02d}{site.lower()}"
-        case = _case(rng)
+        case = tiny_case(rng)
         if role == "holdout":
             case["label"] = np.array([{"label": "never read"}], dtype=object)
         np.savez_compressed(root / "cases" / f"{key}.npz", **case)

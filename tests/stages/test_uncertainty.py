@@ -18,26 +18,14 @@ from fedct.config import UncertaintyParams
 from fedct.errors import FedctError
 from fedct.model.io import architecture, build_from_arch, save_model
 from fedct.stages import uncertainty as stage
+from tests.stages.tiny import LABELS, PATIENT, SPEC, tiny_case
 
-LABELS = {"0": "background", "1": "muscle", "2": "femur"}
-SPEC = {"spacing_mm": [2.0, 2.0, 2.0], "roi_size": [12, 12, 16], "hu_min": -200.0,
-        "hu_max": 1000.0}
-PATIENT = "PATIENT-SECRET-4711"  # a patient key that must reach no output
 PARAMS = UncertaintyParams(mc_samples=3, mc_batch=3, n_boot=50, seed=0, workers=1,
                            device="cpu")
 # Training sites A and B (train, val, calib, test), held-out site C (test only).
 ROWS = [(site, split, "train") for site in "AB"
         for split in ("train", "val", "calib", "calib", "test", "test")]
 ROWS += [("C", "test", "holdout")] * 3
-
-
-def _case(rng: np.random.Generator, contrast: float) -> dict[str, np.ndarray]:
-    """A (1, 12, 12, 16) image in [0, 1] with a muscle block and a bone block."""
-    label = np.zeros((1, 12, 12, 16), dtype=np.uint8)
-    label[0, 2:10, 2:10, 2:14] = 1
-    label[0, 4:7, 4:7, 4:12] = 2
-    image = 0.2 + contrast * label + rng.normal(0, 0.05, label.shape)
-    return {"image": np.clip(image, 0, 1).astype(np.float32), "label": label}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +37,7 @@ def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for i, (site, split, role) in enumerate(ROWS):
         key = f"s{i:02d}{site.lower()}"
         contrast = {"A": 0.3, "B": 0.25, "C": 0.1}[site]  # C: a shifted site
-        np.savez_compressed(root / "cases" / f"{key}.npz", **_case(rng, contrast))
+        np.savez_compressed(root / "cases" / f"{key}.npz", **tiny_case(rng, contrast, noise=0.05))
         records.append({"series_key": key, "study_key": f"st{i}", "patient_key": PATIENT,
                         "site": site, "split": split, "role": role, "labelled": True,
                         "has_label": True, "vendor": "GE", "model": "X",

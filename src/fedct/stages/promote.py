@@ -71,6 +71,14 @@ def _read_json(path: Path, what: str) -> tuple[dict, bytes]:
         raise FedctError(f"{path}: not readable JSON ({exc})") from exc
 
 
+def _csv(path: Path, data: bytes) -> pd.DataFrame:
+    """The table in ``data``: the very bytes read from ``path`` and checked."""
+    try:
+        return pd.read_csv(io.BytesIO(data))
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise FedctError(f"{path}: not a readable table ({exc})") from exc
+
+
 def _read(path: Path, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -92,10 +100,7 @@ def run(params: PromoteParams, evaluate_dir: Path, models_dir: Path, federated_d
     # The table is parsed from the very bytes whose digest was checked.
     cases_bytes = _read(cases_file, "the comparison table")
     check_cases(record, cases_file, cases_bytes)
-    try:
-        table = pd.read_csv(io.BytesIO(cases_bytes))
-    except (ValueError, pd.errors.ParserError) as exc:
-        raise FedctError(f"{cases_file}: not a readable table ({exc})") from exc
+    table = _csv(cases_file, cases_bytes)
     for col in ("model", "kind", "site", "case", "dice"):
         if col not in table.columns:
             raise FedctError(f"{cases_file}: missing column {col!r}")
@@ -138,10 +143,7 @@ def run(params: PromoteParams, evaluate_dir: Path, models_dir: Path, federated_d
         selection_file = evaluate_dir / "selection.csv"
         selection_bytes = _read(selection_file, "the validation table")
         check_selection(record, selection_file, selection_bytes)
-        try:
-            selection = pd.read_csv(io.BytesIO(selection_bytes))
-        except (ValueError, pd.errors.ParserError) as exc:
-            raise FedctError(f"{selection_file}: not a readable table ({exc})") from exc
+        selection = _csv(selection_file, selection_bytes)
     decision = decide(table, params.candidate, baselines, params.margin,
                       params.site_tolerance, n_boot=params.n_boot, seed=params.seed,
                       source=str(cases_file), selection=selection)
