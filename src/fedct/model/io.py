@@ -227,7 +227,7 @@ def load_model(path: Path, sha256_expected: str | None = None
 
 
 def _unpickling_reason(exc: BaseException) -> str:
-    """torch's refusal in one line (its first line would advise weights_only=False)."""
+    """torch's refusal in one line (its first line would advise unsafe loading)."""
     text = str(exc)
     found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if found:
