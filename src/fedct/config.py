@@ -209,7 +209,11 @@ class FederateParams:
                                 "self_train", "uw_select")
     # Site weights of every average: training cases (``cases``) or ``equal``.
     weighting: Literal["cases", "equal"] = "cases"
+    # Rounds of fedavg and fedprox: all of them with patience 0, else a cap.
     rounds: int = 4
+    # Stop after this many rounds without a higher mean validation Dice of the clients and
+    # keep the best round's model (0: every round, the last round's model).
+    patience: int = 0
     # Optimiser steps per client per round: rounds x local_steps = train.steps, so each
     # client does as many steps as a local model's cap.
     local_steps: int = 100
@@ -447,6 +451,7 @@ _RULES: dict[type, list[tuple[tuple[str, ...], Callable[..., bool], str]]] = {
     ],
     FederateParams: [
         (("rounds",), _pos, ">= 1"),
+        (("patience",), _nonneg, ">= 0 (0: never stop early)"),
         (("local_steps",), _pos, ">= 1"),
         (("min_clients",), _pos, ">= 1"),
         (("proximal_mu",), _nonneg, ">= 0"),

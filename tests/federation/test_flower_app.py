@@ -257,3 +257,92 @@ def test_a_corrupt_checkpoint_is_named(fed_cohort: Path, tmp_path: Path) -> None
     (Path(cfg.checkpoint_dir) / CHECKPOINT).write_bytes(b"not a checkpoint")
     with pytest.raises(FedctError, match="cannot read the federation checkpoint"):
         _run(cfg)
+
+
+class ScriptedValGrid(LocalGrid):
+    """LocalGrid whose clients report a scripted validation Dice in round r (all sites)."""
+
+    def __init__(self, rc: dict, n: int, val: list[float]) -> None:
+        super().__init__(rc, n)
+        self.val = val
+
+    def send_and_receive(self, messages, timeout=None) -> list[Message]:
+        replies = super().send_and_receive(messages, timeout)
+        for m, reply in zip(messages, replies, strict=True):
+            if m.metadata.message_type == "evaluate" and not reply.has_error():
+                rnd = int(m.content["config"]["server-round"])
+                reply.content["metrics"]["val-dice"] = self.val[rnd - 1]
+        return replies
+
+
+VAL = [0.5, 0.7, 0.6, 0.65, 0.9, 0.95]  # best round 2, then two rounds below it
+
+
+def _merged(ckpt: Path, rnd: int) -> dict[str, torch.Tensor]:
+    a = torch.load(ckpt / "updates" / f"round-{rnd}" / "A.pt")
+    b = torch.load(ckpt / "updates" / f"round-{rnd}" / "B.pt")
+    return {k: 0.4 * a[k] + 0.6 * b[k] for k in a if a[k].is_floating_point()}
+
+
+def test_a_plateau_of_the_clients_val_dice_stops_the_federation_and_keeps_the_best_round(
+        fed_cohort: Path, tmp_path: Path) -> None:
+    cfg = _config(fed_cohort, tmp_path, rounds=6, local_steps=1, patience=2)
+    grid = ScriptedValGrid(run_config(cfg), 2, VAL)
+    history = run_server(grid, FederationConfig.from_run_config(run_config(cfg)))
+    # Rounds 3 and 4 bring nothing above round 2's 0.7: stop after round 4, not at the cap.
+    assert [r["val_dice_mean"] for r in history] == pytest.approx(VAL[:4])
+    trained = {int(m.content["config"]["server-round"]) for m in grid.sent
+               if m.metadata.message_type == "train"}
+    assert trained == {1, 2, 3, 4}
+    model, card = load_model(Path(cfg.out_dir) / "model.safetensors")
+    fed = card["federation"]
+    assert (fed["best_round"], fed["last_round"], fed["kept_round"], fed["stopped"]) == (
+        2, 4, 2, "plateau")
+    state = model.state_dict()
+    for k, v in _merged(Path(cfg.checkpoint_dir), 2).items():
+        torch.testing.assert_close(state[k], v, msg=k)  # round 2's model, not round 4's
+    assert any(not torch.equal(state[k], v)
+               for k, v in _merged(Path(cfg.checkpoint_dir), 4).items())
+
+
+def test_without_patience_every_round_runs_and_the_last_model_is_kept(
+        fed_cohort: Path, tmp_path: Path) -> None:
+    cfg = _config(fed_cohort, tmp_path, rounds=4, local_steps=1, patience=0)
+    history = run_server(ScriptedValGrid(run_config(cfg), 2, VAL), cfg)
+    assert len(history) == 4
+    model, card = load_model(Path(cfg.out_dir) / "model.safetensors")
+    assert (card["federation"]["kept_round"], card["federation"]["stopped"]) == (4, "cap")
+    for k, v in _merged(Path(cfg.checkpoint_dir), 4).items():
+        torch.testing.assert_close(model.state_dict()[k], v, msg=k)
+
+
+def test_a_resumed_federation_keeps_its_best_round_and_stops_where_it_would_have(
+        fed_cohort: Path, tmp_path: Path) -> None:
+    cfg = _config(fed_cohort, tmp_path, rounds=6, local_steps=1, patience=2)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_round_3(record: dict) -> None:
+        if record["round"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_server(ScriptedValGrid(run_config(cfg), 2, VAL), cfg, on_round=kill_after_round_3)
+    grid = ScriptedValGrid(run_config(cfg), 2, VAL)
+    history = run_server(grid, cfg)
+    assert [r["attempt"] for r in history] == [1, 1, 1, 2]
+    model, card = load_model(Path(cfg.out_dir) / "model.safetensors")
+    assert card["federation"]["kept_round"] == 2
+    for k, v in _merged(Path(cfg.checkpoint_dir), 2).items():
+        torch.testing.assert_close(model.state_dict()[k], v, msg=k)
+
+
+def test_stopping_rules() -> None:
+    from fedct.federation.stopping import best_round, plateau_reached
+
+    nan = float("nan")
+    assert best_round([0.5, 0.7, 0.7, nan]) == 2 and best_round([nan, None]) is None
+    assert not plateau_reached([0.5, 0.7, 0.6], 2) and plateau_reached([0.5, 0.7, 0.6, nan], 2)
+    assert not plateau_reached([0.1, 0.0, 0.0, 0.0], 0)  # 0: never
+    assert not plateau_reached([nan, nan, nan], 1)  # no validation: run to the cap

@@ -257,5 +257,10 @@ def test_label_free_methods_read_only_the_adapt_split_never_a_scored_case(
 def test_rounds_summary_reports_the_best_and_the_last_round() -> None:
     history = [{"round": 1, "val_dice_mean": 0.5}, {"round": 2, "val_dice_mean": 0.7},
                {"round": 3, "val_dice_mean": 0.6}, {"round": 4, "val_dice_mean": None}]
-    assert stage.rounds_summary(history) == {"best_round": 2, "last_round": 4}
-    assert stage.rounds_summary([]) == {"best_round": None, "last_round": None}
+    assert stage.rounds_summary(history) == {"best_round": 2, "last_round": 4,
+                                             "kept_round": 4}
+    # With plateau stopping the best round's model is the one kept.
+    assert stage.rounds_summary(history, patience=2) == {"best_round": 2, "last_round": 4,
+                                                         "kept_round": 2}
+    assert stage.rounds_summary([]) == {"best_round": None, "last_round": None,
+                                        "kept_round": None}

@@ -14,6 +14,9 @@ All science lives elsewhere: local training in :mod:`fedct.training.local`, merg
 - ``init-model`` (server): a fedct ``model.safetensors`` to start from (its card beside
   it); empty: a fresh model built under ``seed``.
 - ``checkpoint-dir``, ``out-dir`` (server): checkpoint after each round; final model.
+- ``patience`` (server): stop after this many rounds without a higher mean validation Dice
+  of the clients and keep the best round's model (:mod:`fedct.federation.stopping`);
+  0 (default): every round, the last round's model.
 - ``site-weights`` (server, optional): JSON site -> weight; empty: training cases
   (``num-examples``).
 - Fault injection (tests only): ``fail-site`` and ``fail-round`` make that site's ClientApp
@@ -58,6 +61,7 @@ from flwr.supercore import log
 from fedct.config import TrainParams, from_dict, model_params, to_dict
 from fedct.errors import FedctError
 from fedct.federation.aggregate import weighted_average
+from fedct.federation.stopping import best_round, plateau_reached
 
 CHECKPOINT = "federation.pt"
 HISTORY = "history.json"
@@ -86,6 +90,7 @@ class FederationConfig:
     fail_round: int = 0
     kill_after_round: int = 0
     keep_updates: bool = False
+    patience: int = 0
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> FederationConfig:
@@ -112,13 +117,16 @@ class FederationConfig:
                       fail_site=str(get("fail-site", "")),
                       fail_round=int(get("fail-round", 0)),
                       kill_after_round=int(get("kill-after-round", 0)),
-                      keep_updates=bool(get("keep-updates", False)))
+                      keep_updates=bool(get("keep-updates", False)),
+                      patience=int(get("patience", 0)))
         except (TypeError, ValueError) as exc:  # JSON and number parsing
             raise FedctError(f"federation run config: {exc}") from exc
         if not sites or len(set(sites)) != len(sites):
             raise FedctError(f"federation run config: sites must be distinct, got {sites}")
         if cfg.rounds < 1 or cfg.local_steps < 1:
             raise FedctError("federation run config: rounds and local-steps must be >= 1")
+        if cfg.patience < 0:
+            raise FedctError(f"federation run config: patience {cfg.patience} must be >= 0")
         if not 1 <= cfg.min_clients <= len(sites):
             raise FedctError(f"federation run config: min-clients {cfg.min_clients} must "
                              f"be within 1..{len(sites)} (the number of sites)")
@@ -151,7 +159,8 @@ def run_config(cfg: FederationConfig) -> dict[str, Any]:
             "out-dir": cfg.out_dir,
             "site-weights": json.dumps(cfg.site_weights) if cfg.site_weights else "",
             "timeout": cfg.timeout, "fail-site": cfg.fail_site, "fail-round": cfg.fail_round,
-            "kill-after-round": cfg.kill_after_round, "keep-updates": cfg.keep_updates}
+            "kill-after-round": cfg.kill_after_round, "keep-updates": cfg.keep_updates,
+            "patience": cfg.patience}
 
 
 def _nbytes(arrays: ArrayRecord) -> int:
@@ -407,6 +416,7 @@ def run_server(grid: Grid, cfg: FederationConfig,
     if saved is not None and saved.get("fingerprint") == fp:
         state, done, history = saved["state"], saved["round"], saved["history"]
         attempt = saved["attempt"] + 1
+        best_state = saved.get("best_state", state)
     else:
         if cfg.init_model:
             model, card = load_model(Path(cfg.init_model))
@@ -418,6 +428,7 @@ def run_server(grid: Grid, cfg: FederationConfig,
             model = build_model(params, labels)
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         done, history, attempt = 0, [], 1
+        best_state = state
     for record in history:
         if on_round is not None:
             on_round(record)
@@ -425,6 +436,8 @@ def run_server(grid: Grid, cfg: FederationConfig,
                         site_weights=cfg.site_weights)
     total = cfg.rounds * cfg.local_steps
     for rnd in range(done + 1, cfg.rounds + 1):
+        if plateau_reached([r["val_dice_mean"] for r in history], cfg.patience):
+            break  # a resumed run that had already stopped
         t0 = time.perf_counter()
         arrays = ArrayRecord(state)
         config = ConfigRecord({"proximal-mu": cfg.mu, "local-steps": cfg.local_steps,
@@ -474,17 +487,30 @@ def run_server(grid: Grid, cfg: FederationConfig,
                   "val_dice_mean": sum(dices) / len(dices) if dices else float("nan"),
                   "sites": per_site}
         history.append(record)
+        vals = [r["val_dice_mean"] for r in history]
+        if best_round(vals) == rnd:
+            best_state = state
         log(INFO, "fedct: round %d/%d done in %.1f s (%d clients, %d failed), val Dice %.3f",
             rnd, cfg.rounds, record["seconds"], len(ok_sites), len(failed),
             record["val_dice_mean"])
         _atomic_save({"fingerprint": fp, "round": rnd, "attempt": attempt, "state": state,
-                      "history": history}, ckpt)
+                      "best_state": best_state, "history": history}, ckpt)
         _atomic_save(history, ckpt_dir / HISTORY)
         if on_round is not None:
             on_round(record)
         if cfg.kill_after_round == rnd:
             # Fault injection (tests): the federation process dies as under `kill -9`.
             os.kill(os.getpid(), signal.SIGKILL)
+        if plateau_reached(vals, cfg.patience):
+            log(INFO, "fedct: no higher validation Dice for %d rounds: stopping after "
+                "round %d (best round %d)", cfg.patience, rnd, best_round(vals))
+            break
+    # With plateau stopping, the best round's model (as a local model keeps its best
+    # validation checkpoint); without it, the last round's (matched compute).
+    vals = [r["val_dice_mean"] for r in history]
+    best = best_round(vals)
+    if cfg.patience > 0 and best is not None:
+        state = best_state
     # The final model, with its architecture so that MC dropout works after loading.
     model = build_model(params, labels)
     model.load_state_dict(state)
@@ -501,6 +527,11 @@ def run_server(grid: Grid, cfg: FederationConfig,
                        "sites": list(cfg.sites), "rounds": cfg.rounds,
                        "local_steps": cfg.local_steps, "proximal_mu": cfg.mu,
                        "min_clients": cfg.min_clients, "seed": cfg.seed,
+                       "patience": cfg.patience, "best_round": best,
+                       "last_round": len(history),
+                       "kept_round": best if cfg.patience > 0 and best else len(history),
+                       "stopped": "plateau" if plateau_reached(vals, cfg.patience)
+                       else "cap",
                        "n_train": n_train, "site_weights": cfg.site_weights},
         # Each site's device, CPU or GPU model, threads, torch build and bf16 autocast.
         "runtime": {"clients": {i["site"]: i["runtime"] for i in info.values()}}})

@@ -80,7 +80,7 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
                    on_round: Callable[[dict], None] | None = None, seed: int = 0, *,
                    site_weights: Mapping[str, float] | None = None,
                    fault: tuple[str, int] | None = None, kill_after_round: int = 0,
-                   keep_updates: bool = False,
+                   keep_updates: bool = False, patience: int = 0,
                    timeout_s: float = 3600.0, num_cpus: int = 2,
                    client_gpus: float | None = None) -> tuple[list[dict], Path]:
     """Federate ``sites`` for ``rounds`` rounds; the history and the final model's path.
@@ -95,10 +95,13 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
     :func:`fedct.federation.flower_app.run_server`. ``fault=(site, round)`` makes that
     site fail in that round and ``kill_after_round`` kills the simulation (SIGKILL) once
     that round is checkpointed (fault injection for tests); ``keep_updates`` keeps each
-    round's client updates in ``checkpoint_dir/updates``. ``timeout_s`` bounds the waits
-    for replies and for sites to connect. ``num_cpus`` is what ray may use (clients run
-    concurrently up to it); ``client_gpus`` each client's GPU share (default: the GPU
-    split among concurrent clients when CUDA is available, else 0).
+    round's client updates in ``checkpoint_dir/updates``. ``patience`` > 0 stops after that
+    many rounds without a higher mean validation Dice of the clients and keeps the best
+    round's model (:mod:`fedct.federation.stopping`); 0 runs every round, keeps the last.
+    ``timeout_s`` bounds the waits for replies and for sites to connect. ``num_cpus`` is
+    what ray may use (clients run concurrently up to it); ``client_gpus`` each client's
+    GPU share (default: the GPU split among concurrent clients when CUDA is available,
+    else 0).
 
     Output in ``out_dir``: ``model.safetensors`` and ``model_card.json`` (``fedct.model.io``),
     ``history.json`` and ``federation.log`` (Flower's and ray's output).
@@ -114,7 +117,7 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
         checkpoint_dir=str(checkpoint_dir), out_dir=str(out_dir),
         site_weights=dict(site_weights) if site_weights else None, timeout=timeout_s,
         fail_site=fault[0] if fault else "", fail_round=fault[1] if fault else 0,
-        kill_after_round=kill_after_round, keep_updates=keep_updates)
+        kill_after_round=kill_after_round, keep_updates=keep_updates, patience=patience)
     rc = run_config(cfg)
     # Refuse bad settings and missing data before starting anything.
     FederationConfig.from_run_config(rc).fingerprint()

@@ -52,6 +52,7 @@ from fedct.devices import pick_device, runtime
 from fedct.errors import FedctError
 from fedct.federation import LABEL_FREE
 from fedct.federation.aggregate import case_weights, site_weights, weighted_average
+from fedct.federation.stopping import best_round
 from fedct.model.io import WEIGHTS_FILE, load_model, save_model, weights_path
 
 METHODS = ("one_shot", "fedavg", "fedprox", "uw_merge", "tent", "self_train", "uw_select")
@@ -120,16 +121,18 @@ def _timed(method: str):
     print(f"federate {method}: done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def rounds_summary(history: list[dict]) -> dict:
+def rounds_summary(history: list[dict], patience: int = 0) -> dict:
     """Convergence of a multi-round method (issue 23): ``best_round``, the completed round
     with the highest aggregated validation Dice of the clients' val splits (None without
-    one), and ``last_round``, the round whose model is kept (the last)."""
+    one); ``last_round``, the last round run (below ``federate.rounds`` when a plateau
+    stopped it); ``kept_round``, the round whose model is kept: the best with
+    ``federate.patience`` > 0, else the last (``patience`` is the stage's setting)."""
     done = [r for r in history if r.get("round") is not None]
-    scored = [r for r in done if r.get("val_dice_mean") is not None
-              and np.isfinite(float(r["val_dice_mean"]))]
-    best = max(scored, key=lambda r: float(r["val_dice_mean"])) if scored else None
-    return {"best_round": int(best["round"]) if best else None,
-            "last_round": int(done[-1]["round"]) if done else None}
+    best = best_round([r.get("val_dice_mean", float("nan")) for r in done])
+    last = int(done[-1]["round"]) if done else None
+    return {"best_round": int(done[best - 1]["round"]) if best else None,
+            "last_round": last, "kept_round": last if not patience or not best
+            else int(done[best - 1]["round"])}
 
 
 def _history_table(history: list[dict]) -> pd.DataFrame:
@@ -151,7 +154,8 @@ def _multi_round(name: str, mu: float, params: FederateParams, train: TrainParam
                  cohort_dir: Path, sites: tuple[str, ...], out: Path, checkpoint_dir: Path,
                  mlrun, init_model: Path | None = None, rounds: int | None = None,
                  site_weights_: dict[str, float] | None = None,
-                 min_clients: int | None = None) -> tuple[Path, list[dict]]:
+                 min_clients: int | None = None, patience: int | None = None
+                 ) -> tuple[Path, list[dict]]:
     from fedct import tracking
     from fedct.federation.simulation import run_federation
 
@@ -178,7 +182,8 @@ def _multi_round(name: str, mu: float, params: FederateParams, train: TrainParam
         cohort_dir, sites, train, rounds=rounds, local_steps=params.local_steps, mu=mu,
         min_clients=min(min_clients or params.min_clients, len(sites)),
         init_model=init_model, out_dir=out, checkpoint_dir=checkpoint_dir / name,
-        on_round=on_round, seed=params.seed, site_weights=site_weights_)
+        on_round=on_round, seed=params.seed, site_weights=site_weights_,
+        patience=params.patience if patience is None else patience)
     # The checkpoint serves a killed run only: a finished one must not be reused when the
     # cohort changes under the same settings.
     shutil.rmtree(checkpoint_dir / name, ignore_errors=True)
@@ -320,7 +325,8 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
             with _timed(name), tracking.start_run("federate", run_name=name, nested=True,
                                                   tags={"fedct.method": name}) as mlrun:
                 mlrun.log_params({"rounds": params.rounds, "local_steps": params.local_steps,
-                                  "proximal_mu": mu, "min_clients": params.min_clients})
+                                  "proximal_mu": mu, "min_clients": params.min_clients,
+                                  "patience": params.patience})
                 path, history = _multi_round(
                     name, mu, params, train, cohort_dir, sites, out_dir / name,
                     checkpoint_dir, mlrun,
@@ -330,8 +336,11 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                              local_steps=params.local_steps, proximal_mu=mu)
                 tracking.log_fedct_model(mlrun, path.parent)
                 mlrun.log_artifact(path.parent / "history.csv")
-                metrics[f"{name}_val_dice"] = history[-1].get("val_dice_mean")
-                metrics.update({f"{name}_{k}": v for k, v in rounds_summary(history).items()})
+                summary = rounds_summary(history, params.patience)
+                kept = summary["kept_round"]
+                metrics[f"{name}_val_dice"] = (history[kept - 1].get("val_dice_mean")
+                                               if kept else None)
+                metrics.update({f"{name}_{k}": v for k, v in summary.items()})
                 metrics[f"{name}_failed_clients"] = sum(len(r.get("failed", []))
                                                         for r in history)
         if "uw_merge" in params.methods:
@@ -391,6 +400,7 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                     "self_train", 0.0, params, fine_tune, derived, clients,
                     out_dir / "self_train", checkpoint_dir, mlrun, init_model=fedavg_path,
                     rounds=params.self_train_rounds, min_clients=params.min_clients,
+                    patience=0,  # a fixed number of fine-tuning rounds
                     # federate.weighting holds here too, pseudo-labelled sites included.
                     site_weights_=(site_weights({s: 1.0 for s in clients})
                                    if params.weighting == "equal" else None))
