@@ -25,7 +25,8 @@ Run it on a development seed (``synth.dev_seeds``), never on the report seed:
 
 ``--profile local`` trains the model as the pipeline trains a local model (one training
 site's split of the demo archive, ``params.yaml``'s ``train`` settings); ``demo`` is the
-earlier profile (6 patients, 480 steps).
+earlier profile (6 patients, 480 steps); ``study`` trains as `make study` trains a local
+model (profiles/study.yaml over params.yaml: 6 training patients of the study archive).
 
 Outputs: ``--out`` (one row per factor), ``<out>_cases.csv`` (one row per factor and
 test patient) and ``<out>_run.json`` (settings, timings, the model's validation curve).
@@ -48,7 +49,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from fedct.analysis.stats import paired_difference
-from fedct.config import TrainParams, load_params
+from fedct.config import TrainParams, load_overlay, load_params
 from fedct.data.labels import parse_labels
 from fedct.data.preprocess import PrepSpec, prepare_case
 from fedct.stages.cohort import split_sizes
@@ -99,7 +100,13 @@ PROFILES = {
     # A local model of the pipeline: one training site's split of the demo archive (8
     # patients: 4 train, 1 val) and params.yaml's train settings unchanged (train.steps).
     "local": Profile("demo", None, None, 12, None, {}),
+    # A local model of `make study` (issue 23, part 6): one training site's split of the
+    # study archive (16 patients: 6 train, 2 val) and the train settings of params.yaml
+    # with profiles/study.yaml over it (1,200-step cap, validation-plateau stopping).
+    "study": Profile("study", None, None, 16, None, {}),
 }
+# Profiles whose params are params.yaml with an overlay over it (``fedct.config.load_overlay``).
+OVERLAYS = {"study": Path("profiles/study.yaml")}
 
 
 def to_images(scan) -> tuple[sitk.Image, sitk.Image]:
@@ -276,11 +283,15 @@ def run(argv: list[str] | None = None) -> pd.DataFrame:
 
     args = parse_args(argv)
     t_start = time.perf_counter()
-    params_all = load_params(args.params)
+    params_all = (load_overlay(args.params.parent / OVERLAYS[args.profile], args.params)[0]
+                  if args.profile in OVERLAYS else load_params(args.params))
     seed = args.seed if args.seed is not None else int(params_all.synth.dev_seeds[0])
-    if seed == params_all.synth.seed and not args.allow_report_seed:
-        raise SystemExit(f"ablation: seed {seed} is synth.seed, the report seed; use a "
-                         f"development seed ({list(params_all.synth.dev_seeds)})")
+    base_seeds = load_params(args.params).synth
+    if (seed in (params_all.synth.seed, base_seeds.seed, *params_all.synth.report_seeds,
+                 *base_seeds.report_seeds) and not args.allow_report_seed):
+        raise SystemExit(f"ablation: seed {seed} is a report seed (synth.seed or report_seeds, "
+                         f"of params.yaml or the overlay); use a development seed "
+                         f"({list(params_all.synth.dev_seeds)})")
     if args.threads:
         torch.set_num_threads(args.threads)
     prof = PROFILES[args.profile]

@@ -127,3 +127,21 @@ def test_the_local_profile_trains_on_what_a_local_model_of_the_pipeline_gets() -
     # Options still win.
     args = ablation.parse_args(["--profile", "local", "--n-train", "6", "--n-val", "0"])
     assert ablation.patients(ablation.PROFILES["local"], args, params.cohort)[:2] == (6, 0)
+
+
+def test_the_study_profile_trains_as_make_study_and_refuses_its_report_seeds(
+        tmp_path: Path) -> None:
+    from fedct.config import load_overlay
+
+    params, _, _ = load_overlay(ROOT / "profiles" / "study.yaml", ROOT / "params.yaml")
+    args = ablation.parse_args(["--profile", "study"])
+    n_train, n_val, n_test = ablation.patients(ablation.PROFILES["study"], args, params.cohort)
+    # One training site of the study archive: 16 patients, 4 test, 2 val, 4 calib.
+    assert (n_train, n_val, n_test) == (6, 2, 16)
+    trained = ablation.train_params(args, params.train, ablation.PROFILES["study"])
+    assert (trained.steps, trained.patience) == (params.train.steps, params.train.patience)
+    assert trained.steps != ablation.load_params(ROOT / "params.yaml").train.steps
+    for seed in params.synth.report_seeds:  # the overlay's report seeds, not params.yaml's
+        with pytest.raises(SystemExit, match="report seed"):
+            ablation.run(["--profile", "study", "--params", str(ROOT / "params.yaml"),
+                          "--seed", str(seed), "--out", str(tmp_path / "a.csv")])
