@@ -122,3 +122,21 @@ def test_values_out_of_range_are_one_error_naming_the_keys(
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_params(path)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"schedule_steps": 500}, "schedule_steps"),   # beyond the 400-step cap
+    ({"schedule_steps": -1}, "schedule_steps"),
+    ({"final_div_factor": 0.5}, "final_div_factor"),
+])
+def test_a_schedule_outside_the_cap_is_refused(tmp_path, change, match) -> None:
+    import yaml
+
+    from fedct.config import ConfigError, load_params
+
+    raw = yaml.safe_load(REPO_PARAMS.read_text())
+    raw["train"].update(change)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=match):
+        load_params(path)

@@ -10,6 +10,7 @@ both errors that name the key: nothing silently falls back to a value in the cod
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -116,10 +117,17 @@ class TrainParams:
     seed: int = 0
     # Training length: every model (local or pooled) trains until its validation loss has
     # not improved for ``patience`` validation passes (0: never stop early), for at most
-    # ``steps`` optimiser steps (the one-cycle learning-rate schedule spans them); the
-    # weights of the best validation loss are kept. So each model stops at its own
-    # convergence under one common cap, not after an equal number of epochs.
+    # ``steps`` optimiser steps; the weights of the best validation loss are kept. So each
+    # model stops at its own convergence under one common cap, not after an equal number
+    # of epochs.
     steps: int = 400
+    # Length of the one-cycle learning-rate schedule: 0 spans the cap (``steps``); a value
+    # below the cap ends the schedule there and the rate then holds at its end value, so a
+    # model still improving trains on and one that is not stops on its plateau before the
+    # cap. The schedule ends at learning_rate / 25 / ``final_div_factor`` (torch's
+    # OneCycleLR; its default 1e4 ends near 0, 4 ends at learning_rate / 100).
+    schedule_steps: int = 0
+    final_div_factor: float = 10000.0
     # Validation passes (deterministic, whole volumes) spread evenly over ``steps``.
     val_checks: int = 10
     patience: int = 3
@@ -424,6 +432,9 @@ _RULES: dict[type, list[tuple[tuple[str, ...], Callable[..., bool], str]]] = {
     ],
     TrainParams: [
         (("steps",), _pos, ">= 1"),
+        (("schedule_steps", "steps"), lambda s, c: 0 <= s <= c,
+         "0 (the schedule spans the cap) or a length within 1..train.steps"),
+        (("final_div_factor",), lambda v: math.isfinite(v) and v >= 1, ">= 1"),
         (("val_checks",), _pos, ">= 1"),
         (("patience",), _nonneg, ">= 0 (0: never stop early)"),
         (("batch_size",), _pos, ">= 1"),

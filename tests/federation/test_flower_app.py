@@ -346,3 +346,20 @@ def test_stopping_rules() -> None:
     assert not plateau_reached([0.5, 0.7, 0.6], 2) and plateau_reached([0.5, 0.7, 0.6, nan], 2)
     assert not plateau_reached([0.1, 0.0, 0.0, 0.0], 0)  # 0: never
     assert not plateau_reached([nan, nan, nan], 1)  # no validation: run to the cap
+
+
+def test_the_clients_schedule_is_train_schedule_steps_when_set(fed_cohort: Path,
+                                                                 tmp_path: Path) -> None:
+    cfg = _config(fed_cohort, tmp_path, rounds=3, local_steps=1,
+                  train_params=dataclasses.replace(PARAMS, schedule_steps=2))
+    grid = LocalGrid(run_config(cfg), 2)
+    run_server(grid, cfg)
+    sent = {(int(m.content["config"]["start-step"]), int(m.content["config"]["total-steps"]))
+            for m in grid.sent if m.metadata.message_type == "train"}
+    # Round 3 starts past the 2-step schedule: its clients train at the end rate.
+    assert sent == {(0, 2), (1, 2), (2, 2)}
+    plain = _config(fed_cohort, tmp_path / "plain", rounds=3, local_steps=1)
+    grid = LocalGrid(run_config(plain), 2)
+    run_server(grid, plain)
+    assert {int(m.content["config"]["total-steps"]) for m in grid.sent
+            if m.metadata.message_type == "train"} == {3}

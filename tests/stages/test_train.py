@@ -22,6 +22,9 @@ def test_pooled_sees_each_case_as_often_as_a_local_model() -> None:
     params = pooled_params(TrainParams(steps=100), cases)
     assert params.steps == 300  # 3 sites: 3x the local cap
     assert params.channels == TrainParams().channels  # nothing else changes
+    # A schedule shorter than the cap scales with it.
+    scheduled = pooled_params(TrainParams(steps=100, schedule_steps=60), cases)
+    assert (scheduled.steps, scheduled.schedule_steps) == (300, 180)
 
 
 def _tiny_cohort(root: Path) -> Path:

@@ -82,8 +82,22 @@ def test_bad_arguments_are_refused() -> None:
         local_update(_fresh(), _cases(2), PARAMS, 0, 1)
     with pytest.raises(FedctError, match="no training cases"):
         local_update(_fresh(), [], PARAMS, 1, 1)
-    with pytest.raises(FedctError, match="outside the schedule"):
-        local_update(_fresh(), _cases(2), PARAMS, 1, 1, start_step=5, total_steps=5)
+    with pytest.raises(FedctError, match="a start >= 0"):
+        local_update(_fresh(), _cases(2), PARAMS, 1, 1, start_step=-1, total_steps=5)
+
+
+def test_rounds_past_the_schedule_train_at_its_end_value() -> None:
+    # train.schedule_steps below the federation's cap: later rounds hold the end rate.
+    glob = _fresh(1).state_dict()
+    params = dataclasses.replace(PARAMS, final_div_factor=4.0)
+    end = params.learning_rate / 25 / 4
+    for start in (19, 20, 35):
+        _, info = local_update(_fresh(), _cases(2), params, 2, 1, glob, start_step=start,
+                               total_steps=20)
+        assert info["lr_last"] == pytest.approx(end)
+    _, before = local_update(_fresh(), _cases(2), params, 1, 1, glob, start_step=17,
+                             total_steps=20)
+    assert before["lr_last"] > end
 
 
 def test_a_given_loss_replaces_dice_ce() -> None:

@@ -109,6 +109,22 @@ def test_early_stopping_on_validation_loss_keeps_the_best_weights() -> None:
     assert loss == pytest.approx(hist["val_loss"][best], rel=1e-5)
 
 
+def test_a_schedule_shorter_than_the_cap_holds_its_end_rate_until_the_plateau() -> None:
+    params = dataclasses.replace(PARAMS, steps=24, schedule_steps=8, val_checks=12,
+                                 patience=0, final_div_factor=4.0)
+    _, hist = train_model(params, LABELS, _cases(4), _cases(2, 1), None, "fp")
+    lr = dict(zip(hist["step"], hist["lr"], strict=True))
+    end = params.learning_rate / 25 / 4
+    # Past the warm-up (a quarter of the 8-step schedule) the rate decays to the schedule's
+    # end at step 8 and is held there up to the cap.
+    assert params.learning_rate > lr[2] > lr[4] > lr[6] > end
+    assert all(lr[s] == pytest.approx(end) for s in range(8, 25, 2))
+    # Without schedule_steps the same schedule spans the 24-step cap.
+    _, full = train_model(dataclasses.replace(params, schedule_steps=0), LABELS, _cases(4),
+                          _cases(2, 1), None, "fp")
+    assert full["lr"].iloc[5] > 10 * end and full["lr"].iloc[-1] == pytest.approx(end)
+
+
 def test_training_crops_move_the_anatomy_along_z() -> None:
     # One case with a marker slab: where it lands in the patch varies from step to step,
     # so slice index cannot encode anatomy; the patch keeps the requested size.

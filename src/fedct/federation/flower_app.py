@@ -434,7 +434,9 @@ def run_server(grid: Grid, cfg: FederationConfig,
             on_round(record)
     strategy = FedctAvg(sites=cfg.sites, min_clients=cfg.min_clients,
                         site_weights=cfg.site_weights)
-    total = cfg.rounds * cfg.local_steps
+    # The clients' one-cycle schedule: train.schedule_steps when set (the rounds beyond it
+    # train at its end value until the plateau or the cap), else all rounds.
+    total = params.schedule_steps or cfg.rounds * cfg.local_steps
     for rnd in range(done + 1, cfg.rounds + 1):
         if plateau_reached([r["val_dice_mean"] for r in history], cfg.patience):
             break  # a resumed run that had already stopped

@@ -395,7 +395,9 @@ def run(params: FederateParams, train: TrainParams, cohort_dir: Path, models_dir
                 derived, kept = _self_train_cohort(cohort, cohort_dir, teacher, targets,
                                                    params, sites, out_dir / "self_train", amp)
                 clients = sites + tuple(sorted(targets))
-                fine_tune = dataclasses.replace(train, learning_rate=params.self_train_lr)
+                # Its own schedule over its rounds, whatever train.schedule_steps says.
+                fine_tune = dataclasses.replace(train, learning_rate=params.self_train_lr,
+                                                schedule_steps=0)
                 path, history = _multi_round(
                     "self_train", 0.0, params, fine_tune, derived, clients,
                     out_dir / "self_train", checkpoint_dir, mlrun, init_model=fedavg_path,

@@ -68,7 +68,8 @@ def pooled_params(params: TrainParams, cases) -> TrainParams:
     pooled sites, so it sees each training case as often as a local model sees its own
     (and as a federated client does over all rounds) instead of a quarter as often."""
     n_sites = max(1, int(cases["site"].nunique()))
-    return dataclasses.replace(params, steps=params.steps * n_sites)
+    return dataclasses.replace(params, steps=params.steps * n_sites,
+                               schedule_steps=params.schedule_steps * n_sites)
 
 
 def checkpoint_path(checkpoint_dir: Path, site: str) -> Path:

@@ -7,9 +7,10 @@ the starting weights differ. Every random draw is seeded by ``round_seed`` (see
 re-run after a crash reproduces the same update.
 
 Learning rate: with ``total_steps`` the one-cycle schedule of ``train_model`` is laid over
-the whole federation (``total_steps`` = rounds x local steps) and this update takes its
-steps ``start_step .. start_step + steps - 1``, so a federation sees the learning rates a
-pooled model of the same length would; without it, the constant ``params.learning_rate``.
+the whole federation (``total_steps`` = rounds x local steps, or ``train.schedule_steps``
+when set) and this update takes its steps ``start_step .. start_step + steps - 1`` (past
+the schedule's end, its end value), so a federation sees the learning rates a pooled model
+of the same length would; without it, the constant ``params.learning_rate``.
 Optimiser state: by default the AdamW moments start afresh each round. With
 ``opt_store`` (a dict the caller keeps at the site between rounds) the update resumes from
 the moments its previous round left there and leaves its own: a stateful client, whose
@@ -97,9 +98,9 @@ def local_update(model: torch.nn.Module, train_cases: list[dict], params: TrainP
         raise FedctError(f"local update: steps must be >= 1, got {steps}")
     if not train_cases:
         raise FedctError("local update: no training cases")
-    if total_steps is not None and not 0 <= start_step < total_steps:
-        raise FedctError(f"local update: start step {start_step} outside the schedule of "
-                         f"{total_steps} steps")
+    if start_step < 0 or (total_steps is not None and total_steps < 1):
+        raise FedctError(f"local update: start step {start_step} and a schedule of "
+                         f"{total_steps} steps: a start >= 0 and a schedule >= 1 step")
     check_shapes(params, [c["image"].shape[1:] for c in train_cases])
     device = pick_device(params.device)
     amp = use_amp(device, params.amp)

@@ -6,7 +6,9 @@ deterministic whole-volume pass over its validation cases) has not improved for
 weights of the best validation loss are kept. So each model is trained to its own
 convergence under one common cap, and a comparison of local with pooled models is not a
 comparison of how many updates each got. The learning rate follows a one-cycle schedule
-over the cap (warm-up to ``train.learning_rate``, cosine decay).
+over the cap (warm-up to ``train.learning_rate``, cosine decay), or over
+``train.schedule_steps`` when set, after which the rate holds at the schedule's end value
+until the plateau or the cap ends the run.
 
 Augmentation: each training case is padded by ``train.max_shift`` voxels per side and a
 random ``train.patch_size`` crop is taken, so the same anatomy appears at any position of
@@ -185,12 +187,19 @@ def make_optimizer(model: torch.nn.Module, params: TrainParams) -> torch.optim.O
 
 def one_cycle(opt: torch.optim.Optimizer, params: TrainParams, total_steps: int
               ) -> tuple[torch.optim.lr_scheduler.OneCycleLR, int]:
-    """The one-cycle schedule over ``total_steps`` and the number of steps it may take."""
+    """The one-cycle schedule over ``total_steps`` and the number of steps it may take
+    (after them the caller stops stepping it: the rate holds at its end value,
+    learning_rate / 25 / ``train.final_div_factor``)."""
     # One-cycle needs a warm-up and a decay phase of at least one step each.
     total = max(4, total_steps)
     return torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=params.learning_rate, total_steps=total,
-        pct_start=max(0.25, 2 / total)), total
+        pct_start=max(0.25, 2 / total), final_div_factor=params.final_div_factor), total
+
+
+def schedule_length(params: TrainParams) -> int:
+    """Steps of the one-cycle schedule: ``train.schedule_steps``, or the cap when 0."""
+    return params.schedule_steps or params.steps
 
 
 def check_shapes(params: TrainParams, shapes: list[tuple[int, ...]]) -> None:
@@ -236,7 +245,7 @@ def train_model(params: TrainParams, labels: LabelSet, train_cases: list[dict],
     amp = use_amp(device, params.amp)
     model = build_model(params, labels).to(device)
     opt = make_optimizer(model, params)
-    sched, total = one_cycle(opt, params, params.steps)
+    sched, total = one_cycle(opt, params, schedule_length(params))
     loss_fn = _loss_fn()
     val_every = max(1, params.steps // max(1, params.val_checks))
     per_epoch = steps_per_epoch(len(train_cases), params.batch_size)
