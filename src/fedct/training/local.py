@@ -36,7 +36,6 @@ import torch
 from fedct.config import TrainParams
 from fedct.devices import pick_device, use_amp
 from fedct.errors import FedctError
-from fedct.federation.aggregate import proximal_term
 from fedct.training.loop import (
     _batches,
     _loss_fn,
@@ -45,6 +44,7 @@ from fedct.training.loop import (
     one_cycle,
     train_step,
 )
+from fedct.training.losses import proximal_term
 
 
 def _load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
