@@ -35,18 +35,9 @@ from fedct.config import TrainParams, model_params
 from fedct.data.labels import LabelSet
 from fedct.devices import pick_device, use_amp
 from fedct.errors import FedctError
-from fedct.model.io import architecture, build_from_arch, read_checkpoint
+from fedct.model.factory import build_model
+from fedct.model.io import read_checkpoint
 from fedct.provenance import source_digest
-
-
-def model_arch(params: TrainParams, labels: LabelSet) -> dict:
-    """The architecture of ``params`` for ``labels`` (saved with the model)."""
-    return architecture(labels.n_classes, params.channels, params.strides, params.dropout,
-                        params.num_res_units, dropout_depth=params.dropout_depth)
-
-
-def build_model(params: TrainParams, labels: LabelSet) -> torch.nn.Module:
-    return build_from_arch(model_arch(params, labels))
 
 
 def train_transforms(params: TrainParams):
