@@ -33,7 +33,7 @@ from fedct.config import load_params
 from fedct.devices import cpu_has_bf16
 from fedct.model.io import architecture, build_from_arch
 from fedct.model.mc import mc_predict
-from fedct.training.loop import _loss_fn, make_optimizer, train_step
+from fedct.training.loop import make_loss, make_optimizer, train_step
 
 ROOT = Path(__file__).parents[1]
 
@@ -63,7 +63,7 @@ def main() -> None:
     models = {amp: build_from_arch(arch) for amp in (False, True)}
     models[True].load_state_dict(models[False].state_dict())
     opts = {amp: make_optimizer(m, tp) for amp, m in models.items()}
-    loss_fn = _loss_fn()
+    loss_fn = make_loss()
     x = torch.randn(tp.batch_size, 1, *tp.patch_size)
     y = torch.randint(0, 11, (tp.batch_size, 1, *tp.patch_size))
     batch = {"image": x, "label": y}

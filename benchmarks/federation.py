@@ -44,9 +44,10 @@ from fedct.config import load_params
 from fedct.data.cases import case_path, cohort_labels, load_case, read_cohort, training_cases
 from fedct.devices import pick_device
 from fedct.federation.aggregate import case_weights, server_step, weighted_average
+from fedct.model.factory import build_model
 from fedct.model.io import load_model
 from fedct.training.local import local_update, round_seed
-from fedct.training.loop import build_model, evaluate, evaluate_dice, train_model
+from fedct.training.loop import evaluate, evaluate_dice, train_model
 
 KEYS = {"rounds": int, "local_steps": int, "server_lr": float, "server_momentum": float,
         "mu": float, "client_state": int}

@@ -19,7 +19,7 @@ import time
 import torch
 
 from fedct.model.unet import build_bayesian_unet
-from fedct.training.loop import _loss_fn
+from fedct.training.loop import make_loss
 
 
 def timed_steps(model, opt, loss_fn, x, y, steps: int, amp: bool, device) -> float:
@@ -56,7 +56,7 @@ def main() -> None:
     model = build_bayesian_unet(args.classes, channels, (2,) * (len(channels) - 1), 0.5).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loss_fn = _loss_fn()
+    loss_fn = make_loss()
     x = torch.randn(args.batch, 1, *shape, device=device)
     y = torch.randint(0, args.classes, (args.batch, 1, *shape), device=device)
     modes = [False, True] if device.type == "cuda" else [False]

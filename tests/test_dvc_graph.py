@@ -113,6 +113,30 @@ def test_stage_deps_cover_its_import_closure(name: str) -> None:
     assert not missing, f"dvc.yaml stage {name} imports but does not depend on {missing}"
 
 
+@pytest.mark.parametrize("name", sorted(stages()))
+def test_stage_deps_hold_no_module_it_does_not_import(name: str) -> None:
+    # A source dep outside the import closure reruns the stage for nothing (editing the
+    # U-Net must not regenerate the synthetic archive): every src/ dep holds at least
+    # one module the stage imports. The stage module's own packages run on import too.
+    stage = stages()[name]
+    start = stage_module(stage_command(stage))
+    parts = start.split(".")
+    mods = closure({start, "fedct.config", "fedct.errors"}) | {"fedct.cli"} | {
+        ".".join(parts[:i]) for i in range(1, len(parts))}
+    files = [module_file(m).relative_to(REPO).as_posix() for m in mods]
+    unused = [d for d in dep_paths(stage) if d.startswith("src/")
+              and not any(f == d or f.startswith(d.rstrip("/") + "/") for f in files)]
+    assert not unused, f"dvc.yaml stage {name} depends on {unused} but imports none of it"
+
+
+def test_only_the_stages_that_load_models_depend_on_the_model_package() -> None:
+    # tracking.py logs models without importing fedct.model (fedct.logged_model says what
+    # a logged model declares): stages that never build or load a network stay apart.
+    for name in ("synth", "catalogue", "cohort", "report"):
+        assert not any(d.startswith("src/fedct/model") for d in dep_paths(stages()[name])), name
+        assert "fedct.model" not in closure({stage_module(name)}), name
+
+
 @pytest.mark.parametrize("name", sorted(set(stages()) - {TEST_BED}))
 def test_no_stage_imports_another_stage_or_the_test_bed(name: str) -> None:
     mods = closure({f"fedct.stages.{name}"})

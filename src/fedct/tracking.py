@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedct import logged_model
 from fedct.errors import FedctError
 
 EXPERIMENT = "fedct"
@@ -339,16 +340,16 @@ def record_refusal(name: str, version: str, reasons: list[str] | tuple[str, ...]
 #
 # A fedct model is a folder holding ``model.safetensors`` (weights + architecture) and
 # ``model_card.json`` (fedct.model.io.save_model). It is logged as an ``mlflow.pyfunc``
-# model with a *loader module* (``fedct.model.pyfunc``, imported from the installed fedct)
-# and these two files as its data: nothing of it is pickled, so loading it unpickles
-# nothing. A consumer gets the files back (``download_model``) and rebuilds the network
-# through ``fedct.model.io.load_model`` with its dropout layers intact for MC sampling.
+# model with a *loader module* (``fedct.model.pyfunc``, imported from the installed fedct;
+# its params and requirements: ``fedct.logged_model``) and these two files as its data:
+# nothing of it is pickled, so loading it unpickles nothing. A consumer gets the files
+# back (``download_model``) and rebuilds the network through ``fedct.model.io.load_model``
+# with its dropout layers intact for MC sampling.
 # A registered version records the SHA-256 of both files (``fedct.weights_sha256``,
 # ``fedct.card_sha256``); ``download_model`` refuses files that differ from them.
 
 MODEL_FILE = "model.safetensors"  # = fedct.model.io.WEIGHTS_FILE (not imported: no torch)
 MODEL_CARD_FILE = "model_card.json"  # = fedct.model.io.CARD_FILE
-LOADER_MODULE = "fedct.model.pyfunc"
 WEIGHTS_TAG = "fedct.weights_sha256"
 CARD_TAG = "fedct.card_sha256"
 
@@ -393,7 +394,7 @@ def _fedct_files(folder: Path) -> tuple[Path, Path] | None:
 
 
 def _signature(defaults: Mapping[str, int | str]) -> Any:
-    """A signature with only a params schema (``fedct.model.pyfunc.default_params``):
+    """A signature with only a params schema (``fedct.logged_model.default_params``):
     MLflow passes params to ``predict`` only when the signature declares them. No input
     schema: a tensor of any (X, Y, Z) shape."""
     from mlflow.models import ModelSignature
@@ -417,8 +418,6 @@ def log_fedct_model(run: Run, model_dir: Path, artifact_path: str = "model",
     mlflow = _mlflow()
     from mlflow import pyfunc
 
-    from fedct.model import pyfunc as fedct_pyfunc
-
     model_dir = Path(model_dir)
     weights, card = _model_files(model_dir)
     active = mlflow.active_run()
@@ -429,10 +428,10 @@ def log_fedct_model(run: Run, model_dir: Path, artifact_path: str = "model",
         data.mkdir()
         (data / MODEL_FILE).write_bytes(weights)
         (data / MODEL_CARD_FILE).write_bytes(card)
-        info = pyfunc.log_model(name=artifact_path, loader_module=LOADER_MODULE,
+        info = pyfunc.log_model(name=artifact_path, loader_module=logged_model.LOADER_MODULE,
                                 data_path=str(data), signature=_signature(
-                                    fedct_pyfunc.default_params(json.loads(card))),
-                                pip_requirements=fedct_pyfunc.requirements(data))
+                                    logged_model.default_params(json.loads(card))),
+                                pip_requirements=logged_model.requirements(data))
     if not registered_name:
         return LoggedModel(info.model_uri, None)
     _check_name(registered_name)

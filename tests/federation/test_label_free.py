@@ -332,7 +332,7 @@ def test_self_training_ignores_labels_outside_the_mask(trained, targets) -> None
     # Plain local updates after it still train with the unmasked DiceCE.
     from fedct.training import local, loop
 
-    assert local._loss_fn is loop._loss_fn
+    assert local.make_loss is loop.make_loss
 
 
 # --- (c) TENT ------------------------------------------------------------------------------

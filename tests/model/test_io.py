@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from fedct.cli import main
 from fedct.errors import FedctError
+from fedct.model.factory import model_arch
 from fedct.model.io import (
     CARD_FILE,
     DIGEST_KEY,
@@ -25,7 +26,7 @@ from fedct.model.io import (
     save_model,
 )
 from fedct.model.unet import dropout_modules
-from fedct.training.loop import model_arch, train_model
+from fedct.training.loop import train_model
 from tests.model.payload import Payload, planted
 from tests.training.test_loop import LABELS, PARAMS, _cases
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from fedct.errors import FedctError
+from fedct.model.factory import build_model
 from fedct.training.local import local_update, round_seed
-from fedct.training.loop import build_model, train_model
+from fedct.training.loop import train_model
 from tests.training.test_loop import LABELS, PARAMS, _cases
 
 

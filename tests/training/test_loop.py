@@ -13,7 +13,7 @@ import torch
 from fedct.config import TrainParams
 from fedct.data.labels import LabelSet
 from fedct.errors import FedctError
-from fedct.training.loop import _batches, train_model
+from fedct.training.loop import train_model, training_batches
 from tests.model.payload import planted
 
 LABELS = LabelSet(("background", "muscle", "femur"))
@@ -131,7 +131,7 @@ def test_training_crops_move_the_anatomy_along_z() -> None:
     case = _cases(1)[0]
     params = dataclasses.replace(PARAMS, batch_size=1, patch_size=(16, 16, 8),
                                  max_shift=(0, 0, 4))
-    batches = _batches([case], params, 0)
+    batches = training_batches([case], params, 0)
     z_of_slab = set()
     for _ in range(30):
         b = next(batches)
@@ -141,10 +141,10 @@ def test_training_crops_move_the_anatomy_along_z() -> None:
             z_of_slab.add(int(z[0]))
     assert len(z_of_slab) >= 4
     # Resuming at step 7 draws the same batches the uninterrupted stream drew there.
-    a = _batches([case], params, 0)
+    a = training_batches([case], params, 0)
     for _ in range(7):
         next(a)
-    torch.testing.assert_close(next(a)["image"], next(_batches([case], params, 7))["image"])
+    torch.testing.assert_close(next(a)["image"], next(training_batches([case], params, 7))["image"])
 
 
 def test_patches_that_do_not_fit_the_network_are_refused() -> None:

@@ -390,7 +390,10 @@ def spearman(x: Array, y: Array) -> float:
     return float(stats.spearmanr(a, b).statistic)
 
 
-def _scores_and_labels(scores: Array, failed: Array) -> tuple[np.ndarray, np.ndarray]:
+def scores_and_labels(scores: Array, failed: Array) -> tuple[np.ndarray, np.ndarray]:
+    """``scores`` as float64 and ``failed`` as bool, both flat and of one length, checked
+    once for every statistic of a failure score (AUROC, AURC, the bootstrap): a NaN score
+    is a ValueError, not a case silently dropped."""
     s = np.asarray(scores, dtype=np.float64).ravel()
     f = np.asarray(failed).ravel().astype(bool)
     if s.shape != f.shape:
@@ -402,7 +405,7 @@ def _scores_and_labels(scores: Array, failed: Array) -> tuple[np.ndarray, np.nda
     return s, f
 
 
-# Settings for scikit-learn calls on inputs _scores_and_labels has checked.
+# Settings for scikit-learn calls on inputs scores_and_labels has checked.
 _CHECKED = {"assume_finite": True, "skip_parameter_validation": True}
 
 
@@ -413,7 +416,7 @@ def _roc(scores: np.ndarray, failed: np.ndarray) -> tuple[np.ndarray, np.ndarray
     scikit-learn refuses infinite scores, but ``+inf`` is this module's "worst" (an absent
     structure); every statistic here depends on the scores' order alone, so the curve is
     computed on dense ranks and its thresholds mapped back to the scores. The inputs are
-    checked by ``_scores_and_labels``, so callers skip scikit-learn's own validation
+    checked by ``scores_and_labels``, so callers skip scikit-learn's own validation
     (``_CHECKED``: most of its time per call, which the bootstrap makes thousands of
     times). roc_curve's leading "flag nothing" point (threshold ``inf``) is kept for the
     area; callers that want observed thresholds drop it.
@@ -435,7 +438,7 @@ def failure_auroc(scores: Array, failed: Array) -> float:
     (where scikit-learn raises). ``+inf`` scores are allowed (ranked above every finite
     score); NaN scores raise.
     """
-    s, f = _scores_and_labels(scores, failed)
+    s, f = scores_and_labels(scores, failed)
     if f.all() or not f.any():
         return float("nan")
     with sklearn.config_context(**_CHECKED):
@@ -457,7 +460,7 @@ def flag_threshold(scores: Array, failed: Array, min_sensitivity: float | None =
     """
     if min_sensitivity is not None and not 0.0 < min_sensitivity <= 1.0:
         raise ValueError(f"min_sensitivity must be in (0, 1], got {min_sensitivity}")
-    s, f = _scores_and_labels(scores, failed)
+    s, f = scores_and_labels(scores, failed)
     if f.all() or not f.any():
         return float("nan")
     with sklearn.config_context(**_CHECKED):

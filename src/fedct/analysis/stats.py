@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 # One NaN rule for the package: NaN scores raise, +inf is the worst score.
-from fedct.analysis.metrics import _scores_and_labels, failure_auroc
+from fedct.analysis.metrics import failure_auroc, scores_and_labels
 
 ArrayLike = np.ndarray | pd.Series | Sequence[float]
 
@@ -50,7 +50,7 @@ class Interval(NamedTuple):
 
 def _blocks(scores: ArrayLike, failed: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """At each tie-block end (ascending score): cases kept k, failures kept, score there."""
-    s, f = _scores_and_labels(scores, failed)
+    s, f = scores_and_labels(scores, failed)
     if s.size == 0:
         raise ValueError("need at least one case")
     order = np.argsort(s, kind="stable")
@@ -101,7 +101,7 @@ def e_aurc(scores: ArrayLike, failed: ArrayLike) -> float:
     0 for a perfect ranking (failures strictly above every good case); removes the part
     of AURC that only reflects the failure rate, so sets with different rates compare.
     """
-    s, f = _scores_and_labels(scores, failed)
+    s, f = scores_and_labels(scores, failed)
     return aurc(s, f) - _oracle_aurc(s.size, int(f.sum()))
 
 

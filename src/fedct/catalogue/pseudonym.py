@@ -80,7 +80,7 @@ def load_key(params: CatalogueParams) -> PseudonymKey:
     return PseudonymKey(secret, demo=False, source=source)
 
 
-class _Hasher:
+class Hasher:
     """HMAC-SHA256 pseudonyms, truncated to 128 bits (32 hex), one domain per kind.
 
     The domain prefix ("patient:", "study:", ...) keeps equal strings of different
@@ -107,4 +107,4 @@ class _Hasher:
 
 def pseudonym(secret: bytes, kind: str, value: str) -> str:
     """HMAC-SHA256 of ``kind:value`` under ``secret``, first 32 hex digits."""
-    return _Hasher(secret)(kind, value)
+    return Hasher(secret)(kind, value)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fedct import dicom
-from fedct.catalogue.pseudonym import _Hasher
+from fedct.catalogue.pseudonym import Hasher
 
 INDEX_SCHEMA = pa.schema([
     ("relpath", pa.string()),  # as text: undecodable bytes of a name become escapes
@@ -204,7 +204,7 @@ def parse_files(root: str, items: Sequence[tuple[str, int, int]], secret: bytes,
     """
     paths = [os.path.join(root, rel) for rel, _, _ in items]
     headers = dicom.read_headers(paths, [size for _, size, _ in items], engine=engine)
-    hasher = _Hasher(secret)
+    hasher = Hasher(secret)
     vals = [h.values for h in headers]  # {} for rejected files: every column null
 
     def col(kw: str) -> list[str | None]:

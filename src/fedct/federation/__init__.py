@@ -1,7 +1,7 @@
 """Federated learning across sites: aggregation maths, Flower apps and their simulation.
 
 - :mod:`fedct.federation.aggregate`: pure functions over state dicts (weighted averaging,
-  per-site weights, FedProx's proximal term), the one implementation that the one-shot
+  per-site weights, the server step), the one implementation that the one-shot
   stage, the Flower strategy and the tests use;
 - :mod:`fedct.federation.flower_app`: the thin Flower 1.42 ServerApp and ClientApp;
 - :mod:`fedct.federation.simulation`: ``run_federation``, Flower's simulation run in a child

@@ -22,8 +22,7 @@ Rules of :func:`weighted_average` (weights ``w_i >= 0`` normalised to sum 1):
 
 Default weights are each site's number of training cases (:func:`case_weights`, FedAvg);
 :func:`site_weights` normalises any other non-negative per-site weights (e.g. weights from
-uncertainty). :func:`proximal_term` is FedProx's penalty ``mu / 2 * ||w - w_global||^2``
-(squared L2 norm), which the client adds to its loss. :func:`server_step` applies the
+uncertainty). :func:`server_step` applies the
 merged weights on the server, with an optional server learning rate and momentum (FedAvgM;
 ``benchmarks/federation.py`` compares them: at lr 1 and momentum 0 it is FedAvg).
 """
@@ -31,7 +30,7 @@ merged weights on the server, with an optional server learning rate and momentum
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -118,46 +117,6 @@ def weighted_average(states: Sequence[State] | Mapping[str, State],
             merged[key] = torch.stack(kept).amax(dim=0) if ref.dtype != torch.bool \
                 else torch.stack(kept).any(dim=0)
     return merged
-
-
-def proximal_term(params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-                  global_params: Iterable[torch.Tensor] | Mapping[str, torch.Tensor],
-                  mu: float) -> torch.Tensor:
-    """FedProx's penalty ``mu / 2 * sum_k ||w_k - w_global_k||^2`` as a scalar tensor.
-
-    ``params`` are the local parameters (``model.parameters()``, or
-    ``model.named_parameters()`` when ``global_params`` is a name -> tensor mapping such as
-    the global state dict); the global ones are constants (no gradient flows into them).
-    The gradient with respect to ``w`` is ``mu * (w - w_global)``.
-    """
-    if not math.isfinite(mu) or mu < 0:
-        raise FedctError(f"proximal term: mu must be finite and >= 0, got {mu}")
-    if isinstance(global_params, Mapping):
-        pairs = []
-        for item in params:
-            if not isinstance(item, tuple):
-                raise FedctError("proximal term: pass named parameters "
-                                 "(model.named_parameters()) with a global state dict")
-            name, p = item
-            if name not in global_params:
-                raise FedctError(f"proximal term: {name!r} is not in the global state")
-            pairs.append((p, global_params[name]))
-    else:
-        local = [p[1] if isinstance(p, tuple) else p for p in params]
-        glob = list(global_params)
-        if len(local) != len(glob):
-            raise FedctError(f"proximal term: {len(local)} local and {len(glob)} global "
-                             "parameters")
-        pairs = list(zip(local, glob, strict=True))
-    if not pairs:
-        raise FedctError("proximal term: no parameters")
-    total = None
-    for p, g in pairs:
-        if p.shape != g.shape:
-            raise FedctError(f"proximal term: shapes {list(p.shape)} and {list(g.shape)} differ")
-        sq = (p - g.detach().to(device=p.device, dtype=p.dtype)).pow(2).sum()
-        total = sq if total is None else total + sq
-    return 0.5 * mu * total
 
 
 def server_step(global_state: State, merged: State, velocity: State | None,

@@ -217,8 +217,8 @@ def _client_query(msg: Message, context: Context, cfg: FederationConfig) -> Mess
 
 def _client_train(msg: Message, context: Context, cfg: FederationConfig) -> Message:
     from fedct.data.cases import cohort_labels
+    from fedct.model.factory import build_model
     from fedct.training.local import local_update, round_seed
-    from fedct.training.loop import build_model
 
     site, index = _site(context, cfg)
     conf = msg.content["config"]
@@ -246,7 +246,8 @@ def _client_evaluate(msg: Message, context: Context, cfg: FederationConfig) -> M
 
     from fedct.data.cases import cohort_labels
     from fedct.devices import pick_device
-    from fedct.training.loop import build_model, evaluate
+    from fedct.model.factory import build_model
+    from fedct.training.loop import evaluate
 
     site, index = _site(context, cfg)
     labels = cohort_labels(Path(cfg.cohort_dir))
@@ -399,8 +400,8 @@ def run_server(grid: Grid, cfg: FederationConfig,
     and ``sites``: site -> {train_loss, seconds, n_train, val_dice, val_loss, n_val}.
     """
     from fedct.data.labels import parse_labels
+    from fedct.model.factory import build_model, model_arch
     from fedct.model.io import load_model, read_checkpoint, save_model
-    from fedct.training.loop import build_model, model_arch
 
     params = cfg.train_params
     ckpt_dir, out_dir = Path(cfg.checkpoint_dir), Path(cfg.out_dir)

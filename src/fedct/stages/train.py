@@ -58,9 +58,10 @@ from fedct.data.cases import (
 )
 from fedct.devices import pick_device, runtime
 from fedct.errors import FedctError
+from fedct.model.factory import model_arch
 from fedct.model.io import WEIGHTS_FILE, save_model
 from fedct.training.curves import plot_curves
-from fedct.training.loop import fingerprint, model_arch, reference_volumes, train_model
+from fedct.training.loop import fingerprint, reference_volumes, train_model
 
 
 def pooled_params(params: TrainParams, cases) -> TrainParams:

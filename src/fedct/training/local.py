@@ -37,15 +37,15 @@ import torch
 from fedct.config import TrainParams
 from fedct.devices import pick_device, use_amp
 from fedct.errors import FedctError
-from fedct.federation.aggregate import proximal_term
 from fedct.training.loop import (
-    _batches,
-    _loss_fn,
     check_shapes,
+    make_loss,
     make_optimizer,
     one_cycle,
     train_step,
+    training_batches,
 )
+from fedct.training.losses import proximal_term
 
 
 def _load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
@@ -119,13 +119,13 @@ def local_update(model: torch.nn.Module, train_cases: list[dict], params: TrainP
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(min(start_step, total - 1)):
                 sched.step()
-    loss_fn = _loss_fn() if loss_fn is None else loss_fn
+    loss_fn = make_loss() if loss_fn is None else loss_fn
     t0 = time.perf_counter()
     losses = []
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(round_seed)  # dropout masks
-        batches = _batches(train_cases, dataclasses.replace(params, seed=round_seed), 0)
+        batches = training_batches(train_cases, dataclasses.replace(params, seed=round_seed), 0)
         for i in range(steps):
             losses.append(train_step(model, opt, next(batches), loss_fn, device, amp, penalty))
             if sched is not None and start_step + i + 1 < total:

@@ -37,18 +37,9 @@ from fedct.config import TrainParams, model_params
 from fedct.data.labels import LabelSet
 from fedct.devices import pick_device, use_amp
 from fedct.errors import FedctError
-from fedct.model.io import architecture, build_from_arch, read_checkpoint
+from fedct.model.factory import build_model
+from fedct.model.io import read_checkpoint
 from fedct.provenance import source_digest
-
-
-def model_arch(params: TrainParams, labels: LabelSet) -> dict:
-    """The architecture of ``params`` for ``labels`` (saved with the model)."""
-    return architecture(labels.n_classes, params.channels, params.strides, params.dropout,
-                        params.num_res_units, dropout_depth=params.dropout_depth)
-
-
-def build_model(params: TrainParams, labels: LabelSet) -> torch.nn.Module:
-    return build_from_arch(model_arch(params, labels))
 
 
 def train_transforms(params: TrainParams):
@@ -96,8 +87,9 @@ def reference_volumes(label_maps: list[np.ndarray], spacing_mm: tuple[float, ...
             for k in labels.structures]
 
 
-def _loss_fn():
-    """DiceCE; voxels labelled ``losses.IGNORE_INDEX`` (unconfident pseudo-labels) ignored."""
+def make_loss():
+    """The training loss of every fedct model (``train_model``, federated local updates):
+    DiceCE; voxels labelled ``losses.IGNORE_INDEX`` (unconfident pseudo-labels) ignored."""
     from fedct.training.losses import MaskedDiceCELoss
 
     return MaskedDiceCELoss()
@@ -107,7 +99,7 @@ def evaluate(model: torch.nn.Module, cases: list[dict], device: torch.device, am
              n_classes: int) -> tuple[float, np.ndarray]:
     """Deterministic (dropout off) whole-volume pass: mean loss, Dice (n_cases, C - 1)."""
     model.eval()
-    loss_fn = _loss_fn()
+    loss_fn = make_loss()
     losses, dice = [], []
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
                                                 enabled=use_amp(device, amp)):
@@ -136,8 +128,8 @@ def _seed(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
 
 
-def _batches(cases: list[dict], params: TrainParams, start_step: int
-             ) -> Iterator[dict[str, torch.Tensor]]:
+def training_batches(cases: list[dict], params: TrainParams, start_step: int
+                     ) -> Iterator[dict[str, torch.Tensor]]:
     """Training batches from step ``start_step`` on, each a function of (seed, step) only.
 
     The case order of each epoch and every random transform are seeded by the seed and
@@ -246,7 +238,7 @@ def train_model(params: TrainParams, labels: LabelSet, train_cases: list[dict],
     model = build_model(params, labels).to(device)
     opt = make_optimizer(model, params)
     sched, total = one_cycle(opt, params, schedule_length(params))
-    loss_fn = _loss_fn()
+    loss_fn = make_loss()
     val_every = max(1, params.steps // max(1, params.val_checks))
     per_epoch = steps_per_epoch(len(train_cases), params.batch_size)
     history: list[dict] = []
@@ -261,7 +253,7 @@ def train_model(params: TrainParams, labels: LabelSet, train_cases: list[dict],
             step, best, best_state = state["step"], state["best"], state["best_state"]
             stale, history = state["stale"], state["history"]
     done = step >= params.steps or (val_cases and stale >= params.patience > 0)
-    batches = _batches(train_cases, params, step)
+    batches = training_batches(train_cases, params, step)
     losses: list[float] = []
     bar = tqdm(total=params.steps, initial=step, desc=desc, position=position,
                disable=bool(done))
