@@ -4,6 +4,7 @@ DVC experiments replaced by fakes (the real runs are hours; docs/study.md)."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -22,6 +23,9 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "profiles").mkdir()
     shutil.copy(REPO / "profiles" / "study.yaml", tmp_path / "profiles" / "study.yaml")
     monkeypatch.chdir(tmp_path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "study"]):
+        subprocess.run([*git, *args], cwd=tmp_path, check=True)
     monkeypatch.setattr(study, "params_edited", lambda repo, path: False)
     monkeypatch.setattr(study, "tracking_env", lambda: {})
     return tmp_path
@@ -89,6 +93,9 @@ def test_each_finished_run_is_a_row_and_a_rerun_resumes_after_a_cut_off(
     assert len(ran) == len(runs) == 4  # the two finished runs were not run again
     assert runs[["report_seed", "train_seed"]].drop_duplicates().shape[0] == 4
     assert (runs["device"] == "Some CPU, 2 threads").all()
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo,
+                          capture_output=True, text=True).stdout.strip()
+    assert len(head) == 12 and (runs["commit"] == head).all()
     # A run whose experiment exists but whose row was lost is read back, not rerun.
     pd.read_csv(out / study.RUNS_FILE).iloc[:3].to_csv(out / study.RUNS_FILE, index=False)
     again = study.run(Path("profiles/study.yaml"), out)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import subprocess
 import time
 from pathlib import Path
 
@@ -103,6 +104,16 @@ def read_run(repo: Path, name: str) -> dict:
     return out
 
 
+def head_commit(repo: Path) -> str:
+    """The commit checked out in ``repo`` (12 hex digits; empty outside git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo,
+                             capture_output=True, text=True, check=False)
+    except OSError:
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
 def device_of(card: dict) -> str:
     """The ``device`` column: where the pooled model trained (its card's runtime)."""
     where = card.get("runtime") or {}
@@ -155,6 +166,7 @@ def run(overlay: Path, out_dir: Path, params_file: Path = Path("params.yaml"),
     have = {(str(r), int(t)) for r, t in zip(done["report_seed"], done["train_seed"],
                                              strict=True)}
     experiments = existing_experiments(repo)
+    commit = head_commit(repo)  # `dvc exp list` names the experiments of this commit
     env = None
     for s, c, t in todo:
         name = experiment_name(s, c, t)
@@ -184,7 +196,7 @@ def run(overlay: Path, out_dir: Path, params_file: Path = Path("params.yaml"),
                       list(got["ranking"]["site"].astype(str)), got["cases"],
                       got["convergence"], got["decision"], params.cohort.holdout_sites,
                       params.cohort.control_sites, runtime, device_of(got["card"]),
-                      got["federated"])
+                      got["federated"], commit=commit)
         done = append_run(out_dir, row, params.evaluate.n_boot, params.evaluate.seed)
         print(f"study: {name} done; {len(done)} run(s) in {out_dir / RUNS_FILE}", flush=True)
     return done

@@ -40,9 +40,11 @@ RUN_COLUMNS = (
     "auroc_without_most_shifted_lo", "auroc_out_of_domain", "aurc_out_of_domain",
     "aurc_best_baseline_out_of_domain", "auroc_controls", "aurc_controls",
     "aurc_best_baseline_controls", "site_ranking", "fedavg_best_round", "fedavg_last_round",
+    "commit",
 )
 #: Columns that are labels, not numbers to pool.
-LABELS = ("report_seed", "device", "best_local", "most_shifted_site", "site_ranking")
+LABELS = ("report_seed", "device", "best_local", "most_shifted_site", "site_ranking",
+          "commit")
 #: Columns pooled as a mean without an interval (counts, run facts).
 NO_INTERVAL = ("train_seed", "n_calib_pairs", "runtime_min", "fedavg_best_round",
                "fedavg_last_round")
@@ -114,12 +116,12 @@ def run_row(synth_seed: int, cohort_seed: int, train_seed: int, evaluate: Mappin
             uncertainty: Mapping, ranking: Sequence[str], uncertainty_cases: pd.DataFrame,
             convergence: Mapping | None, decision: Mapping | None, holdout_sites: Sequence[str],
             control_sites: Sequence[str], runtime_min: float, device: str,
-            federated: Mapping | None = None) -> dict:
+            federated: Mapping | None = None, commit: str = "") -> dict:
     """One row of runs.csv (``RUN_COLUMNS``) from one run's outputs: ``evaluate`` and
     ``uncertainty`` (their ``metrics.json``), the label-free ``ranking`` (site order of
     ``site_ranking.csv``), the uncertainty stage's ``cases.csv``, the train stage's
     ``convergence.json``, promote's ``decision.json`` and federate's ``metrics.json``
-    (``federated``; None: not there)."""
+    (``federated``; None: not there). ``commit``: the git commit the run belongs to."""
     shifted = [s for s in holdout_sites if s not in set(control_sites)]
     fedavg, pooled = (_get(evaluate, "heldout_dice", "fedavg"),
                       _get(evaluate, "heldout_dice", "pooled"))
@@ -142,7 +144,7 @@ def run_row(synth_seed: int, cohort_seed: int, train_seed: int, evaluate: Mappin
         "cap_hit_fraction": _get(convergence or {}, "cap_hit_fraction"),
         "promoted": (float(bool(decision["promote"])) if decision and "promote" in decision
                      else math.nan),
-        "runtime_min": float(runtime_min), "device": str(device),
+        "runtime_min": float(runtime_min), "device": str(device), "commit": str(commit),
         "fedavg_minus_best_local": _get(evaluate, "paired_vs_best_local", "fedavg"),
         "fedavg_over_pooled": fedavg / pooled if pooled and not math.isnan(pooled)
         else math.nan,
