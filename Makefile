@@ -25,8 +25,11 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	# uv installs the fully pinned lock (no resolution: --no-deps) about 10x faster than
 	# pip; pip keeps torch, whose CPU wheel only pip finds on disk; pip check verifies.
+	# --compile-bytecode: uv writes no .pyc by default, and where PYTHONDONTWRITEBYTECODE
+	# is set (CI images, containers) every process would compile mlflow, pandas, ray, ...
+	# from source again (import mlflow: 3.6 -> 1.3 CPU-s, pandas 1.3 -> 0.35).
 	$(BIN)/python -m pip install --quiet $(UV_SPEC)
-	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -r $(LOCK)
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python --no-deps -r $(LOCK)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
 	touch $@
