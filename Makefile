@@ -80,6 +80,7 @@ lint: venv
 
 bench: venv
 	$(BIN)/python benchmarks/catalogue.py
+	$(BIN)/python benchmarks/fixed_cost.py
 	$(BIN)/python benchmarks/mc_dropout.py
 	$(DEMO_ENV) $(BIN)/python benchmarks/mc_dropout.py
 

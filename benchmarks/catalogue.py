@@ -1,23 +1,30 @@
-"""Benchmark of the catalogue's header scan, against two baselines on the same files.
+"""Benchmark of the catalogue's header scan, against baselines on the same files.
 
-    python benchmarks/catalogue.py                      # 5000 generated CT slices
-    python benchmarks/catalogue.py --files 20000 --header minimal
-    python benchmarks/catalogue.py --archive /data/archive --repeat 1
+    python benchmarks/catalogue.py --files 50000 --json bench.json   # generated CT slices
+    python benchmarks/catalogue.py --archive data/archive --json bench-demo.json
 
-Measured in one run, on the same files, with a warm page cache (every file is read
-once before timing, so that disk speed does not decide):
+Measured in one run, with a warm page cache (every file is read once before timing, so
+that disk speed does not decide), each figure a ratio against its baseline of that run:
 
-- pydicom header-only: ``dcmread(stop_before_pixels=True)`` of every file, one process;
-- gdcmscanner: GDCM's C++ scanner (Debian ``libgdcm-tools``) with ten tags, one
-  process; skipped with a message when it is not installed;
-- python-gdcm ``gdcm.Scanner`` with the catalogue's tags (the catalogue's tier 2);
-- the catalogue's scan (walk, read, pseudonymise, index) with 1 and 2 workers, and an
-  unchanged rescan; then ``run()`` end to end (with reports) and its rescan;
+- per core against GDCM's C++ scanner (``gdcmscanner`` of Debian's ``libgdcm-tools``, ten
+  tags; not python-gdcm's wrapper of that name in the venv, a Python start and another
+  build): files per CPU-second of the catalogue's scan in one process over those of
+  gdcmscanner, on the same files. gdcmscanner aborts on a corrupt file, so with
+  ``--archive`` both read a tree of hard links to the files the catalogue accepted (the
+  archive's CT images); the catalogue alone also scans the whole archive, distractors and
+  all. pydicom's header-only read is the third reader;
+- 2 workers against 1: whole processes (a fresh interpreter scanning into a fresh index,
+  start-up, imports and the pool included), wall clock and CPU-seconds of the process tree
+  (a child subreaper collects the forkserver and its workers), and the same in a warm
+  process (the pool kept from an earlier scan);
+- the unchanged rescan (``scan`` and ``run()`` end to end) against the first scan;
 - peak memory (max RSS of the main process and of the largest worker) of a scan of a
   quarter of the files and of all of them: flat means bounded.
 
-Generated files: 16x16 pixels; ``--header realistic`` (default) writes a vendor-like
-header (~200 elements: private groups, sequences), ``minimal`` ~40 elements.
+Wall-clock ratios need idle cores; CPU-second ratios stand on a loaded machine too
+(``load`` in the output says how loaded it was). Generated files: 16x16 pixels;
+``--header realistic`` (default) writes a vendor-like header (~200 elements: private
+groups, sequences), ``minimal`` ~40 elements.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 GDCMSCANNER_TAGS = ("0008,0060", "0008,0070", "0008,0080", "0008,1090", "0018,1210",
                     "0018,0050", "0020,000e", "0020,0032", "0020,0037", "0028,0030")
@@ -165,18 +173,69 @@ def pydicom_header_only(files: list[str]) -> None:
         pydicom.dcmread(f, stop_before_pixels=True)
 
 
-def gdcm_python(files: list[str]) -> None:
-    from fedct import dicom
+def find_gdcmscanner() -> str | None:
+    """Debian's gdcmscanner: the first on PATH outside this venv (python-gdcm installs a
+    Python wrapper of that name in its bin folder)."""
+    venv_bin = str(Path(sys.prefix, "bin"))
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                           if d and Path(d).resolve() != Path(venv_bin).resolve())
+    return shutil.which("gdcmscanner", path=path)
 
-    for i in range(0, len(files), 256):
-        dicom.read_headers(files[i:i + 256], engine="gdcm")
 
-
-def gdcmscanner(root: Path) -> None:
-    cmd = ["gdcmscanner", "-d", str(root), "-r"]
+def gdcmscanner(exe: str, root: Path) -> float:
+    """Scan ``root`` with gdcmscanner; returns its CPU-seconds (user + system)."""
+    cmd = [exe, "-d", str(root), "-r"]
     for tag in GDCMSCANNER_TAGS:
         cmd += ["-t", tag]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def accepted_tree(root: Path, index_dir: Path, dst: Path) -> Path:
+    """Hard links (copies across file systems) to the files the catalogue accepted."""
+    import pyarrow.parquet as pq
+
+    for part in sorted(index_dir.glob("part-*.parquet")):
+        table = pq.read_table(part, columns=["relpath", "relpath_bytes", "reason"])
+        for rel, raw, reason in zip(*(table[c].to_pylist() for c in table.column_names),
+                                    strict=True):
+            if reason is not None:
+                continue
+            rel = os.fsdecode(raw) if raw is not None else rel
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(root / rel, dst / rel)
+            except OSError:
+                shutil.copyfile(root / rel, dst / rel)
+    return dst
+
+
+def subreaper() -> None:
+    """Adopt orphaned descendants (the forkserver, its workers), so that their CPU time
+    reaches RUSAGE_CHILDREN once they are reaped (Linux prctl PR_SET_CHILD_SUBREAPER)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def whole_process(cmd: list[str]) -> tuple[float, float]:
+    """(wall, CPU-seconds of the whole process tree) of ``cmd``; call ``subreaper`` first
+    and before this process starts any child of its own that outlives a call."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    while True:  # reap the adopted orphans
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def catalogue_scan(root: Path, index_dir: Path, workers: int) -> object:
@@ -254,21 +313,6 @@ class DescendantSampler:
             self._stop.wait(self.interval)
 
 
-def cpu_per_file(root: Path, index_dir: Path, workers: int, n: int) -> float:
-    """CPU seconds per 1000 files of a first scan: this process plus its workers.
-
-    Robust to other load on a shared machine: equal CPU per file with 1 and 2
-    workers means the work divides without overhead, i.e. near-linear scaling where
-    cores are free.
-    """
-    shutil.rmtree(index_dir, ignore_errors=True)
-    with DescendantSampler(0.01) as sampler:
-        t0 = time.process_time()
-        catalogue_scan(root, index_dir, workers)
-        main = time.process_time() - t0
-    return 1000 * (main + sampler.cpu_seconds) / n
-
-
 def measure_memory(root: Path, workers: int) -> dict:
     """Peak memory of a scan in a fresh interpreter (this function runs in that child)."""
     import tracemalloc
@@ -291,6 +335,19 @@ def memory_in_child(root: Path, workers: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def scan_in_child(root: Path, index_dir: Path, workers: int) -> None:
+    """``--_scan``: one scan, as a fresh process does it."""
+    shutil.rmtree(index_dir, ignore_errors=True)
+    catalogue_scan(root, index_dir, workers)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--files", type=int, default=5000, help="files to generate [5000]")
@@ -299,10 +356,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="best of N timings [3]")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--_scan", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._memory:
         print(json.dumps(measure_memory(Path(args._memory[0]), int(args._memory[1]))))
         return
+    if args._scan:
+        scan_in_child(Path(args._scan[0]), Path(args._scan[1]), int(args._scan[2]))
+        return
+    subreaper()  # before any child of this process: whole_process reaps every orphan
     from fedct.config import CatalogueParams
     from fedct.stages import catalogue as stage
 
@@ -320,65 +382,73 @@ def main() -> None:
         n = len(files)
         for f in files:  # warm the page cache: measure parsing, not the disk
             Path(f).read_bytes()
-        results: dict[str, object] = {"n_files": n, "header": args.header,
-                                      "cpus": os.cpu_count(), "repeat": args.repeat}
-        rate: dict[str, float] = {}
-        rate["pydicom header-only (1 process)"] = n / best_of(
-            args.repeat, lambda: pydicom_header_only(files))
-        if shutil.which("gdcmscanner"):
-            rate["gdcmscanner, 10 tags (1 process)"] = n / best_of(
-                args.repeat, lambda: gdcmscanner(root))
+        results: dict[str, Any] = {
+            "n_files": n, "header": "archive" if args.archive else args.header,
+            "cpu_model": cpu_model(), "cpus": os.cpu_count(), "repeat": args.repeat,
+            "load_before": round(os.getloadavg()[0], 2)}
+        # 2 workers against 1, whole processes (first: no child of ours may outlive them).
+        whole = {}
+        for w in (1, 2):
+            runs = [whole_process([sys.executable, __file__, "--_scan", str(root),
+                                   str(tmp / f"whole{w}"), str(w)])
+                    for _ in range(args.repeat)]
+            whole[w] = {"wall_s": round(min(r[0] for r in runs), 3),
+                        "cpu_s": round(min(r[1] for r in runs), 3)}
+        results["whole_process"] = whole
+        results["speedup_2_workers_whole_process"] = round(
+            whole[1]["wall_s"] / whole[2]["wall_s"], 2)
+        results["cpu_ratio_2_to_1_workers_whole_process"] = round(
+            whole[2]["cpu_s"] / whole[1]["cpu_s"], 2)
+        # The same in this process, warm (imports done, the pool kept from the first scan).
+        warm = {}
+        for w in (1, 2):
+            catalogue_scan(root, tmp / f"warm{w}", w)  # imports, the pool
+
+            def first_scan(w: int = w) -> None:
+                shutil.rmtree(tmp / f"warm{w}", ignore_errors=True)
+                catalogue_scan(root, tmp / f"warm{w}", w)
+
+            warm[w] = best_of(args.repeat, first_scan)
+        results["warm_scan_s"] = {w: round(v, 3) for w, v in warm.items()}
+        results["speedup_2_workers_warm"] = round(warm[1] / warm[2], 2)
+        # Per core: CPU-seconds of one process on the same files, gdcmscanner's files.
+        same = root
+        if args.archive:
+            same = accepted_tree(root, tmp / "warm1", tmp / "accepted")
+        same_files = list_files(same)
+        for f in same_files:
+            Path(f).read_bytes()
+        m = len(same_files)
+        results["n_files_per_core"] = m
+
+        def scan_same() -> None:
+            shutil.rmtree(tmp / "same", ignore_errors=True)
+            catalogue_scan(same, tmp / "same", 1)
+
+        scan_same()
+        cpu = {"catalogue scan, 1 process": best_of(args.repeat, scan_same,
+                                                    time.process_time),
+               "pydicom header-only": best_of(args.repeat,
+                                              lambda: pydicom_header_only(same_files),
+                                              time.process_time)}
+        exe = find_gdcmscanner()
+        if exe:
+            version = subprocess.run([exe, "--version"], capture_output=True, text=True)
+            results["gdcmscanner"] = f"{exe}: {version.stdout.strip()}"
+            cpu["gdcmscanner, 10 tags"] = min(gdcmscanner(exe, same)
+                                              for _ in range(args.repeat))
         else:
             print("gdcmscanner not installed (Debian: apt-get install libgdcm-tools); "
                   "skipping that baseline", file=sys.stderr)
-        rate["python-gdcm Scanner, catalogue tags (1 process)"] = n / best_of(
-            args.repeat, lambda: gdcm_python(files))
-        for workers in (1, 2):
-            def first_scan(w: int = workers) -> None:
-                shutil.rmtree(tmp / "index", ignore_errors=True)
-                catalogue_scan(root, tmp / "index", w)
-
-            rate[f"catalogue scan, {workers} worker(s)"] = n / best_of(args.repeat,
-                                                                       first_scan)
-        rescan = best_of(args.repeat, lambda: catalogue_scan(root, tmp / "index", 2))
-        # CPU seconds of this process: robust to other load on a shared machine
-        # (single-process readers only; pool workers run elsewhere).
-        cpu = {
-            "pydicom header-only": n / best_of(args.repeat, lambda: pydicom_header_only(files),
-                                               time.process_time),
-            "python-gdcm Scanner": n / best_of(args.repeat, lambda: gdcm_python(files),
-                                               time.process_time),
-        }
-
-        def scan_1() -> None:
-            shutil.rmtree(tmp / "index1", ignore_errors=True)
-            catalogue_scan(root, tmp / "index1", 1)
-
-        cpu["catalogue scan, 1 worker"] = n / best_of(args.repeat, scan_1, time.process_time)
-        catalogue_scan(root, tmp / "warm", 2)  # start the forkserver outside the timing
-        cpu_k = {w: min(cpu_per_file(root, tmp / f"cpu{w}", w, n) for _ in range(args.repeat))
-                 for w in (1, 2)}
-        results["cpu_s_per_1000_files"] = {w: round(v, 3) for w, v in cpu_k.items()}
-        results["parallel_efficiency_2_workers"] = round(cpu_k[1] / cpu_k[2], 2)
-        results["files_per_cpu_second"] = {k: round(v) for k, v in cpu.items()}
-        results["cpu_vs_pydicom"] = round(cpu["catalogue scan, 1 worker"]
-                                          / cpu["pydicom header-only"], 2)
-        results["files_per_second"] = {k: round(v) for k, v in rate.items()}
-        base = rate["pydicom header-only (1 process)"]
-        per_worker = {w: rate[f"catalogue scan, {w} worker(s)"] / w for w in (1, 2)}
-        results["per_worker_vs_pydicom"] = {w: round(v / base, 2) for w, v in
-                                            per_worker.items()}
-        if "gdcmscanner, 10 tags (1 process)" in rate:
-            results["per_worker_vs_gdcmscanner"] = {
-                w: round(v / rate["gdcmscanner, 10 tags (1 process)"], 2)
-                for w, v in per_worker.items()}
-        results["speedup_2_workers"] = round(
-            rate["catalogue scan, 2 worker(s)"] / rate["catalogue scan, 1 worker(s)"], 2)
-        first = n / rate["catalogue scan, 2 worker(s)"]
-        results["scan_first_s"] = round(first, 3)
+        results["files_per_cpu_second"] = {k: round(m / v) for k, v in cpu.items()}
+        ours = cpu["catalogue scan, 1 process"]
+        results["per_core_vs_pydicom"] = round(cpu["pydicom header-only"] / ours, 2)
+        if exe:
+            results["per_core_vs_gdcmscanner"] = round(cpu["gdcmscanner, 10 tags"] / ours, 2)
+        # The unchanged rescan against the first scan.
+        rescan = best_of(args.repeat, lambda: catalogue_scan(root, tmp / "warm2", 2))
         results["scan_unchanged_rescan_s"] = round(rescan, 4)
-        results["scan_rescan_ratio"] = round(first / rescan, 1)
-        # End to end, with the aggregation and the reports.
+        results["scan_rescan_ratio"] = round(warm[2] / rescan, 1)
         params = CatalogueParams(workers=2)
         out = tmp / "out"
         t0 = time.perf_counter()
@@ -389,41 +459,38 @@ def main() -> None:
         results["run_first_s"] = round(run_first, 3)
         results["run_unchanged_rescan_s"] = round(run_rescan, 4)
         results["run_rescan_ratio"] = round(run_first / run_rescan, 1)
-        # Memory: a quarter of the archive vs all of it (generated archives only).
-        if not args.archive:
-            results["memory"] = {
-                "quarter": memory_in_child(root / "part0", 2),
-                "all": memory_in_child(root, 2),
-            }
+        if not args.archive:  # memory: a quarter of the archive vs all of it
+            results["memory"] = {"quarter": memory_in_child(root / "part0", 2),
+                                 "all": memory_in_child(root, 2)}
+        results["load_after"] = round(os.getloadavg()[0], 2)
         print(json.dumps(results, indent=1))
         if args.json:
-            args.json.write_text(json.dumps(results, indent=1))
-        print(_table(results, rate), file=sys.stderr)
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+        print(_table(results), file=sys.stderr)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _table(results: dict, rate: dict[str, float]) -> str:
-    lines = [f"\n{results['n_files']} files ({results['header']} header), "
-             f"{results['cpus']} CPUs, best of {results['repeat']}",
-             "| reader | files/s |", "|---|---|"]
-    lines += [f"| {k} | {v:,.0f} |" for k, v in rate.items()]
-    lines.append(f"per worker vs pydicom: {results['per_worker_vs_pydicom']}")
-    lines.append(f"files per CPU-second: {results['files_per_cpu_second']} "
-                 f"(catalogue / pydicom = {results['cpu_vs_pydicom']})")
-    if "per_worker_vs_gdcmscanner" in results:
-        lines.append(f"per worker vs gdcmscanner: {results['per_worker_vs_gdcmscanner']}")
-    lines.append(f"2 workers / 1 worker (wall): {results['speedup_2_workers']}; CPU s per "
-                 f"1000 files (main + workers) {results['cpu_s_per_1000_files']}: parallel "
-                 f"efficiency {results['parallel_efficiency_2_workers']}")
-    lines.append(f"unchanged rescan: scan {results['scan_rescan_ratio']}x faster, "
-                 f"run() {results['run_rescan_ratio']}x faster")
-    if "memory" in results:
-        for k, m in results["memory"].items():
-            lines.append(f"memory ({k}, {m['n_files']} files): main max RSS "
-                         f"{m['main_max_rss_mb']:.0f} MB, worker max RSS "
-                         f"{m['worker_max_rss_mb']:.0f} MB, main Python peak "
-                         f"{m['main_python_peak_mb']:.1f} MB")
+def _table(r: dict) -> str:
+    w = r["whole_process"]
+    lines = [f"\n{r['n_files']} files ({r['header']}), {r['cpu_model']}, {r['cpus']} CPUs, "
+             f"best of {r['repeat']}, load {r['load_before']} -> {r['load_after']}",
+             f"2 workers / 1 worker, whole process: wall x{r['speedup_2_workers_whole_process']}"
+             f" ({w[1]['wall_s']} -> {w[2]['wall_s']} s), CPU-s x"
+             f"{r['cpu_ratio_2_to_1_workers_whole_process']} ({w[1]['cpu_s']} -> "
+             f"{w[2]['cpu_s']}); warm process: wall x{r['speedup_2_workers_warm']}",
+             f"per core ({r['n_files_per_core']} files): files per CPU-second "
+             f"{r['files_per_cpu_second']}; vs pydicom x{r['per_core_vs_pydicom']}"
+             + (f", vs gdcmscanner x{r['per_core_vs_gdcmscanner']}"
+                if "per_core_vs_gdcmscanner" in r else ""),
+             f"unchanged rescan: scan {r['scan_rescan_ratio']}x faster, "
+             f"run() {r['run_rescan_ratio']}x faster"]
+    for k, m in r.get("memory", {}).items():
+        lines.append(f"memory ({k}, {m['n_files']} files): main max RSS "
+                     f"{m['main_max_rss_mb']:.0f} MB, worker max RSS "
+                     f"{m['worker_max_rss_mb']:.0f} MB, main Python peak "
+                     f"{m['main_python_peak_mb']:.1f} MB")
     return "\n".join(lines)
 
 

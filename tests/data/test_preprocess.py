@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from fedct.data.preprocess import PrepSpec, antialias_sigma_mm, lowpass, resample, to_array
+from fedct.data.preprocess import (
+    PrepSpec,
+    antialias_sigma_mm,
+    lowpass,
+    normalise,
+    resample,
+    to_array,
+)
 
 IN_MM, OUT_MM = 1.0, 4.0
 N_IN, N_OUT = 128, 32  # both 128 mm: the output grid covers the input exactly
@@ -95,3 +102,19 @@ def test_labels_stay_nearest_neighbour() -> None:
     img.SetSpacing((IN_MM,) * 3)
     out = to_array(resample(img, _spec(), label=True))[0]
     assert out.dtype == np.uint8 and set(np.unique(out)) <= {0, 3, 5}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_hu_window_equals_monais_scale_intensity_range(dtype: type) -> None:
+    from monai.transforms import ScaleIntensityRange
+
+    spec = PrepSpec((OUT_MM,) * 3, (N_OUT,) * 3, -250.0, 1000.0)
+    hu = np.random.default_rng(0).normal(0.0, 800.0, (1, 40, 30, 20)).astype(dtype)
+    # The window's edges, values just inside and outside them, signed zeros.
+    hu.flat[:10] = [-250.0, 1000.0, -1024.0, 3071.0, 0.0, -0.0, -249.99, 999.99, 1e-3, 5]
+    theirs = ScaleIntensityRange(a_min=spec.hu_min, a_max=spec.hu_max, b_min=0.0, b_max=1.0,
+                                 clip=True)(hu)
+    ours = normalise(hu, spec)
+    assert ours.dtype == np.float32 and ours.shape == hu.shape
+    np.testing.assert_array_equal(ours, np.asarray(theirs, dtype=np.float32))
+    assert ours.min() == 0.0 and ours.max() == 1.0

@@ -18,13 +18,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import sklearn
 import torch
 import torch.nn.functional as F
-from monai.metrics import DiceMetric, compute_hausdorff_distance
-from monai.networks.utils import one_hot
-from scipy import stats
-from sklearn.metrics import auc, roc_curve
+
+# MONAI (whose ``__init__`` imports all of it, ~10 CPU-s), scipy and scikit-learn are
+# imported by the functions that score against labels or compute statistics: the
+# uncertainty maps, which ``fedct predict`` needs, import neither.
 
 Array = torch.Tensor | np.ndarray
 
@@ -145,6 +144,8 @@ def structure_volumes_ml(seg: Array, n_classes: int, spacing_mm: Sequence[float]
 
 
 def _one_hot_pair(seg: Array, label: Array, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from monai.networks.utils import one_hot
+
     s, lab = _tensor(seg), _tensor(label)
     if s.shape != lab.shape:
         raise ValueError(f"seg and label shapes differ: {tuple(s.shape)} vs {tuple(lab.shape)}")
@@ -164,6 +165,8 @@ def dice_per_structure(seg: Array, label: Array, n_classes: int) -> np.ndarray:
     Returns:
         ``(C - 1,)`` Dice in [0, 1] or NaN.
     """
+    from monai.metrics import DiceMetric
+
     pred, lab = _one_hot_pair(seg, label, n_classes)
     # ignore_empty=False scores an empty label 0 when something was predicted; MONAI scores
     # both-empty as 1, which we turn into NaN below.
@@ -187,6 +190,8 @@ def hd95_per_structure(
     Returns:
         ``(C - 1,)`` distances in mm or NaN.
     """
+    from monai.metrics import compute_hausdorff_distance
+
     pred, lab = _one_hot_pair(seg, label, n_classes)
     pred, lab = pred[:, 1:], lab[:, 1:]
     pred_any = pred.flatten(2).any(dim=2)[0]
@@ -387,6 +392,8 @@ def spearman(x: Array, y: Array) -> float:
     a, b = a[keep], b[keep]
     if a.size < 3 or np.all(a == a[0]) or np.all(b == b[0]):
         return float("nan")
+    from scipy import stats
+
     return float(stats.spearmanr(a, b).statistic)
 
 
@@ -421,6 +428,8 @@ def _roc(scores: np.ndarray, failed: np.ndarray) -> tuple[np.ndarray, np.ndarray
     times). roc_curve's leading "flag nothing" point (threshold ``inf``) is kept for the
     area; callers that want observed thresholds drop it.
     """
+    from sklearn.metrics import roc_curve
+
     distinct = np.unique(scores)
     ranks = np.searchsorted(distinct, scores)
     false_alarm, sensitivity, at = roc_curve(failed, ranks, drop_intermediate=False)
@@ -441,6 +450,9 @@ def failure_auroc(scores: Array, failed: Array) -> float:
     s, f = scores_and_labels(scores, failed)
     if f.all() or not f.any():
         return float("nan")
+    import sklearn
+    from sklearn.metrics import auc
+
     with sklearn.config_context(**_CHECKED):
         false_alarm, sensitivity, _ = _roc(s, f)
         return float(auc(false_alarm, sensitivity))
@@ -463,6 +475,8 @@ def flag_threshold(scores: Array, failed: Array, min_sensitivity: float | None =
     s, f = scores_and_labels(scores, failed)
     if f.all() or not f.any():
         return float("nan")
+    import sklearn
+
     with sklearn.config_context(**_CHECKED):
         false_alarm, sensitivity, thresholds = _roc(s, f)
     # Drop the leading "flag nothing" point; the rest run high to low threshold.

@@ -28,3 +28,17 @@ the worker that reads them, before anything is written.
 #: cached by DVC nor tracked by git, and never logged.
 PATHS_DIRNAME = "paths"
 SERIES_FILES_FILE = "series_files.parquet"
+
+# Tables for the next stages, in OUT_DIR (what DVC caches and pushes): pseudonyms, reasons
+# and counts, no archive path. rejects.parquet keys each file by a keyed hash of its path.
+SERIES_FILE = "series.parquet"
+REJECTS_FILE = "rejects.parquet"
+TABLE_FILES = (SERIES_FILE, REJECTS_FILE)
+# In the paths folder (PATHS_DIRNAME): the same rejects with their archive paths and
+# details, and the files of each series (the cohort's input). Like the index they stay at
+# the site: never cached by DVC, tracked by git or logged to MLflow.
+PATH_FILES = (SERIES_FILES_FILE, REJECTS_FILE)
+# Reports: no path, no identifier; logged to MLflow.
+REPORT_FILES = ("exam_counts.csv", "combos.csv", "usable_by_site.csv", "unusable_reasons.csv",
+                "reject_reasons.csv", "shift_combos.csv", "shift_sites.csv",
+                "shift_heatmap.png", "metrics.json")

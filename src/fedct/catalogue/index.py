@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fedct.catalogue import arrow
 from fedct.catalogue.rows import INDEX_SCHEMA, display_path, path_hash
 from fedct.errors import FedctError
 
@@ -29,6 +30,23 @@ MAX_PARTS = 64
 # Bump when the per-file row changes meaning: an index of another version is rebuilt.
 INDEX_VERSION = 4  # 2: path_has_patient_id; 3: it covers the name and birth date too;
 # 4: relpath_bytes, SpacingBetweenSlices read, implausible values and deflate bombs rejected
+
+
+def _read(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One index part (``pq.read_table`` goes through pyarrow.dataset, which imports
+    pandas: seconds that an unchanged rescan does not need)."""
+    with pq.ParquetFile(path) as part:
+        return part.read(columns=columns)
+
+
+def _int64(column: pa.ChunkedArray) -> np.ndarray:
+    """An int64 column without nulls as numpy, from its buffer (``to_numpy`` imports
+    pandas)."""
+    array = column.combine_chunks()
+    if array.null_count:
+        raise ValueError("an index column that is never null has nulls")
+    return np.frombuffer(array.buffers()[1], dtype=np.int64, count=len(array),
+                         offset=array.offset * 8).copy()
 
 
 @dataclass(frozen=True)
@@ -160,10 +178,10 @@ class FileIndex:
     def _load_lookup(self) -> None:
         hashes, sizes, mtimes = [], [], []
         for name in self.parts:
-            t = pq.read_table(self.dir / name, columns=["path_hash", "size", "mtime_ns"])
-            hashes.append(t["path_hash"].to_numpy())
-            sizes.append(t["size"].to_numpy())
-            mtimes.append(t["mtime_ns"].to_numpy())
+            t = _read(self.dir / name, ["path_hash", "size", "mtime_ns"])
+            hashes.append(_int64(t["path_hash"]))
+            sizes.append(_int64(t["size"]))
+            mtimes.append(_int64(t["mtime_ns"]))
         h = np.concatenate(hashes) if hashes else np.empty(0, np.int64)
         order = np.argsort(h, kind="stable")
         self.hashes = h[order]
@@ -232,7 +250,7 @@ class FileIndex:
         obsolete: list[str] = []
         dropped = 0
         for name, n in self.parts.items():
-            h = pq.read_table(self.dir / name, columns=["path_hash"])["path_hash"].to_numpy()
+            h = _int64(_read(self.dir / name, ["path_hash"])["path_hash"])
             pos = np.minimum(np.searchsorted(self.hashes, h), max(len(self.hashes) - 1, 0))
             keep = self.seen[pos] & (self.hashes[pos] == h) if len(self.hashes) else \
                 np.zeros(len(h), bool)
@@ -242,7 +260,7 @@ class FileIndex:
             obsolete.append(name)
             dropped += int((~keep).sum())
             if keep.any():
-                table = pq.read_table(self.dir / name).filter(pa.array(keep))
+                table = _read(self.dir / name).filter(arrow.booleans(keep.tolist()))
                 new = f"part-{uuid.uuid4().hex[:16]}.parquet"
                 pq.write_table(table, self.dir / (new + ".tmp"), row_group_size=self.chunk_size)
                 os.replace(self.dir / (new + ".tmp"), self.dir / new)

@@ -16,7 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fedct import dicom
-from fedct.catalogue import SERIES_FILES_FILE
+from fedct.catalogue import (  # noqa: F401 - the output files, by name, for the stage
+    PATH_FILES,
+    REJECTS_FILE,
+    REPORT_FILES,
+    SERIES_FILE,
+    SERIES_FILES_FILE,
+    TABLE_FILES,
+)
 from fedct.catalogue.pseudonym import PseudonymKey, pseudonym
 from fedct.catalogue.series import site_order
 from fedct.catalogue.shift import adjusted_residuals, condition_table, shift_combos, shift_sites
@@ -136,21 +143,10 @@ def plot_shift_heatmap(table: pd.DataFrame, path: Path, top: int = HEATMAP_ROWS)
     return path
 
 
-# Tables for the next stages, in OUT_DIR (what DVC caches and pushes): pseudonyms, reasons
-# and counts, no archive path. rejects.parquet keys each file by a keyed hash of its path.
-SERIES_FILE = "series.parquet"
-REJECTS_FILE = "rejects.parquet"
-TABLE_FILES = (SERIES_FILE, REJECTS_FILE)
-# In the paths folder (fedct.catalogue.PATHS_DIRNAME): the same rejects with their
-# archive paths and details, and the files of each series (the cohort's input). Like the
-# index they stay at the site: never cached by DVC, tracked by git or logged to MLflow.
-PATH_FILES = (SERIES_FILES_FILE, REJECTS_FILE)
+# Columns of rejects.parquet in OUT_DIR and in the paths folder (the file names are in
+# fedct.catalogue, which the stage reads without importing pandas).
 REJECT_COLUMNS = ["file_key", "reason"]
 LOCAL_REJECT_COLUMNS = ["file_key", "path", "reason", "detail"]
-# Reports: no path, no identifier; logged to MLflow.
-REPORT_FILES = ("exam_counts.csv", "combos.csv", "usable_by_site.csv", "unusable_reasons.csv",
-                "reject_reasons.csv", "shift_combos.csv", "shift_sites.csv",
-                "shift_heatmap.png", "metrics.json")
 
 
 def write_parquet(df: pd.DataFrame, path: Path, metadata: dict[str, str]) -> None:

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fedct import dicom
+from fedct.catalogue import arrow
 from fedct.catalogue.pseudonym import Hasher
 
 INDEX_SCHEMA = pa.schema([
@@ -94,6 +95,24 @@ def _holds_token(path: str, token: str) -> bool:
     return False
 
 
+def _id_tokens(patient_id: str | None, name: str | None, birth_date: str | None
+               ) -> tuple[str, ...]:
+    """The casefolded tokens that ``path_holds_id`` looks for (see there)."""
+    tokens = []
+    pid = (patient_id or "").strip().casefold()
+    if len(pid) >= MIN_ID_IN_PATH:
+        tokens.append(pid)
+    # PN: components by "^", groups by "=", values by "\\"; only words of letters count,
+    # and not the placeholders of de-identified or test data ("ANONYMOUS", "PATIENT^001").
+    tokens += [part for part in re.split(r"[\s^,=\\]+", (name or "").casefold())
+               if len(part) >= MIN_NAME_PART and part.isalpha()
+               and part not in NAME_PLACEHOLDERS]
+    date = (birth_date or "").strip()
+    if len(date) == 8 and date.isdigit():
+        tokens += [date, f"{date[:4]}-{date[4:6]}-{date[6:]}"]
+    return tuple(tokens)
+
+
 def path_holds_id(relpath: str, patient_id: str | None, name: str | None = None,
                   birth_date: str | None = None) -> bool:
     """Whether ``relpath`` spells out its own patient: the PatientID, a part of the
@@ -107,19 +126,39 @@ def path_holds_id(relpath: str, patient_id: str | None, name: str | None = None,
     digits (YYYYMMDD) or in ISO form (YYYY-MM-DD).
     """
     path = relpath.casefold()
-    pid = (patient_id or "").strip().casefold()
-    if len(pid) >= MIN_ID_IN_PATH and _holds_token(path, pid):
-        return True
-    # PN: components by "^", groups by "=", values by "\\"; only words of letters count,
-    # and not the placeholders of de-identified or test data ("ANONYMOUS", "PATIENT^001").
-    parts = re.split(r"[\s^,=\\]+", (name or "").casefold())
-    if any(len(part) >= MIN_NAME_PART and part.isalpha() and part not in NAME_PLACEHOLDERS
-           and _holds_token(path, part) for part in parts):
-        return True
-    date = (birth_date or "").strip()
-    if len(date) == 8 and date.isdigit():
-        return any(_holds_token(path, d) for d in (date, f"{date[:4]}-{date[4:6]}-{date[6:]}"))
-    return False
+    return any(_holds_token(path, t) for t in _id_tokens(patient_id, name, birth_date))
+
+
+class _PathIdCheck:
+    """``path_holds_id`` over a chunk: the tokens once per patient, the folder once per
+    folder and patient, then only each file's own name (a token without "/" cannot
+    straddle the last "/", which is no letter or digit, so this is the same answer)."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[tuple, tuple[tuple[str, ...], bool]] = {}
+        self._parts: dict[tuple, bool] = {}  # (folder or file name, tokens) -> holds one
+
+    def _part(self, part: str, tokens: tuple[str, ...]) -> bool:
+        hit = self._parts.get((part, tokens))
+        if hit is None:
+            folded = part.casefold()
+            hit = self._parts[(part, tokens)] = any(_holds_token(folded, t) for t in tokens)
+        return hit
+
+    def __call__(self, relpath: str, patient_id: str | None, name: str | None,
+                 birth_date: str | None) -> bool:
+        key = (patient_id, name, birth_date)
+        hit = self._tokens.get(key)
+        if hit is None:
+            tokens = _id_tokens(patient_id, name, birth_date)
+            hit = self._tokens[key] = (tokens, any("/" in t for t in tokens))
+        tokens, slash = hit
+        if not tokens:
+            return False
+        if slash:
+            return path_holds_id(relpath, patient_id, name, birth_date)
+        folder, _, file = relpath.rpartition("/")
+        return self._part(folder, tokens) or self._part(file, tokens)
 
 
 def display_path(relpath: str) -> str:
@@ -186,7 +225,7 @@ def _ints(texts: list[str | None], default: int | None = None) -> pa.Array:
         values[missing] = default
         missing[:] = False
     ints = np.where(missing, 0, np.clip(np.nan_to_num(values), -2**31, 2**31 - 1))
-    return pa.array(ints.astype(np.int32), mask=missing)
+    return arrow.numbers(ints.astype(np.int32), pa.int32(), ~missing)
 
 
 def _study_ym(date: str | None) -> str | None:
@@ -202,13 +241,14 @@ def parse_files(root: str, items: Sequence[tuple[str, int, int]], secret: bytes,
     that no raw identifier leaves the worker. Values are converted column-wise for the
     whole chunk (numpy), which keeps the Python cost per file well below the scanner's.
     """
-    paths = [os.path.join(root, rel) for rel, _, _ in items]
-    headers = dicom.read_headers(paths, [size for _, size, _ in items], engine=engine)
+    base = os.path.join(root, "")
+    paths = [rel if rel.startswith("/") else base + rel for rel, _, _ in items]
+    read = dicom.read_columns(paths, [size for _, size, _ in items], engine=engine)
     hasher = Hasher(secret)
-    vals = [h.values for h in headers]  # {} for rejected files: every column null
+    holds_id = _PathIdCheck()
 
-    def col(kw: str) -> list[str | None]:
-        return [v.get(kw) for v in vals]
+    def col(kw: str) -> list[str | None]:  # None for rejected files: every column null
+        return read.values[kw]
 
     sop, study, series, pid = (col(k) for k in ("SOPInstanceUID", "StudyInstanceUID",
                                                 "SeriesInstanceUID", "PatientID"))
@@ -227,11 +267,11 @@ def parse_files(root: str, items: Sequence[tuple[str, int, int]], secret: bytes,
     ps = _floats(col("PixelSpacing"), 2)
     kernels: dict[str | None, str | None] = {}
     frame_pos = []
-    for h, g in zip(headers, geo, strict=True):
+    for positions, g in zip(read.frame_positions, geo, strict=True):
         fp = None
-        if h.frame_positions and g[1]:
+        if positions and g[1]:
             nx, ny, nz = g[1]
-            fp = [x * nx + y * ny + z * nz for x, y, z in h.frame_positions]
+            fp = [x * nx + y * ny + z * nz for x, y, z in positions]
         frame_pos.append(fp)
     arrays = {
         "relpath": [r if r.isascii() else display_path(r) for r, _, _ in items],
@@ -239,16 +279,17 @@ def parse_files(root: str, items: Sequence[tuple[str, int, int]], secret: bytes,
         "path_hash": [path_hash(r) for r, _, _ in items],
         "size": [s for _, s, _ in items],
         "mtime_ns": [m for _, _, m in items],
-        "reader": [h.reader for h in headers],
-        "reason": [h.reject for h in headers],
-        "detail": [h.detail for h in headers],
+        "reader": read.reader,
+        "reason": read.reject,
+        "detail": read.detail,
         "sop_key": [hasher("sop", u) if u else None for u in sop],
         "patient_key": patient_key,
         "study_key": [hasher("study", u, memo=True) if u else None for u in study],
         "series_key": series_key,
-        "bucket": pa.array([int(k[:4], 16) if k else None for k in series_key], pa.int32()),
+        "bucket": arrow.array([int(k[:4], 16) if k else None for k in series_key], pa.int32()),
         "institution": col("InstitutionName"),
-        "sop_class": [v.get("SOPClassUID") or v.get("MediaStorageSOPClassUID") for v in vals],
+        "sop_class": [a or b for a, b in zip(col("SOPClassUID"), col("MediaStorageSOPClassUID"),
+                                             strict=True)],
         "transfer_syntax": col("TransferSyntaxUID"),
         "modality": col("Modality"),
         "image_type": col("ImageType"),
@@ -262,25 +303,25 @@ def parse_files(root: str, items: Sequence[tuple[str, int, int]], secret: bytes,
         "series_number": _ints(col("SeriesNumber")),
         "rows": _ints(col("Rows")),
         "cols": _ints(col("Columns")),
-        "ps_row": pa.array(ps[:, 0], from_pandas=True),
-        "ps_col": pa.array(ps[:, 1], from_pandas=True),
-        "thickness": pa.array(_floats(col("SliceThickness")), from_pandas=True),
-        "kvp": pa.array(_floats(col("KVP")), from_pandas=True),
-        "exposure": pa.array(_floats(col("Exposure")), from_pandas=True),
+        "ps_row": arrow.floats(ps[:, 0]),
+        "ps_col": arrow.floats(ps[:, 1]),
+        "thickness": arrow.floats(_floats(col("SliceThickness"))),
+        "kvp": arrow.floats(_floats(col("KVP"))),
+        "exposure": arrow.floats(_floats(col("Exposure"))),
         "iop_key": [g[2] for g in geo],
         "orientation": [g[0] for g in geo],
-        "pos_n": pa.array(pos_n, from_pandas=True),
+        "pos_n": arrow.floats(pos_n),
         "n_frames": _ints(col("NumberOfFrames"), default=1),
-        "frame_pos": pa.array(frame_pos, pa.list_(pa.float64())),
-        "frames_consistent": [h.frames_consistent for h in headers],
-        "path_has_patient_id": [path_holds_id(r, p, n, b) for (r, _, _), p, n, b in
+        "frame_pos": arrow.array(frame_pos, pa.list_(pa.float64())),
+        "frames_consistent": read.frames_consistent,
+        "path_has_patient_id": [holds_id(r, p, n, b) for (r, _, _), p, n, b in
                                 zip(items, pid, names, births, strict=True)],
     }
-    ok = pa.array([h.reject is None for h in headers])
+    ok = arrow.booleans([r is None for r in read.reject])
     columns = []
     for name, typ in zip(INDEX_SCHEMA.names, INDEX_SCHEMA.types, strict=True):
         arr = arrays[name]
-        arr = arr if isinstance(arr, pa.Array) else pa.array(arr, typ)
+        arr = arr if isinstance(arr, pa.Array) else arrow.array(arr, typ)
         if name in ("n_frames", "frames_consistent"):  # defaults only mean something if ok
             arr = pc.if_else(ok, arr, pa.nulls(len(arr), typ))
         columns.append(arr.cast(typ) if arr.type != typ else arr)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
 import logging
 import multiprocessing
+import os
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +26,15 @@ from fedct.catalogue.rows import parse_files
 
 log = logging.getLogger(__name__)
 
-# Files per task sent to a worker: large enough to amortise the scanner and IPC, small
-# enough to balance two workers on a few thousand files.
-TASK_FILES = 256
+# Files per chunk: one task for a worker, one batch walk (fedct.dicom.batch), whose numpy
+# steps cost per chunk, not per file. 1024 files: 16 MiB of windows; a few ms of work.
+TASK_FILES = 1024
+# Files per Dask task: a task costs the scheduler about a millisecond.
+DASK_TASK_FILES = 8 * TASK_FILES
+# What the workers import once, in the forkserver they fork from: the main module (else
+# every worker would import it again: for ``fedct``, click and the config) and
+# parse_files' closure (numpy, pyarrow, the header readers); pandas, never.
+WORKER_PRELOAD = ["__main__", "fedct.catalogue.rows"]
 
 
 @dataclass
@@ -55,30 +66,86 @@ def secret_exposure(address: str) -> str | None:
             f"(distributed's TLS security) on the archive's own network")
 
 
-class _Runner:
-    """Runs ``parse_files`` on chunks: in-process, on a process pool, or on Dask.
+_POOLS: dict[int, ProcessPoolExecutor] = {}  # started once per process, by size
+_POOLS_LOCK = threading.Lock()
 
-    The pool starts on the first chunk only, so an unchanged rescan starts no
-    processes. Workers fork from a forkserver that has imported this module once.
+
+def _started() -> int:
+    return os.getpid()
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """This process's pool of ``workers`` scan processes, started on first use and kept
+    for later scans (they fork from a forkserver that imported ``WORKER_PRELOAD``)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None or getattr(pool, "_broken", False):
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(WORKER_PRELOAD)
+            pool = _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=ctx)
+    # Start every process now (the pool starts them one per submitted task otherwise).
+    wait([pool.submit(_started) for _ in range(workers)])
+    return pool
+
+
+def _drop_pool(pool: ProcessPoolExecutor) -> None:
+    with _POOLS_LOCK:
+        for k, v in list(_POOLS.items()):
+            if v is pool:
+                del _POOLS[k]
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+@atexit.register
+def _close_pools() -> None:
+    for pool in list(_POOLS.values()):
+        pool.shutdown(wait=True, cancel_futures=True)
+    _POOLS.clear()
+
+
+class _Runner:
+    """Runs ``parse_files`` on chunks: in this process, on a process pool, or on Dask.
+
+    The local pool starts in a background thread when a second chunk is queued (an
+    archive of one chunk never waits for processes), and this process parses chunks
+    itself until the pool's processes are up; the pool is kept for the next scan.
     """
 
     def __init__(self, root: str, secret: bytes, workers: int, scheduler: str | None) -> None:
         self.root, self.secret = root, secret
         self.workers, self.scheduler = max(1, workers), scheduler
         self._pool: ProcessPoolExecutor | None = None
+        self._starting: concurrent.futures.Future | None = None
+        self._failed = False
         self._client: Any = None
         self.redone = 0
+        self.chunks = 0
         self.pending: dict[Any, list[tuple[str, int, int]]] = {}
 
     @property
     def capacity(self) -> int:
         return 2 * self.workers if self.scheduler is None else 4 * self.workers
 
+    def _local_pool(self) -> ProcessPoolExecutor | None:
+        """The pool once its processes are up; None while it starts (or for one chunk,
+        or after its processes failed: this process reads the rest)."""
+        if self._pool is None and self.chunks >= 2 and not self._failed:
+            if self._starting is None:
+                starter = concurrent.futures.ThreadPoolExecutor(1)
+                self._starting = starter.submit(worker_pool, self.workers)
+                starter.shutdown(wait=False)
+            if self._starting.done():
+                self._pool = self._starting.result()
+        if self._pool is not None and getattr(self._pool, "_broken", False):
+            log.warning("the scan's worker processes failed (%s); reading the rest in "
+                        "this process", self._pool._broken)  # noqa: SLF001
+            _drop_pool(self._pool)
+            self._pool, self._failed = None, True
+        return self._pool
+
     def submit(self, items: list[tuple[str, int, int]]) -> Iterator[pa.RecordBatch]:
         """Queue a chunk; yields any results that are done (blocking when queue is full)."""
-        if self.scheduler is None and self.workers == 1:
-            yield parse_files(self.root, items, self.secret)
-            return
+        self.chunks += 1
         if self.scheduler is not None:
             if self._client is None:
                 from distributed import Client
@@ -87,12 +154,16 @@ class _Runner:
                     warnings.warn(why, stacklevel=2)
                 self._client = Client(self.scheduler, set_as_default=False)
             fut = self._client.submit(parse_files, self.root, items, self.secret, pure=False)
+        elif self.workers == 1 or (pool := self._local_pool()) is None:
+            yield parse_files(self.root, items, self.secret)
+            return
         else:
-            if self._pool is None:
-                ctx = multiprocessing.get_context("forkserver")
-                ctx.set_forkserver_preload([__name__])
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
-            fut = self._pool.submit(parse_files, self.root, items, self.secret)
+            try:
+                fut = pool.submit(parse_files, self.root, items, self.secret)
+            except BrokenProcessPool:
+                self.chunks -= 1
+                yield from self.submit(items)  # _local_pool drops the pool
+                return
         self.pending[fut] = items
         yield from self._collect(block=len(self.pending) >= self.capacity)
 
@@ -120,14 +191,9 @@ class _Runner:
                             "it with pydicom in this process", len(items),
                             type(exc).__name__, exc)
                 self.redone += 1
-                if self._pool is not None and getattr(self._pool, "_broken", False):
-                    self._pool.shutdown(wait=False, cancel_futures=False)
-                    self._pool = None
                 yield parse_files(self.root, items, self.secret, engine="pydicom")
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
         if self._client is not None:
             self._client.close()
 
@@ -159,12 +225,13 @@ def scan(root: Path, index: FileIndex, key: PseudonymKey, *, workers: int = 2,
                 stats.n_parsed += batch.num_rows
                 bar.set_postfix(parsed=stats.n_parsed, refresh=False)
 
+        chunk = TASK_FILES if scheduler is None else DASK_TASK_FILES
         for batch in _batched(walk_archive(root, exclude, stats.errors), TASK_FILES):
             stats.n_files += len(batch)
             todo.extend(index.changed(batch))
-            while len(todo) >= TASK_FILES:
-                consume(runner.submit(todo[:TASK_FILES]))
-                todo = todo[TASK_FILES:]
+            while len(todo) >= chunk:
+                consume(runner.submit(todo[:chunk]))
+                todo = todo[chunk:]
             bar.update(len(batch))
         if todo:
             consume(runner.submit(todo))

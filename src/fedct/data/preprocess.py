@@ -98,12 +98,12 @@ def resample(image: sitk.Image, spec: PrepSpec, label: bool = False) -> sitk.Ima
 
 
 def normalise(hu: np.ndarray, spec: PrepSpec) -> np.ndarray:
-    """Clip the HU window and scale to [0, 1] (MONAI ScaleIntensityRange)."""
-    from monai.transforms import ScaleIntensityRange
-
-    t = ScaleIntensityRange(a_min=spec.hu_min, a_max=spec.hu_max, b_min=0.0, b_max=1.0,
-                            clip=True)
-    return np.asarray(t(hu), dtype=np.float32)
+    """Clip the HU window and scale to [0, 1]: MONAI's ``ScaleIntensityRange(a_min=hu_min,
+    a_max=hu_max, b_min=0, b_max=1, clip=True)``, value for value (the same operations in
+    the same precision; tests/data/test_preprocess.py compares them), without importing
+    MONAI (about 10 CPU-seconds) in every process that prepares a volume."""
+    scaled = (hu - spec.hu_min) / (spec.hu_max - spec.hu_min)
+    return np.asarray(np.clip(scaled, 0.0, 1.0), dtype=np.float32)
 
 
 def to_array(image: sitk.Image) -> np.ndarray:

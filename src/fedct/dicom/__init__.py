@@ -6,7 +6,9 @@ study sorts by (vendor, orientation, image type, kernel). One module per job:
 
 - ``tags``: the tags read, the reject reasons, the UIDs and ``Header``;
 - ``readers``: ``read_headers``, the three readers in turn (``walk``, then the gdcm
-  ``scanner``, then ``pydicom_reader``) and the verdict on each file;
+  ``scanner``, then ``pydicom_reader``) and the verdict on each file; ``read_columns``,
+  the same for a chunk of files as columns, the plain files read by ``batch``;
+- ``batch``: the walk over a whole chunk of files at once (numpy);
 - ``walk``: the fast strict little-endian header walk;
 - ``integrity``: is the file whole (the cheap tail check, the exact pydicom check);
 - ``deflated``: deflated files with bounded memory (header prefix, counted rest);
@@ -19,7 +21,14 @@ The names below are the package's interface; ``from fedct import dicom`` then
 """
 
 from fedct.dicom.integrity import integrity, pixel_data_complete
-from fedct.dicom.readers import ENGINES, Engine, read_header_pydicom, read_headers
+from fedct.dicom.readers import (
+    ENGINES,
+    Columns,
+    Engine,
+    read_columns,
+    read_header_pydicom,
+    read_headers,
+)
 from fedct.dicom.tags import (
     CT_IMAGE_STORAGE,
     DEFLATED_LE,
@@ -65,6 +74,7 @@ __all__ = [
     "DICOMDIR",
     "DUPLICATE",
     "ENGINES",
+    "Columns",
     "ENHANCED_CT_IMAGE_STORAGE",
     "EXPLICIT_VR_BE",
     "EXPLICIT_VR_LE",
@@ -97,6 +107,7 @@ __all__ = [
     "parse_floats",
     "parse_int",
     "pixel_data_complete",
+    "read_columns",
     "read_header_pydicom",
     "read_headers",
     "slice_normal",

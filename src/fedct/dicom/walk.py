@@ -33,25 +33,25 @@ class WalkDeclined(Exception):
     """The walk cannot read this file exactly; a slower reader will."""
 
 
-_WANTED = {(g << 16) | e: kw for kw, (g, e) in SCAN_TAGS.items()}
-_LAST_WANTED = max(_WANTED)
+WANTED = {(g << 16) | e: kw for kw, (g, e) in SCAN_TAGS.items()}
+LAST_WANTED = max(WANTED)
 # Values the catalogue reads whose dictionary VR is binary (needed in implicit VR).
-_BINARY_VR = {"Rows": "US", "Columns": "US", "SamplesPerPixel": "US", "BitsAllocated": "US"}
+BINARY_VR = {"Rows": "US", "Columns": "US", "SamplesPerPixel": "US", "BitsAllocated": "US"}
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC",
                        b"UN", b"UR", b"UT", b"UV"})
 _SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD",
                         b"IS", b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM",
                         b"UI", b"UL", b"US"})
 # Header length of an explicit-VR element by its VR: 12 (4-byte length) or 8.
-_HEADER_LENGTH = {**{vr: 12 for vr in _LONG_VRS}, **{vr: 8 for vr in _SHORT_VRS}}
-_NUMBER_FORMATS = {b"US": "H", b"SS": "h", b"UL": "I", b"SL": "i", b"FL": "f", b"FD": "d"}
+HEADER_LENGTH = {**{vr: 12 for vr in _LONG_VRS}, **{vr: 8 for vr in _SHORT_VRS}}
+NUMBER_FORMATS = {b"US": "H", b"SS": "h", b"UL": "I", b"SL": "i", b"FL": "f", b"FD": "d"}
 _EXPLICIT_SHORT = struct.Struct("<HH2sH").unpack_from
 _IMPLICIT = struct.Struct("<HHI").unpack_from
 _UINT32 = struct.Struct("<I").unpack_from
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 # Transfer syntaxes whose data set is not little endian or not plain (deflated).
-_WALK_REFUSES = frozenset({EXPLICIT_VR_BE, DEFLATED_LE, "1.2.840.10008.1.2.4.95"})
-_WINDOW = 16384  # first read: the header of most files fits
+WALK_REFUSES = frozenset({EXPLICIT_VR_BE, DEFLATED_LE, "1.2.840.10008.1.2.4.95"})
+WINDOW = 16384  # first read: the header of most files fits
 _MAX_HEADER = 64 << 20  # a "header" beyond this is not one
 _MAX_DEPTH = 16
 
@@ -63,7 +63,7 @@ class _Window:
 
     def __init__(self, fh: Any, size: int) -> None:
         self.fh, self.size, self.base = fh, size, 0
-        self.buf = fh.read(_WINDOW)
+        self.buf = fh.read(WINDOW)
 
     def need(self, pos: int, n: int) -> int:
         """Make [pos, pos + n) available; returns its offset in ``buf``.
@@ -78,13 +78,13 @@ class _Window:
         if pos > _MAX_HEADER:
             raise WalkDeclined(f"header beyond {_MAX_HEADER} bytes")
         end = self.base + len(self.buf)
-        if self.base <= pos <= end and pos + n - self.base <= 4 * _WINDOW:
+        if self.base <= pos <= end and pos + n - self.base <= 4 * WINDOW:
             self.fh.seek(end)
-            self.buf += self.fh.read(max(pos + n - end, _WINDOW))
+            self.buf += self.fh.read(max(pos + n - end, WINDOW))
         else:  # jump over a long value: start a new window at pos
             self.fh.seek(pos)
             self.base = pos
-            self.buf = self.fh.read(max(n, _WINDOW))
+            self.buf = self.fh.read(max(n, WINDOW))
         off = pos - self.base
         if off + n > len(self.buf):
             raise _Truncated(pos + n)
@@ -116,7 +116,7 @@ def walk_header(path: str, size: int | None = None) -> tuple[dict[str, str], boo
         try:
             pos = _walk_meta(win, raw)
             ts = _text(raw.get("TransferSyntaxUID", b""))
-            if not ts or ts in _WALK_REFUSES:
+            if not ts or ts in WALK_REFUSES:
                 raise WalkDeclined(f"transfer syntax {ts!r}")
             pos, saw_pixels = _walk_dataset(win, pos, ts != IMPLICIT_VR_LE, raw)
         except _Truncated as exc:
@@ -138,9 +138,9 @@ def _explicit_lengths(win: _Window, pos: int, vr: bytes, short_len: int, where: 
 
     Long VRs keep a 32-bit length after two reserved bytes (12-byte header); the others
     have the 16-bit length already unpacked (8 bytes). ``_walk_dataset`` inlines the same
-    rule with ``_HEADER_LENGTH`` for speed.
+    rule with ``HEADER_LENGTH`` for speed.
     """
-    hdr = _HEADER_LENGTH.get(vr)
+    hdr = HEADER_LENGTH.get(vr)
     if hdr is None:
         raise WalkDeclined(f"{where} has VR {vr!r}")
     if hdr == 12:
@@ -158,7 +158,7 @@ def _walk_meta(win: _Window, raw: dict[str, bytes | str]) -> int:
         if g != 0x0002:
             return pos
         ln, hdr = _explicit_lengths(win, pos, vr, ln, f"meta element ({g:04X},{e:04X})")
-        kw = _WANTED.get((g << 16) | e)
+        kw = WANTED.get((g << 16) | e)
         if kw is not None:
             off = win.need(pos + hdr, ln)
             raw[kw] = win.buf[off:off + ln]
@@ -176,7 +176,7 @@ def _walk_dataset(win: _Window, pos: int, explicit: bool, raw: dict[str, bytes |
     size = win.size
     buf, base = win.buf, win.base
     end = base + len(buf)
-    wanted, header_length = _WANTED, _HEADER_LENGTH
+    wanted, header_length = WANTED, HEADER_LENGTH
     unpack_explicit, unpack_implicit, unpack_u32 = _EXPLICIT_SHORT, _IMPLICIT, _UINT32
     while pos < size:
         if pos + 12 > end:  # refill (or the file ends: _Truncated)
@@ -200,12 +200,12 @@ def _walk_dataset(win: _Window, pos: int, explicit: bool, raw: dict[str, bytes |
         if tag <= previous or g == 0xFFFE:
             raise WalkDeclined(f"element ({g:04X},{e:04X}) out of order")
         previous = tag
-        if tag > _LAST_WANTED:
+        if tag > LAST_WANTED:
             return pos, tag == PIXEL_DATA
         pos += hdr
         if ln == UNDEFINED_LENGTH:
             # A sequence (or UN holding one, encoded implicit VR): skip it item by item.
-            pos = _skip_sequence(win, pos, explicit and vr != b"UN", 0)
+            pos = skip_sequence(win, pos, explicit and vr != b"UN", 0)
             buf, base = win.buf, win.base
             end = base + len(buf)
             continue
@@ -215,8 +215,8 @@ def _walk_dataset(win: _Window, pos: int, explicit: bool, raw: dict[str, bytes |
             buf, base = win.buf, win.base
             end = base + len(buf)
             value = buf[voff:voff + ln]
-            fmt = _NUMBER_FORMATS.get(vr) if explicit else None
-            if fmt is None and not explicit and kw in _BINARY_VR:
+            fmt = NUMBER_FORMATS.get(vr) if explicit else None
+            if fmt is None and not explicit and kw in BINARY_VR:
                 fmt = "H"
             if fmt is not None:
                 width = struct.calcsize(fmt)
@@ -230,7 +230,7 @@ def _walk_dataset(win: _Window, pos: int, explicit: bool, raw: dict[str, bytes |
     return pos, False
 
 
-def _skip_sequence(win: _Window, pos: int, explicit: bool, depth: int) -> int:
+def skip_sequence(win: _Window, pos: int, explicit: bool, depth: int) -> int:
     """Offset after the delimiter of an undefined-length sequence starting at ``pos``."""
     if depth > _MAX_DEPTH:
         raise WalkDeclined("sequences nested too deep")
@@ -265,7 +265,7 @@ def _skip_sequence(win: _Window, pos: int, explicit: bool, depth: int) -> int:
                     break
             pos += hdr
             if ln == UNDEFINED_LENGTH:
-                pos = _skip_sequence(win, pos, explicit and vr != b"UN", depth + 1)
+                pos = skip_sequence(win, pos, explicit and vr != b"UN", depth + 1)
             else:
                 pos += ln
 

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from typing import cast
 
 import torch
-from monai.inferers import sliding_window_inference
 from torch import nn
 
 from fedct.devices import use_amp
@@ -103,6 +102,8 @@ def _sample_probs(
 
     if roi_size is None:
         return forward(x).to(output_device)
+
+    from monai.inferers import sliding_window_inference  # ~10 s: only where windows are used
 
     def folded(windows: torch.Tensor) -> torch.Tensor:
         probs = forward(windows)

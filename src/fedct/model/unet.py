@@ -20,9 +20,10 @@ from contextlib import contextmanager
 from typing import Literal
 
 import torch
-from monai.networks.blocks import Convolution
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
+
+from fedct.model.blocks import Convolution
 
 Norm = Literal["instance", "batch"]
 

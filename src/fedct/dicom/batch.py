@@ -1,0 +1,363 @@
+"""Tier 0 of the header scan: the walk of :mod:`fedct.dicom.walk` over many files at once.
+
+The per-file walk spends most of its time in the Python interpreter, one data element
+after the other (about a microsecond each). Here the first ``WINDOW`` bytes of every file
+of a chunk go into one numpy array and the walk advances all files together: step k
+decodes the k-th element header of every file still walking with a few array operations,
+so the interpreter's cost is per step and per chunk, not per element and per file.
+
+It follows the same rules as ``walk_header`` (explicit or implicit VR little endian, a
+strict order of tags, known VRs only, sequences skipped item by item, stop after the last
+wanted tag) and vouches only for the plain case: a whole single-frame CT image whose
+values are all ASCII, every required tag present, none implausible, its pixel data
+confirmed complete. Every other file (truncated, rejected, non-ASCII text, multi-frame,
+a value beyond the window, anything the walk would decline...) is left to
+``read_headers``, which gives its exact answer, so a file this module does not accept
+costs speed, never a different result; ``tests/dicom/test_batch.py`` checks that both
+give the same headers.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedct.dicom.integrity import pixel_data_complete
+from fedct.dicom.tags import (
+    ENHANCED_CT_IMAGE_STORAGE,
+    EXPLICIT_VR_LE,
+    IMPLICIT_VR_LE,
+    MAX_MATRIX,
+    MEDIA_STORAGE_DIRECTORY,
+    REQUIRED,
+    UNDEFINED_LENGTH,
+)
+from fedct.dicom.values import implausible
+from fedct.dicom.walk import (
+    BINARY_VR,
+    HEADER_LENGTH,
+    LAST_WANTED,
+    NUMBER_FORMATS,
+    WALK_REFUSES,
+    WANTED,
+    WINDOW,
+    WalkDeclined,
+    skip_sequence,
+)
+
+_TAGS = np.array(sorted(WANTED), dtype=np.int64)
+_KEYWORDS = [WANTED[int(t)] for t in _TAGS]
+_KW = {kw: i for i, kw in enumerate(_KEYWORDS)}
+_TS = _KW["TransferSyntaxUID"]
+# Header length of an explicit-VR element by its VR read as a little-endian uint16.
+_VR_HEADER = np.zeros(1 << 16, dtype=np.int64)
+for _vr, _hl in HEADER_LENGTH.items():
+    _VR_HEADER[_vr[0] | _vr[1] << 8] = _hl
+_VR_US = b"US"[0] | b"US"[1] << 8
+_VR_UN = b"UN"[0] | b"UN"[1] << 8
+_FORMAT_OF_VR = {v[0] | v[1] << 8: f for v, f in NUMBER_FORMATS.items()}
+_NUMERIC_VRS = np.array(sorted(v[0] | v[1] << 8 for v in NUMBER_FORMATS), dtype=np.int64)
+_BINARY_IMPLICIT = np.array([_KW[kw] for kw in BINARY_VR], dtype=np.int64)
+_SEP = 0x1F  # between values while decoding; a value holding it is left to read_headers
+_SPECIAL = np.zeros(256, dtype=bool)  # bytes that send a value to read_headers:
+_SPECIAL[0x80:] = True  # non-ASCII (decoded by the character set there)
+_SPECIAL[[0x1B, _SEP]] = True  # ISO 2022 escapes; the separator
+_PAD = np.zeros(256, dtype=bool)
+_PAD[[0x20, 0x00]] = True  # stripped from both ends of a value, as walk_header does
+_NATIVE = (IMPLICIT_VR_LE, EXPLICIT_VR_LE)  # pixel data checked in the window
+
+
+@dataclass
+class Batch:
+    """What the batch walk read: ``ok[i]`` when file ``i`` is a plain CT image it vouches
+    for, and then ``values[kw][i]`` its value of each keyword of ``SCAN_TAGS`` (stripped
+    text as ``walk_header`` gives it; None when absent or empty, and for files not ok)."""
+
+    ok: np.ndarray
+    values: dict[str, list[str | None]]
+
+
+class _Row:
+    """One file's window as ``walk.skip_sequence`` reads it (``need``/``buf``); whatever
+    lies beyond the window or the file declines the file."""
+
+    __slots__ = ("buf", "base", "size")
+
+    def __init__(self, buf: bytes, size: int) -> None:
+        self.buf, self.base, self.size = buf, 0, size
+
+    def need(self, pos: int, n: int) -> int:
+        if pos + n > len(self.buf) or pos + n > self.size:
+            raise WalkDeclined("beyond the window")
+        return pos
+
+
+def read_batch(paths: Sequence[str], sizes: Sequence[int]) -> Batch:
+    """Walk the headers of ``paths`` (their sizes in bytes) together; see the module."""
+    n = len(paths)
+    size = np.asarray(sizes, dtype=np.int64).reshape(n)
+    flat = _buffer(n)
+    rows = flat[: n * WINDOW].reshape(n, WINDOW)
+    got = np.full(n, -1, dtype=np.int64)
+    for i, path in enumerate(paths):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except (OSError, ValueError):
+            continue  # read_headers says why
+        try:
+            got[i] = os.preadv(fd, [rows[i]], 0)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    # Not DICOM, or shorter than when it was listed: read_headers decides.
+    ok = (got == np.minimum(size, WINDOW)) & (got >= 132)
+    ok[ok] = (rows[ok, 128:132] == np.frombuffer(b"DICM", np.uint8)).all(axis=1)
+    walked, hits = _walk(flat, got, size, ok)
+    return _accept(paths, flat, got, size, walked, hits)
+
+
+_BUFFERS = threading.local()
+
+
+def _buffer(n: int) -> np.ndarray:
+    """``n`` windows and 16 bytes (an element header read at a row's end). Kept per
+    thread: a fresh array would be paged in anew on every chunk."""
+    flat = getattr(_BUFFERS, "flat", None)
+    if flat is None or len(flat) < n * WINDOW + 16:
+        flat = _BUFFERS.flat = np.empty(n * WINDOW + 16, dtype=np.uint8)
+    return flat[: n * WINDOW + 16]
+
+
+def _walk(flat: np.ndarray, got: np.ndarray, size: np.ndarray, ok: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Element by element, all files at once, up to the first tag after the last wanted.
+
+    Returns (walked, hits): ``walked[i]`` when file ``i`` reached that tag cleanly inside
+    its window; ``hits`` one row (file, keyword index, value offset, length, VR code,
+    explicit) per wanted value found.
+    """
+    n = len(got)
+    pos = np.full(n, 132, dtype=np.int64)
+    explicit = np.ones(n, dtype=bool)
+    meta = np.ones(n, dtype=bool)  # still in group 0002 (always explicit VR)
+    prev = np.full(n, -1, dtype=np.int64)
+    walked = np.zeros(n, dtype=bool)
+    ts_at = np.full((n, 2), -1, dtype=np.int64)  # the TransferSyntaxUID's offset, length
+    hits: list[np.ndarray] = []
+    active = np.flatnonzero(ok)
+    twelve = np.arange(12, dtype=np.int64)
+    while active.size:
+        p = pos[active]
+        room = p + 8 <= got[active]
+        active, p = active[room], p[room]
+        head = flat[(active * WINDOW + p)[:, None] + twelve]  # (k, 12) element headers
+        u16 = head.view("<u2").astype(np.int64)
+        u32 = head.view("<u4").astype(np.int64)
+        group, tag = u16[:, 0], u16[:, 0] << 16 | u16[:, 1]
+        exp = explicit[active]
+        vr = np.where(exp, u16[:, 2], 0)
+        hdr = np.where(exp, _VR_HEADER[vr], 8)
+        length = np.where(exp, np.where(hdr == 12, u32[:, 2], u16[:, 3]), u32[:, 1])
+        in_meta = meta[active]
+        leaving = in_meta & (group != 0x0002)
+        if leaving.any():
+            # Out of group 0002: the transfer syntax says how the data set is encoded.
+            out = active[leaving]
+            for ts, files in _by_text(flat, out, ts_at[out]).items():
+                if ts and ts not in WALK_REFUSES:
+                    explicit[files], meta[files] = ts != IMPLICIT_VR_LE, False
+                else:  # big endian, deflated, none: read_headers
+                    pos[files] = got[files]
+            continue  # the same element again, now as one of the data set
+        # What walk_header declines or could not read here: read_headers decides.
+        bad = (hdr == 0) | (p + hdr > got[active])
+        data = ~in_meta
+        bad |= data & ((tag <= prev[active]) | (group == 0xFFFE))
+        bad |= in_meta & (length == UNDEFINED_LENGTH)
+        stop = data & ~bad & (tag > LAST_WANTED)
+        walked[active[stop]] = True
+        go = ~bad & ~stop
+        active, p, tag, hdr, length, vr, exp = (x[go] for x in (active, p, tag, hdr, length,
+                                                                vr, exp))
+        prev[active] = tag
+        p = p + hdr
+        seq = length == UNDEFINED_LENGTH
+        if seq.any():  # a sequence: item by item, as walk_header skips it
+            for j in np.flatnonzero(seq):
+                i = int(active[j])
+                row = _Row(flat[i * WINDOW: i * WINDOW + got[i]].tobytes(), int(size[i]))
+                try:
+                    p[j] = skip_sequence(row, int(p[j]), bool(exp[j]) and vr[j] != _VR_UN,
+                                         0)  # type: ignore[arg-type]
+                except WalkDeclined:
+                    p[j] = size[i]  # ends this file's walk, not walked
+            length = np.where(seq, 0, length)
+        k = np.minimum(np.searchsorted(_TAGS, tag), len(_TAGS) - 1)
+        wanted = (_TAGS[k] == tag) & ~seq
+        inside = p + length <= got[active]
+        if wanted.any():
+            w = wanted & inside
+            hits.append(np.stack([active[w], k[w], p[w], length[w], vr[w],
+                                  exp[w].astype(np.int64)], axis=1))
+            is_ts = w & (k == _TS)
+            ts_at[active[is_ts]] = np.stack([p[is_ts], length[is_ts]], axis=1)
+        pos[active] = p + length
+        # Past the file's end, or a wanted value past the window: read_headers.
+        active = active[~(wanted & ~inside) & (pos[active] < size[active])]
+    table = np.concatenate(hits) if hits else np.empty((0, 6), dtype=np.int64)
+    return walked, table
+
+
+def _by_text(flat: np.ndarray, files: np.ndarray, at: np.ndarray) -> dict[str | None, np.ndarray]:
+    """Files by the text of one value (offset, length per file; offset -1: absent),
+    stripped as walk_header strips it; each distinct value decoded once."""
+    width = int(max(at[:, 1].max(initial=0), 1))
+    present = at[:, 0] >= 0
+    index = (files * WINDOW + np.where(present, at[:, 0], 0))[:, None] + np.arange(width)
+    raw = np.where(np.arange(width) < np.where(present, at[:, 1], 0)[:, None],
+                   flat[np.minimum(index, len(flat) - 1)], 0).astype(np.uint8)
+    keys, inverse = np.unique(raw.view(f"V{width}").ravel(), return_inverse=True)
+    out: dict[str | None, list[np.ndarray]] = {}
+    for j, key in enumerate(keys):
+        text = key.tobytes().decode("ascii", "surrogateescape").strip(" \x00") or None
+        out.setdefault(text, []).append(files[inverse.ravel() == j])
+    return {t: np.concatenate(f) for t, f in out.items()}
+
+
+def _accept(paths: Sequence[str], flat: np.ndarray, got: np.ndarray, size: np.ndarray,
+            walked: np.ndarray, hits: np.ndarray) -> Batch:
+    """Decode the values of the walked files; keep those that are plain CT images."""
+    n = len(got)
+    ok = walked.copy()
+    hits = hits[ok[hits[:, 0]]]
+    # A meta element twice (its group is not checked for order): read_headers.
+    key = hits[:, 0] * len(_KEYWORDS) + hits[:, 1]
+    uniq, count = np.unique(key, return_counts=True)
+    ok[uniq[count > 1] // len(_KEYWORDS)] = False
+    cols = {kw: np.full(n, None, dtype=object) for kw in _KEYWORDS}
+    f, k, off, length, vr, exp = hits.T
+    start = f * WINDOW + off
+    binary = ((exp == 1) & np.isin(vr, _NUMERIC_VRS)) | ((exp == 0) & np.isin(k, _BINARY_IMPLICIT))
+    number = _decode_binary(flat, cols, ok, binary, f, k, start, length, vr, exp)
+    _decode_text(flat, cols, ok, ~binary, f, k, start, length)
+    # The checks of readers._check, for the plain case only.
+    ok &= cols["Modality"] == "CT"
+    for kw in REQUIRED:
+        ok &= cols[kw].astype(bool)
+    ok &= ~cols["NumberOfFrames"].astype(bool)
+    for kw in ("SOPClassUID", "MediaStorageSOPClassUID"):
+        ok &= (cols[kw] != ENHANCED_CT_IMAGE_STORAGE) & (cols[kw] != MEDIA_STORAGE_DIRECTORY)
+    # ``implausible``: the matrix from the numbers, each spacing text judged once.
+    for kw in ("Rows", "Columns"):
+        ok &= (number[kw] >= 1) & (number[kw] <= MAX_MATRIX)
+    for kw in ("SliceThickness", "SpacingBetweenSlices", "PixelSpacing"):
+        texts = cols[kw][ok]
+        verdict = {t: t is None or implausible({kw: t}) is None for t in set(texts)}
+        ok[ok] = [verdict[t] for t in texts]
+    ok &= _complete(paths, flat, got, size, cols, number, ok)
+    for col in cols.values():
+        col[~ok] = None
+    return Batch(ok, {kw: col.tolist() for kw, col in cols.items()})
+
+
+def _decode_binary(flat, cols, ok, sel, f, k, start, length, vr, exp  # noqa: ANN001
+                   ) -> dict[str, np.ndarray]:
+    """Binary numbers as walk_header writes them: the values' decimal text, by "\\".
+    Returns the single US values of ``BINARY_VR``'s keywords as numbers (-1: not one)."""
+    number = {kw: np.full(len(ok), -1, dtype=np.int64) for kw in BINARY_VR}
+    us = sel & (length == 2) & ((exp == 0) | (vr == _VR_US))
+    if us.any():
+        value = flat[start[us]].astype(np.int64) | flat[start[us] + 1].astype(np.int64) << 8
+        text = value.astype(str).astype(object)
+        for kwi in np.unique(k[us]):
+            m = k[us] == kwi
+            kw = _KEYWORDS[kwi]
+            cols[kw][f[us][m]] = text[m]
+            if kw in number:
+                number[kw][f[us][m]] = value[m]
+    for j in np.flatnonzero(sel & ~us):  # other numbers: rare in the tags read
+        fmt = _FORMAT_OF_VR.get(int(vr[j]), "H") if exp[j] else "H"
+        width = struct.calcsize(fmt)
+        if length[j] % width:
+            ok[f[j]] = False
+            continue
+        raw = flat[start[j]: start[j] + length[j]].tobytes()
+        text = "\\".join(str(v) for v in struct.unpack(f"<{length[j] // width}{fmt}", raw))
+        cols[_KEYWORDS[k[j]]][f[j]] = text or None
+    return number
+
+
+def _decode_text(flat, cols, ok, sel, f, k, start, length) -> None:  # noqa: ANN001
+    """ASCII text, blanks and NULs stripped at both ends; a file with any other byte in a
+    value (a character set to decode, an escape) is left to read_headers."""
+    f, k, s, n = f[sel], k[sel], start[sel].copy(), length[sel].copy()
+    if not len(f):
+        return
+    for lead in (False, True):  # strip trailing, then leading padding
+        todo = np.arange(len(n))
+        while todo.size:
+            at = s[todo] if lead else s[todo] + n[todo] - 1
+            todo = todo[(n[todo] > 0) & _PAD[flat[at]]]
+            n[todo] -= 1
+            s[todo] += lead
+    # One gather of every value, each followed by the separator (flat's last byte).
+    flat[-1] = _SEP
+    out = np.cumsum(n + 1) - (n + 1)
+    index = np.repeat(s - out, n + 1) + np.arange(int(out[-1] + n[-1] + 1))
+    index[out + n] = len(flat) - 1
+    data = flat[index[:-1]]
+    special = _SPECIAL[data]
+    special[(out + n)[:-1]] = False
+    if special.any():  # rare: find the values, leave their files to read_headers
+        seg = np.repeat(np.arange(len(n)), n + 1)[:-1]
+        ok[f[np.unique(seg[special])]] = False
+        data[special] = ord("?")
+    text = np.array(data.tobytes().decode("ascii").split(chr(_SEP)), dtype=object)
+    text[n == 0] = None
+    for kwi in np.unique(k):
+        m = k == kwi
+        cols[_KEYWORDS[kwi]][f[m]] = text[m]
+
+
+def _complete(paths: Sequence[str], flat: np.ndarray, got: np.ndarray, size: np.ndarray,
+              cols: dict[str, np.ndarray], number: dict[str, np.ndarray], ok: np.ndarray
+              ) -> np.ndarray:
+    """``pixel_data_complete`` of the files in ``ok``: native pixel data whose element
+    header lies in the window is checked there, every other file by reading it."""
+    ts = cols["TransferSyntaxUID"]
+    implicit = ts == IMPLICIT_VR_LE
+    rows, columns = number["Rows"], number["Columns"]
+    samples = np.where(number["SamplesPerPixel"] > 0, number["SamplesPerPixel"], 1)
+    bits = np.where(number["BitsAllocated"] > 0, number["BitsAllocated"], 16)
+    # Absent values count as pixel_data_complete counts them; any other text: read.
+    known = (rows >= 0) & (columns >= 0)
+    for kw in ("SamplesPerPixel", "BitsAllocated"):
+        known &= (number[kw] >= 0) | ~cols[kw].astype(bool)
+    nbytes = (rows * columns * samples * bits + 7) // 8
+    nbytes += nbytes & 1
+    hl = np.where(implicit, 8, 12)
+    at = size - nbytes - hl
+    here = ok & known & (implicit | (ts == EXPLICIT_VR_LE)) & (at >= 0) & (at + hl <= got)
+    head = flat[(np.flatnonzero(here) * WINDOW + at[here])[:, None] + np.arange(12)]
+    u32 = head.view("<u4").astype(np.int64)
+    tag = (head[:, :4] == np.frombuffer(b"\xe0\x7f\x10\x00", np.uint8)).all(axis=1)
+    vr = head[:, 4:6].copy().view("<u2").ravel()
+    explicit_ok = (tag & np.isin(vr, _PIXEL_VRS) & (head[:, 6] == 0) & (head[:, 7] == 0)
+                   & (u32[:, 2] == nbytes[here]))
+    done = np.zeros(len(got), dtype=bool)
+    done[here] = np.where(implicit[here], tag & (u32[:, 1] == nbytes[here]), explicit_ok)
+    for i in np.flatnonzero(ok & ~here):  # compressed, or the header beyond the window
+        vals = {kw: cols[kw][i] for kw in _PIXELS if cols[kw][i]}
+        done[i] = pixel_data_complete(paths[i], int(size[i]), vals)
+    return done
+
+
+_PIXELS = ("TransferSyntaxUID", "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel",
+           "BitsAllocated")
+_PIXEL_VRS = np.array([v[0] | v[1] << 8 for v in (b"OW", b"OB")], dtype=np.uint16)
