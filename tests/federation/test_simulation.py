@@ -8,6 +8,7 @@ and without ray, in ``test_flower_app.py``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -121,11 +122,16 @@ def test_ray_listens_on_loopback_only(fed_cohort: Path, tmp_path: Path) -> None:
     # Every process of the run (the simulation's child, ray's GCS, raylet, agents and
     # workers), found by PID through the run's marker, looked at every second while it runs.
     sockets: list[tuple[int, str, str, int]] = []
+    nice: dict[str, int] = {}
     done = threading.Event()
 
     def watch() -> None:
         while not done.wait(1.0):
-            sockets.extend(listening(_tagged(tmp_path)))
+            procs = _tagged(tmp_path)
+            sockets.extend(listening(procs))
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    nice[" ".join(p.cmdline())[:60]] = p.nice()
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -138,6 +144,10 @@ def test_ray_listens_on_loopback_only(fed_cohort: Path, tmp_path: Path) -> None:
     assert {"gcs_server", "raylet"} <= {name for _, name, _, _ in sockets}, sockets
     assert [s for s in sockets if not is_loopback(s[2])] == []
     assert _leftovers(tmp_path) == []
+    # The clients train at the caller's priority, as local models do (ray's default
+    # renices its workers to 15, and any other job on the machine then starves them).
+    actors = {k: v for k, v in nice.items() if "ClientAppActor" in k}
+    assert actors and set(actors.values()) == {os.nice(0)}, nice
 
 
 @pytest.mark.slow

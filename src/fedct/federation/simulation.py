@@ -48,6 +48,10 @@ LOOPBACK = "127.0.0.1"
 # interface. Ray's single-machine mode (the default on macOS and Windows) keeps the node on
 # 127.0.0.1, and GCS, raylet, agents and workers then listen on loopback only.
 RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Ray renices its workers to 15 by default: the clients would then yield to any other job
+# on the machine while local models (the stage's own processes) do not. They keep the
+# caller's priority instead (0 adds nothing to it; run the stage under `nice` to lower all).
+RAY_PRIORITY_ENV = {"RAY_worker_niceness": "0"}
 
 
 def backend_config(ray_dir: Path, num_cpus: int = 2, client_gpus: float = 0.0) -> dict:
@@ -144,7 +148,7 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
                                "parent_pid": os.getpid()}))
     env = {**os.environ, MARKER: run_id, "FLWR_HOME": str(scratch / "flwr"),
            "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_DEDUP_LOGS": "0", **RAY_LOOPBACK_ENV,
+           "RAY_DEDUP_LOGS": "0", **RAY_LOOPBACK_ENV, **RAY_PRIORITY_ENV,
            # Flower starts some of its helpers by name: the venv's bin comes first.
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     seen = 0
