@@ -205,6 +205,16 @@ class UncertaintyParams:
     device: str = "auto"
 
 
+#: The methods of ``federate.methods``, one module each in ``fedct.federation.methods``
+#: (whose registry a test holds equal to this).
+FEDERATE_METHODS = ("one_shot", "fedavg", "fedprox", "uw_merge", "tent", "self_train",
+                    "uw_select")
+#: Uncertainty signals that ``uw_merge`` can weight by and ``uw_select`` minimise: the
+#: bounded ones of ``fedct.analysis.failure`` (``label_free.WEIGHT_SIGNALS``; a test).
+WEIGHT_SIGNALS = ("variance", "entropy", "mutual_information", "boundary_entropy",
+                  "unassigned_mass", "max_softmax_deficit", "sample_disagreement")
+
+
 @dataclass(frozen=True)
 class FederateParams:
     """``fedct federate``: federated models of the training sites, and label-free methods."""
@@ -461,6 +471,15 @@ _RULES: dict[type, list[tuple[tuple[str, ...], Callable[..., bool], str]]] = {
         (("workers",), _pos, ">= 1"),
     ],
     FederateParams: [
+        (("methods",), lambda v: set(v) <= set(FEDERATE_METHODS),
+         f"methods among {list(FEDERATE_METHODS)}"),
+        (("methods",), lambda v: len(set(v)) == len(v), "each method once"),
+        (("methods", "select_from"),
+         lambda m, s: "uw_select" not in m or (bool(s) and set(s) <= set(m) - {"uw_select"}),
+         "uw_select choosing among one or more other methods that run (federate.methods)"),
+        (("methods", "uw_signal"),
+         lambda m, s: not set(m) & {"uw_merge", "uw_select"} or s in WEIGHT_SIGNALS,
+         f"a signal uw_merge and uw_select can use: one of {list(WEIGHT_SIGNALS)}"),
         (("rounds",), _pos, ">= 1"),
         (("patience",), _nonneg, ">= 0 (0: never stop early)"),
         (("local_steps",), _pos, ">= 1"),

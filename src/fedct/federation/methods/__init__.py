@@ -1,0 +1,44 @@
+"""The federation methods of ``fedct federate``: one module per method, registered here.
+
+``REGISTRY`` maps each name of ``federate.methods`` to its :class:`~.base.Method` (the
+names are ``fedct.config.FEDERATE_METHODS``, a test says so); ``execution_order`` puts a
+method after the methods it reads. What a method receives and returns: :mod:`.base`.
+"""
+
+from __future__ import annotations
+
+from fedct.config import FederateParams
+from fedct.federation.methods import (
+    fedavg,
+    fedprox,
+    one_shot,
+    self_train,
+    tent,
+    uw_merge,
+    uw_select,
+)
+from fedct.federation.methods.base import Context, Method, RunLike, Tracker
+
+__all__ = ["REGISTRY", "Context", "Method", "RunLike", "Tracker", "execution_order"]
+
+REGISTRY: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (
+    one_shot, fedavg, fedprox, uw_merge, tent, self_train, uw_select)}
+
+
+def execution_order(params: FederateParams) -> list[str]:
+    """``federate.methods`` in their order, each preceded by the methods it ``needs`` that
+    have not run yet (a needed method that is not listed runs as a teacher only)."""
+    order: list[str] = []
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in order:
+            return
+        if name in path:
+            raise ValueError(f"federate.methods: {' -> '.join((*path, name))} is a cycle")
+        for need in REGISTRY[name].needs(params):
+            visit(need, (*path, name))
+        order.append(name)
+
+    for name in params.methods:
+        visit(name, ())
+    return order
