@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from fedct.config import FEDERATE_METHODS, WEIGHT_SIGNALS, FederateParams
+from fedct.config import ABLATIONS, FEDERATE_METHODS, WEIGHT_SIGNALS, FederateParams
 from fedct.federation import LABEL_FREE
 from fedct.federation import label_free as lf
 from fedct.federation.methods import REGISTRY, execution_order
@@ -19,6 +19,12 @@ def test_the_registry_holds_exactly_the_names_params_accept() -> None:
     # The label-free set that `fedct seeds` judges is the registry's.
     assert set(LABEL_FREE) == {n for n, m in REGISTRY.items() if m.label_free}
     assert WEIGHT_SIGNALS == lf.WEIGHT_SIGNALS
+    # Each uncertainty-guided method names its ablation as config does, and the ablation
+    # reads what the method reads (the same starting model).
+    assert {n: m.ablation for n, m in REGISTRY.items() if m.ablation} == ABLATIONS
+    params = FederateParams()
+    for method, ablation in ABLATIONS.items():
+        assert REGISTRY[method].needs(params) == REGISTRY[ablation].needs(params)
 
 
 @pytest.mark.parametrize(("methods", "select_from", "order"), [

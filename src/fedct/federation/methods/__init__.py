@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from fedct.config import FederateParams
 from fedct.federation.methods import (
+    cw_self_train,
     fedavg,
     fedprox,
+    gated_tent,
     one_shot,
     self_train,
+    steered,
     tent,
     uw_merge,
     uw_select,
@@ -21,8 +24,10 @@ from fedct.federation.methods.base import Context, Method, RunLike, Tracker
 
 __all__ = ["REGISTRY", "Context", "Method", "RunLike", "Tracker", "execution_order"]
 
-REGISTRY: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (
-    one_shot, fedavg, fedprox, uw_merge, tent, self_train, uw_select)}
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    one_shot.METHOD, fedavg.METHOD, fedprox.METHOD, uw_merge.METHOD, tent.METHOD,
+    self_train.METHOD, uw_select.METHOD, steered.METHOD, steered.ABLATION,
+    cw_self_train.METHOD, cw_self_train.ABLATION, gated_tent.METHOD, gated_tent.ABLATION)}
 
 
 def execution_order(params: FederateParams) -> list[str]:

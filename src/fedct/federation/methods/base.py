@@ -148,10 +148,14 @@ class Method:
     ``needs(params)``: the methods whose models it reads, run before it (one that
     ``federate.methods`` does not list runs as a teacher only and its folder is removed
     at the end). ``label_free``: it reads the held-out sites' images (``ctx.targets``).
+    ``ablation``: the method that is this one without its uncertainty guidance (uniform
+    weights, no thresholds, random gates), run beside it; its cards say ``ablation``
+    and the ablation's say ``ablation_of``, so that ``evaluate`` pairs them.
     """
 
     name: str
     run: Callable[[Context, RunLike], dict]
     label_free: bool = False
     needs: Callable[[FederateParams], tuple[str, ...]] = lambda params: ()
+    ablation: str | None = None
 

@@ -42,6 +42,9 @@ def history_table(history: list[dict]) -> pd.DataFrame:
         for site, m in (rec.get("sites") or {}).items():
             for key in ("train_loss", "val_dice", "seconds"):
                 row[f"{site}_{key}"] = m.get(key)
+        for target, scores in (rec.get("steer_scores") or {}).items():
+            row.update({f"{site}_weight": w for site, w in (rec.get("weights") or {}).items()})
+            row.update({f"{target}_score_{site}": v for site, v in scores.items()})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -63,7 +66,8 @@ def multi_round(ctx: Context, name: str, mlrun: RunLike, *, mu: float = 0.0,
     default ``federate.patience``); the final model's path and the history.
 
     Each round is logged to ``mlrun`` (step = round: global validation Dice, per-site
-    loss, Dice and seconds, bytes), each site to a child run; the
+    loss, Dice and seconds, bytes; for a steered federation the merge weights and each
+    target's scores), each site to a child run; the
     history is written to ``out/history.csv``. ``federation`` goes on to
     ``run_federation`` (e.g. ``steer``)."""
     from fedct.federation.simulation import run_federation
@@ -83,6 +87,9 @@ def multi_round(ctx: Context, name: str, mlrun: RunLike, *, mu: float = 0.0,
             metrics.update({f"{site}.train_loss": m.get("train_loss"),
                             f"{site}.val_dice": m.get("val_dice"),
                             f"{site}.seconds": m.get("seconds")})
+        for target, scores in (rec.get("steer_scores") or {}).items():
+            metrics.update({f"{site}.weight": w for site, w in rec["weights"].items()})
+            metrics.update({f"{target}.score.{site}": v for site, v in scores.items()})
         mlrun.log_metrics(metrics, step=step)
         failed = ", ".join(f"{f['site']} ({f['reason']})" for f in rec.get("failed", []))
         ctx.log(f"federate {name}: round {step}/{rounds}, val Dice "
