@@ -129,7 +129,7 @@ def score_updates(msg: Message, cohort_dir: Path, site: str, train_params: Train
     from fedct.data.cases import cohort_labels
     from fedct.devices import pick_device
     from fedct.federation.label_free import target_uncertainty
-    from fedct.training.loop import build_model
+    from fedct.model.factory import build_model
 
     labels = cohort_labels(cohort_dir)
     device = pick_device(train_params.device)
