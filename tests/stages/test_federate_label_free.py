@@ -24,6 +24,8 @@ from tests.stages.test_federate import _model
 from tests.stages.tiny import LABELS, PATIENT, SPEC, tiny_case
 
 LABEL_FREE = tuple(n for n, m in REGISTRY.items() if m.label_free)
+# Their ablations run beside them (steered's reads no target image).
+ABLATIONS = tuple(m.ablation for m in REGISTRY.values() if m.ablation and m.label_free)
 # Training sites A and B (train and val cases); held-out C and G (adapt and test cases).
 ROWS = [("A", "train"), ("A", "train"), ("A", "val"), ("B", "train"), ("B", "val"),
         ("C", "adapt"), ("C", "adapt"), ("C", "test"), ("G", "adapt"), ("G", "test")]
@@ -75,9 +77,11 @@ def test_the_poison_works(poisoned: Path) -> None:
 @pytest.mark.slow
 def test_every_label_free_method_adapts_on_the_adapt_split_only(poisoned: Path,
                                                                 tmp_path: Path) -> None:
-    params = FederateParams(sites=("A", "B"), methods=("fedavg", *LABEL_FREE),
+    methods = ("fedavg", *dict.fromkeys((*LABEL_FREE, *ABLATIONS)))
+    params = FederateParams(sites=("A", "B"), methods=methods,
                             select_from=("fedavg", "tent"), rounds=1, local_steps=1,
-                            min_clients=1, mc_samples=2, mc_batch=2, device="cpu")
+                            min_clients=1, mc_samples=2, mc_batch=2, device="cpu",
+                            steer_rounds=1, cwst_rounds=2, cwst_steps=1, tent_steps=1)
     train = TrainParams(steps=1, channels=(4, 8), strides=(2,), patch_size=(12, 12, 16),
                         max_shift=(0, 0, 0), batch_size=1, amp=False, device="cpu")
     with pytest.MonkeyPatch.context() as mp:
@@ -86,7 +90,7 @@ def test_every_label_free_method_adapts_on_the_adapt_split_only(poisoned: Path,
         mp.chdir(tmp_path)
         stage.run(params, train, poisoned, poisoned / "models", tmp_path / "out",
                   tmp_path / "ckpt")
-    for name in LABEL_FREE:
+    for name in methods:
         cards = list((tmp_path / "out" / name).rglob("model_card.json"))
         assert cards, f"{name} wrote no model"
         assert all(PATIENT not in c.read_text() for c in cards)
