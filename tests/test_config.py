@@ -110,6 +110,16 @@ def test_report_seeds_were_never_development_seeds() -> None:
     ("cohort", {"hu_min": 1000.0}, "cohort.hu_max = 1000.0: expected hu_min < hu_max"),
     ("uncertainty", {"mc_samples": 1}, "uncertainty.mc_samples = 1: expected >= 2"),
     ("federate", {"self_train_rounds": 0}, "federate.self_train_rounds = 0: expected >= 1"),
+    ("federate", {"methods": ["fedavg", "fedsgd"]},
+     "federate.methods = ['fedavg', 'fedsgd']: expected methods among"),
+    ("federate", {"select_from": ["fedavg", "uw_select"]},
+     "federate.select_from = ['fedavg', 'uw_select']: expected uw_select choosing among"),
+    ("federate", {"uw_signal": "volume_deviation"},
+     "federate.uw_signal = 'volume_deviation': expected a signal uw_merge and uw_select"),
+    ("federate", {"methods": ["fedavg", "steered"]},
+     "federate.methods = ['fedavg', 'steered']: expected each uncertainty-guided method "
+     "with its ablation"),
+    ("federate", {"cwst_keep": [0.8, 0.5]}, "federate.cwst_keep = [0.8, 0.5]: expected"),
     ("evaluate", {"n_boot": 0}, "evaluate.n_boot = 0: expected >= 1"),
 ])
 def test_values_out_of_range_are_one_error_naming_the_keys(

@@ -102,6 +102,13 @@ def test_each_finished_run_is_a_row_and_a_rerun_resumes_after_a_cut_off(
     assert len(ran) == 4 and len(again) == 4 and pd.isna(again["runtime_min"].iloc[-1])
     pooled = __import__("json").loads((out / study.POOLED_FILE).read_text())
     assert pooled["n_runs"] == 4 and len(pooled["report_seeds"]) == 2
+    # Every label-free method of every run, once (the run read back replaced its rows).
+    methods = pd.read_csv(out / study.METHODS_FILE, dtype={"report_seed": str})
+    assert list(methods.columns) == list(study.METHOD_COLUMNS)
+    per_run = methods.groupby(["report_seed", "train_seed"])["method"].apply(sorted)
+    assert len(per_run) == 4 and all(m == ["steered", "tent"] for m in per_run)
+    assert (again["primary_label_free"] == load_overlay(
+        "profiles/study.yaml")[0].federate.primary_label_free).all()
 
 
 def test_queue_puts_the_missing_runs_into_dvcs_queue_and_writes_no_row(

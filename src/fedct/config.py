@@ -205,6 +205,21 @@ class UncertaintyParams:
     device: str = "auto"
 
 
+#: The methods of ``federate.methods``, one module each in ``fedct.federation.methods``
+#: (whose registry a test holds equal to this).
+FEDERATE_METHODS = ("one_shot", "fedavg", "fedprox", "uw_merge", "tent", "self_train",
+                    "uw_select", "steered", "steered_uniform", "cw_self_train",
+                    "cw_self_train_all", "gated_tent", "gated_tent_random")
+#: Each label-free method guided by uncertainty and its ablation without the guidance (run
+#: beside it: ``evaluate`` pairs them).
+ABLATIONS = {"steered": "steered_uniform", "cw_self_train": "cw_self_train_all",
+             "gated_tent": "gated_tent_random"}
+#: Uncertainty signals that ``uw_merge`` can weight by and ``uw_select`` minimise: the
+#: bounded ones of ``fedct.analysis.failure`` (``label_free.WEIGHT_SIGNALS``; a test).
+WEIGHT_SIGNALS = ("variance", "entropy", "mutual_information", "boundary_entropy",
+                  "unassigned_mass", "max_softmax_deficit", "sample_disagreement")
+
+
 @dataclass(frozen=True)
 class FederateParams:
     """``fedct federate``: federated models of the training sites, and label-free methods."""
@@ -246,6 +261,26 @@ class FederateParams:
     # uw_select: per target site, the candidate of these methods (each must run) with the
     # lowest uw_signal on the target's images; a tie keeps the first (FedAvg).
     select_from: tuple[str, ...] = ("fedavg", "fedprox", "tent", "self_train")
+    # steered (each target site steers FedAvg's merge by MC-dropout scores of the clients'
+    # updates on its images) and steered_uniform (its ablation, FedAvg's weights): rounds
+    # from the FedAvg model, their peak learning rate, and the softmax temperature of the
+    # scores in uw_signal's units (an update scored lower by it weighs e times more).
+    steer_rounds: int = 3
+    steer_lr: float = 0.001
+    steer_temperature: float = 0.01
+    # cw_self_train (class-wise curriculum self-training at each target) and
+    # cw_self_train_all (its ablation, every voxel kept): rounds of pseudo-labelling, steps
+    # per round, peak learning rate, the share of each structure's voxels kept in the first
+    # and last round (lowest MC standard deviation first), proximal weight to each round's
+    # starting weights (0: none).
+    cwst_rounds: int = 4
+    cwst_steps: int = 50
+    cwst_lr: float = 0.001
+    cwst_keep: tuple[float, float] = (0.5, 0.8)
+    cwst_mu: float = 0.0
+    # gated_tent / gated_tent_random: the share of each image's voxels whose entropy TENT
+    # minimises (the least uncertain ones / as many at random).
+    gate_keep: float = 0.5
     # The label-free method whose result at the most shifted held-out site answers the
     # study's question (`fedct seeds`); fixed for report seeds 5203-5204. No stage reads it.
     primary_label_free: str = "uw_select"
@@ -461,6 +496,17 @@ _RULES: dict[type, list[tuple[tuple[str, ...], Callable[..., bool], str]]] = {
         (("workers",), _pos, ">= 1"),
     ],
     FederateParams: [
+        (("methods",), lambda v: set(v) <= set(FEDERATE_METHODS),
+         f"methods among {list(FEDERATE_METHODS)}"),
+        (("methods",), lambda v: len(set(v)) == len(v), "each method once"),
+        (("methods", "select_from"),
+         lambda m, s: "uw_select" not in m or (bool(s) and set(s) <= set(m) - {"uw_select"}),
+         "uw_select choosing among one or more other methods that run (federate.methods)"),
+        (("methods",), lambda m: all(ABLATIONS[k] in m for k in set(m) & set(ABLATIONS)),
+         f"each uncertainty-guided method with its ablation: {ABLATIONS}"),
+        (("methods", "uw_signal"),
+         lambda m, s: not set(m) & {"uw_merge", "uw_select"} or s in WEIGHT_SIGNALS,
+         f"a signal uw_merge and uw_select can use: one of {list(WEIGHT_SIGNALS)}"),
         (("rounds",), _pos, ">= 1"),
         (("patience",), _nonneg, ">= 0 (0: never stop early)"),
         (("local_steps",), _pos, ">= 1"),
@@ -475,6 +521,15 @@ _RULES: dict[type, list[tuple[tuple[str, ...], Callable[..., bool], str]]] = {
         (("pseudo_std_max",), _nonneg, ">= 0"),
         (("self_train_rounds",), _pos, ">= 1"),
         (("self_train_lr",), _pos, "> 0"),
+        (("steer_rounds",), _pos, ">= 1"),
+        (("steer_lr",), _pos, "> 0"),
+        (("steer_temperature",), _pos, "> 0"),
+        (("cwst_rounds",), _pos, ">= 1"),
+        (("cwst_steps",), _pos, ">= 1"),
+        (("cwst_lr",), _pos, "> 0"),
+        (("cwst_keep",), lambda v: 0 < v[0] <= v[1] <= 1, "shares 0 < first <= last <= 1"),
+        (("cwst_mu",), _nonneg, ">= 0"),
+        (("gate_keep",), lambda v: 0 < v <= 1, "a share in (0, 1]"),
     ],
     EvaluateParams: [
         _MC,

@@ -11,7 +11,8 @@ Ctrl-C or a scheduler's SIGTERM stops the whole pipeline). Nothing in the worksp
 
 As each run finishes, its outputs are read back at the experiment's revision, one row is
 appended to ``OUT_DIR/runs.csv`` (``fedct.analysis.study.RUN_COLUMNS``) and
-``OUT_DIR/pooled.json`` is rewritten (``fedct.analysis.study.pool``). A rerun skips the
+``OUT_DIR/pooled.json`` is rewritten (``fedct.analysis.study.pool``), and its label-free
+methods' rows go to ``OUT_DIR/label_free.csv`` (``method_rows``). A rerun skips the
 runs already in ``runs.csv``; a run whose experiment exists but whose row does not (cut
 off in between) is read back, not rerun, and its ``runtime_min`` stays empty. So a cut-off
 loses at most the run in progress. Commit ``OUT_DIR`` after each session.
@@ -32,9 +33,17 @@ from pathlib import Path
 import pandas as pd
 
 from fedct.analysis.seeds import report_pairs
-from fedct.analysis.study import RUN_COLUMNS, experiment_name, pool, run_row
+from fedct.analysis.study import (
+    METHOD_COLUMNS,
+    RUN_COLUMNS,
+    experiment_name,
+    method_rows,
+    pool,
+    run_row,
+)
 from fedct.config import Params, load_overlay, load_params
 from fedct.errors import FedctError
+from fedct.federation import LABEL_FREE
 from fedct.seeds import existing_experiments, params_edited, run_dvc, tracking_env
 
 TARGET = "promote"
@@ -49,6 +58,7 @@ FILES = {"evaluate": "outputs/evaluate/metrics.json",
 OPTIONAL = {"convergence": "outputs/models/convergence.json",
             "federated": "outputs/federated/metrics.json"}
 RUNS_FILE, POOLED_FILE = "runs.csv", "pooled.json"
+METHODS_FILE = "label_free.csv"  # every label-free method of every run (issue 27)
 
 
 def override(key: str, value: object) -> str:
@@ -133,10 +143,22 @@ def read_runs(out_dir: Path) -> pd.DataFrame:
         raise FedctError(f"{path}: not a readable table ({exc}); fix or remove it") from exc
 
 
-def append_run(out_dir: Path, row: dict, n_boot: int, seed: int) -> pd.DataFrame:
-    """Append one row to ``runs.csv`` and rewrite ``pooled.json`` from every row."""
+def append_run(out_dir: Path, row: dict, n_boot: int, seed: int,
+               methods: list[dict] | None = None) -> pd.DataFrame:
+    """Append one row to ``runs.csv`` and rewrite ``pooled.json`` from every row; first
+    its label-free methods' rows (``methods``) to ``label_free.csv``, replacing any of the
+    same run (a run read back after a cut-off)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if methods:
+        path = out_dir / METHODS_FILE
+        old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=METHOD_COLUMNS)
+        same = ((old["report_seed"].astype(str) == str(row["report_seed"]))
+                & (old["train_seed"].astype(int) == int(row["train_seed"])))
+        new = pd.concat([old[~same], pd.DataFrame(methods, columns=list(METHOD_COLUMNS))],
+                        ignore_index=True)
+        new.to_csv(out_dir / f".{METHODS_FILE}.tmp", index=False)
+        (out_dir / f".{METHODS_FILE}.tmp").replace(path)
     runs = pd.concat([read_runs(out_dir), pd.DataFrame([row], columns=list(RUN_COLUMNS))],
                      ignore_index=True)
     tmp = out_dir / f".{RUNS_FILE}.tmp"
@@ -196,7 +218,12 @@ def run(overlay: Path, out_dir: Path, params_file: Path = Path("params.yaml"),
                       list(got["ranking"]["site"].astype(str)), got["cases"],
                       got["convergence"], got["decision"], params.cohort.holdout_sites,
                       params.cohort.control_sites, runtime, device_of(got["card"]),
-                      got["federated"], commit=commit)
-        done = append_run(out_dir, row, params.evaluate.n_boot, params.evaluate.seed)
+                      got["federated"], commit=commit,
+                      primary=params.federate.primary_label_free)
+        methods = method_rows(s, c, t, got["evaluate"], got["uncertainty"],
+                              [m for m in params.federate.methods if m in LABEL_FREE],
+                              params.cohort.holdout_sites, params.cohort.control_sites)
+        done = append_run(out_dir, row, params.evaluate.n_boot, params.evaluate.seed,
+                          methods)
         print(f"study: {name} done; {len(done)} run(s) in {out_dir / RUNS_FILE}", flush=True)
     return done

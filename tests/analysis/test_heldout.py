@@ -214,6 +214,34 @@ def test_a_label_free_method_is_paired_with_fedavg_at_each_site() -> None:
         heldout.summary_table(no_fedavg, 50), heldout.paired_table(no_fedavg, 50)))
 
 
+def test_a_method_is_paired_with_its_ablation_and_nothing_else_is() -> None:
+    kinds = {**KINDS, "steered": "federated", "steered_uniform": "federated"}
+    cases = cases_table({"A": 0.5, "B": 0.6, "pooled": 0.8, "fedavg": 0.7, "steered": 0.7,
+                         "steered_uniform": 0.7}, per_site=6, kinds=kinds)
+    at_c = (cases["model"] == "steered") & (cases["site"] == "C")
+    cases.loc[at_c, "dice"] += 0.04 + np.linspace(-0.01, 0.01, 6)
+    pairs = {"steered": "steered_uniform", "gated_tent": "gated_tent_random"}
+    paired = heldout.paired_table(cases, N_BOOT, seed=5, ablations=pairs)
+    vs = paired[paired["reference"] == heldout.VS_ABLATION]
+    # One model against its own ablation (a pair not scored is skipped), at every site.
+    assert set(vs["model"]) == {"steered"} and set(vs["reference_model"]) == {
+        "steered_uniform"}
+    assert sorted(vs["site"]) == ["C", "G", "all"]
+    m = heldout.metrics_json(heldout.summary_table(cases, N_BOOT, seed=5), paired)
+    wide = cases.pivot(index=["site", "case"], columns="model", values="dice").reset_index()
+    want = paired_difference(wide[wide["site"] == "C"], "steered", "steered_uniform", (),
+                             "case", n_boot=N_BOOT, seed=5)
+    got = tuple(m[f"paired_vs_ablation_C{s}"]["steered"] for s in ("", "_lo", "_hi"))
+    assert got == pytest.approx(tuple(want)) and got[1] > 0
+    assert m["paired_vs_ablation_G"] == {"steered": pytest.approx(0.0, abs=1e-12)}
+    # The other references are as without ablations.
+    plain = heldout.paired_table(cases, N_BOOT, seed=5)
+    pd.testing.assert_frame_equal(paired[paired["reference"] != heldout.VS_ABLATION]
+                                  .reset_index(drop=True), plain)
+    run = heldout.candidate_metrics(heldout.summary_table(cases, 50), paired, "steered")
+    assert run["paired_vs_ablation_C_lo"] == pytest.approx(got[1])
+
+
 def test_metrics_json_and_run_metrics_name_every_candidate_alike() -> None:
     cases = cases_table({"A": 0.5, "B": 0.7, "pooled": 0.9, "fedavg": 0.8})
     cases.loc[cases["model"] == "A", "hd95"] = np.nan  # undefined -> null, not NaN

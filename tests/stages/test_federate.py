@@ -181,11 +181,15 @@ def test_equal_weighting_averages_the_sites_alike(cohort_dir: Path, models_dir: 
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"methods": ("one_shot", "fedsgd")}, "unknown ['fedsgd']"),
+    ({"methods": ("one_shot", "fedsgd")}, "federate.methods = ['one_shot', 'fedsgd']: "
+                                          "expected methods among"),
+    ({"methods": ("one_shot", "one_shot")}, "expected each method once"),
     ({"sites": ("A", "B", "D")}, "no local model of site D"),
-    ({"select_from": ("one_shot", "tent")}, "not ['tent']"),
-    ({"select_from": ()}, "not an empty list"),
-    ({"uw_signal": "dice"}, "federate.uw_signal 'dice'"),
+    ({"select_from": ("one_shot", "tent")}, "federate.select_from = ['one_shot', 'tent']: "
+                                            "expected uw_select choosing among"),
+    ({"select_from": ()}, "federate.select_from = []"),
+    ({"select_from": ("one_shot", "uw_select")}, "federate.select_from"),
+    ({"uw_signal": "dice"}, "federate.uw_signal = 'dice'"),
 ])
 def test_bad_params_stop_before_any_output(cohort_dir: Path, models_dir: Path,
                                            tmp_path: Path, change: dict, message: str) -> None:

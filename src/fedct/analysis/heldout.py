@@ -23,7 +23,8 @@ Tables:
   bootstrap seed, so models scored on the same cases see the same resamples.
 - ``paired_table``: per model, the paired difference of mean case Dice against the best
   local model, against pooled and against FedAvg
-  (``fedct.analysis.stats.paired_difference``), over all sites and per site. The best
+  (``fedct.analysis.stats.paired_difference``), over all sites and per site, and each
+  uncertainty-guided method against its ablation (``ablations``). The best
   local model is the local model with the highest mean case Dice (ties: the first name in
   sorted order), exactly the gate's rule: on the training sites' validation cases when a
   ``selection`` table is given (``evaluate.best_local_on: val``), else on the held-out
@@ -52,8 +53,12 @@ KINDS = (LOCAL, POOLED_KIND, FEDERATED)
 #: The ``site`` value of rows over every held-out site together.
 ALL_SITES = "all"
 BEST_LOCAL, VS_POOLED, VS_FEDAVG = "best_local", "pooled", "fedavg"
+#: A method against its ablation: the same method without its uncertainty guidance.
+VS_ABLATION = "ablation"
 #: References of the paired differences, in table order (each when its model is there).
-REFERENCES = (BEST_LOCAL, VS_POOLED, VS_FEDAVG)
+REFERENCES = (BEST_LOCAL, VS_POOLED, VS_FEDAVG, VS_ABLATION)
+#: References with an interval at each site too (metrics.json, MLflow).
+PER_SITE = (VS_FEDAVG, VS_ABLATION)
 #: paired_table's columns of an interval and the metric-name suffix of each.
 _INTERVAL = (("difference", ""), ("lo", "_lo"), ("hi", "_hi"))
 
@@ -277,13 +282,17 @@ def best_local(cases: pd.DataFrame, selection: pd.DataFrame | None = None) -> st
 
 
 def paired_table(cases: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05, selection: pd.DataFrame | None = None) -> pd.DataFrame:
+                 alpha: float = 0.05, selection: pd.DataFrame | None = None,
+                 ablations: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Paired differences of mean case Dice, model minus reference, with intervals.
 
     References: ``best_local`` (``best_local``, chosen on ``selection`` when given),
     ``pooled`` (the pooled model) and
     ``fedavg`` (the federated model named ``fedavg``: what a label-free method must match
-    at a shifted site), when present. One row per (model, reference, site),
+    at a shifted site), when present; and ``ablation``: for each method of ``ablations``
+    (method -> its ablation, the same method without its uncertainty guidance) that was
+    scored with its ablation, one row of it against that ablation only. One row per
+    (model, reference, site),
     ``site == "all"`` over every held-out site (two-stage cluster bootstrap) and one per
     site (case bootstrap); the numbers are
     those of ``fedct.analysis.stats.paired_difference`` on each pair of models. Columns
@@ -307,15 +316,21 @@ def paired_table(cases: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
         references.append((VS_POOLED, pooled[0]))
     if kinds.get(VS_FEDAVG) == FEDERATED:
         references.append((VS_FEDAVG, VS_FEDAVG))
+    # (reference, its model, the one model compared with it; None: every model)
+    compared = [(r, m, None) for r, m in references]
+    compared += [(VS_ABLATION, a, m) for m, a in (ablations or {}).items()
+                 if m in kinds and a in kinds]
     dice = wide[models].to_numpy(dtype=np.float64)
     rows = []
     for site, mask, clusters in _site_groups(wide):
         draws = _draws(wide[mask], clusters, n_boot, seed)
-        for reference, ref_model in references:
+        for reference, ref_model, only in compared:
             ref = dice[mask][:, models.index(ref_model)]
             diff = dice[mask] - ref[:, None]
             est, lo, hi = _intervals(diff, draws, alpha)
             for j, model in enumerate(models):
+                if only is not None and model != only:
+                    continue
                 rows.append({"model": model, "kind": kinds[model], "reference": reference,
                              "reference_model": ref_model, "site": site,
                              "n_cases": int(mask.sum()),
@@ -324,7 +339,7 @@ def paired_table(cases: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
                              "difference": float(est[j]), "lo": float(lo[j]),
                              "hi": float(hi[j])})
     out = pd.DataFrame(rows, columns=columns)
-    rank = {r: i for i, (r, _) in enumerate(references)}
+    rank = {r: i for i, (r, _, _) in enumerate(compared)}
     order = {m: i for i, m in enumerate(models)}
     site_rank = {s: i for i, (s, _, _) in enumerate(_site_groups(wide))}
     return (out.assign(_r=out["reference"].map(rank), _m=out["model"].map(order),
@@ -396,8 +411,8 @@ def candidate_metrics(summary: pd.DataFrame, paired: pd.DataFrame, model: str
         else:
             out.update(dict.fromkeys((key, f"{key}_lo", f"{key}_hi"), math.nan))
         for site in s.index.drop(ALL_SITES):
-            # Per-site intervals only against FedAvg, as in metrics.json.
-            for col, suffix in _INTERVAL if reference == VS_FEDAVG else _INTERVAL[:1]:
+            # Per-site intervals only against FedAvg and the ablation, as in metrics.json.
+            for col, suffix in _INTERVAL if reference in PER_SITE else _INTERVAL[:1]:
                 out[f"{key}_{site}{suffix}"] = (float(p.loc[site, col]) if site in p.index
                                                 else math.nan)
     return out
@@ -411,7 +426,9 @@ def metrics_json(summary: pd.DataFrame, paired: pd.DataFrame) -> dict:
     the best local model's; ``paired_vs_best_local``, ``paired_vs_pooled`` and
     ``paired_vs_fedavg`` (+ ``_lo``, ``_hi``) likewise, over all held-out sites, and
     ``paired_vs_fedavg_<site>`` (+ ``_lo``, ``_hi``) at each site: whether a label-free
-    method matches FedAvg at the most shifted site. Also ``best_local``, ``sites`` and
+    method matches FedAvg at the most shifted site; ``paired_vs_ablation`` and
+    ``paired_vs_ablation_<site>`` (+ ``_lo``, ``_hi``) for each method scored with its
+    ablation: what its uncertainty guidance adds. Also ``best_local``, ``sites`` and
     ``n_cases``. NaN is written as null.
     """
     kinds = dict(zip(summary["model"], summary["kind"], strict=False))
@@ -436,7 +453,7 @@ def metrics_json(summary: pd.DataFrame, paired: pd.DataFrame) -> dict:
         out[f"heldout_dice_{site}"] = per_model(at["dice"].to_dict())
         out[f"heldout_hd95_{site}"] = per_model(at["hd95"].to_dict())
     for reference in REFERENCES:
-        at_sites = [ALL_SITES, *sites] if reference == VS_FEDAVG else [ALL_SITES]
+        at_sites = [ALL_SITES, *sites] if reference in PER_SITE else [ALL_SITES]
         for site in at_sites:
             p = paired[(paired["reference"] == reference) & (paired["site"] == site)]
             p = p.set_index("model")

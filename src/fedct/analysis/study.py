@@ -13,8 +13,13 @@ every model on the same data, so the spread over training seeds is training nois
   first, then the training seeds within each. That interval holds training noise and the
   seed-to-seed variation of patients and splits; the within-run case intervals (sites,
   then cases) stay in each run's row (e.g. ``auroc_all_lo``,
-  ``fedavg_minus_best_local_lo``), beside it. Also ``<column>_sd`` (across runs), ``n_runs``
-  and ``report_seeds``.
+  ``fedavg_minus_best_local_lo``), beside it; a column that is such a per-run bound of
+  another column is not pooled itself (``x_lo`` in pooled.json is the pooled interval of
+  ``x``). Also ``<column>_sd`` (across runs), ``n_runs`` and ``report_seeds``.
+- ``primary_columns``: the frozen label-free method (issue 27) against FedAvg and its
+  ablation at the most shifted held-out site and at the controls; ``method_rows``: the
+  same for every label-free method of a run (``results/study/label_free.csv``), so that
+  the methods that miss are reported beside the primary one.
 """
 
 from __future__ import annotations
@@ -41,10 +46,16 @@ RUN_COLUMNS = (
     "aurc_best_baseline_out_of_domain", "auroc_controls", "aurc_controls",
     "aurc_best_baseline_controls", "site_ranking", "fedavg_best_round", "fedavg_last_round",
     "commit",
+    # The frozen label-free method (issue 27; federate.primary_label_free) at the most
+    # shifted held-out site (shifted_site) and at the negative controls:
+    "primary_label_free", "primary_minus_fedavg_shifted", "primary_minus_fedavg_shifted_lo",
+    "primary_minus_ablation_shifted_lo", "primary_minus_fedavg_controls",
+    "primary_minus_fedavg_shifted_hi", "primary_minus_ablation_shifted", "shifted_site",
+    "primary_minus_fedavg_controls_min",
 )
 #: Columns that are labels, not numbers to pool.
 LABELS = ("report_seed", "device", "best_local", "most_shifted_site", "site_ranking",
-          "commit")
+          "commit", "primary_label_free", "shifted_site")
 #: Columns pooled as a mean without an interval (counts, run facts).
 NO_INTERVAL = ("train_seed", "n_calib_pairs", "runtime_min", "fedavg_best_round",
                "fedavg_last_round")
@@ -56,6 +67,11 @@ EMPTY_BECAUSE = {
     "auroc_controls": "the control sites' pairs hold one class only (typically no failure)",
     "fedavg_minus_best_local_lo": "federate.methods without fedavg, or no local model",
     "cap_hit_fraction": "a train stage older than convergence.json",
+    "primary_minus_fedavg_shifted": "no federate.primary_label_free, or evaluate scored "
+                                    "it or FedAvg not at the most shifted held-out site",
+    "primary_minus_ablation_shifted_lo": "the primary method has no ablation, or it did "
+                                         "not run beside it",
+    "primary_minus_fedavg_controls": "no cohort.control_sites",
 }
 
 
@@ -112,16 +128,91 @@ def n_calib_pairs(uncertainty_cases: pd.DataFrame) -> int:
     return int(c.loc[keep, "dice"].notna().sum())
 
 
+def shifted_site(uncertainty: Mapping, evaluate: Mapping, shifted: Sequence[str]) -> str:
+    """The most shifted held-out site of a run: the uncertainty protocol's most shifted
+    site (most failed pairs) when it is one of the ``shifted`` (non-control) held-out
+    sites, else the shifted site where the pooled model scores lowest; "" without one."""
+    most = str(uncertainty.get("most_shifted_site") or "")
+    if most in shifted or not shifted:
+        return most if most in shifted else ""
+    dice = {s: _get(evaluate, f"heldout_dice_{s}", "pooled") for s in shifted}
+    return min(shifted, key=lambda s: (math.inf if math.isnan(dice[s]) else dice[s], s))
+
+
+def primary_columns(evaluate: Mapping, primary: str | None, site: str,
+                    control_sites: Sequence[str]) -> dict:
+    """The frozen label-free method ``primary`` against FedAvg and against its ablation,
+    from ``evaluate``'s paired differences (``paired_vs_fedavg_<site>``,
+    ``paired_vs_ablation_<site>``, each with its 95 % case-bootstrap interval): at the most
+    shifted held-out ``site``, and at the control sites (their mean, and the worst)."""
+    def at(key: str) -> float:
+        return _get(evaluate, key, primary) if primary and site else math.nan
+
+    controls = [_get(evaluate, f"paired_vs_fedavg_{c}", primary) if primary else math.nan
+                for c in control_sites]
+    controls = [v for v in controls if not math.isnan(v)]
+    return {"primary_label_free": primary or "", "shifted_site": site,
+            "primary_minus_fedavg_shifted": at(f"paired_vs_fedavg_{site}"),
+            "primary_minus_fedavg_shifted_lo": at(f"paired_vs_fedavg_{site}_lo"),
+            "primary_minus_fedavg_shifted_hi": at(f"paired_vs_fedavg_{site}_hi"),
+            "primary_minus_ablation_shifted": at(f"paired_vs_ablation_{site}"),
+            "primary_minus_ablation_shifted_lo": at(f"paired_vs_ablation_{site}_lo"),
+            "primary_minus_fedavg_controls": float(np.mean(controls)) if controls
+            else math.nan,
+            "primary_minus_fedavg_controls_min": min(controls) if controls else math.nan}
+
+
+#: The columns of label_free.csv: one row per (run, label-free method).
+METHOD_COLUMNS = ("report_seed", "train_seed", "method", "shifted_site",
+                  "heldout_dice", "minus_fedavg", "minus_fedavg_lo", "minus_fedavg_hi",
+                  "minus_fedavg_shifted", "minus_fedavg_shifted_lo", "minus_fedavg_shifted_hi",
+                  "minus_ablation_shifted", "minus_ablation_shifted_lo",
+                  "minus_ablation_shifted_hi", "minus_fedavg_controls",
+                  "minus_fedavg_controls_min")
+
+
+def method_rows(synth_seed: int, cohort_seed: int, train_seed: int, evaluate: Mapping,
+                uncertainty: Mapping, methods: Sequence[str], holdout_sites: Sequence[str],
+                control_sites: Sequence[str]) -> list[dict]:
+    """One row per label-free method of ``methods`` that ``evaluate`` scored: its mean
+    held-out Dice and paired difference against FedAvg over every held-out site, at the
+    most shifted one (``shifted_site``), against its ablation there (when it has one), and
+    at the controls (mean and worst), each with its case-bootstrap interval."""
+    shifted = [s for s in holdout_sites if s not in set(control_sites)]
+    site = shifted_site(uncertainty, evaluate, shifted)
+    rows = []
+    for m in methods:
+        if m not in (evaluate.get("heldout_dice") or {}):
+            continue
+        p = primary_columns(evaluate, m, site, control_sites)
+        row = {"report_seed": report_seed(synth_seed, cohort_seed),
+               "train_seed": int(train_seed), "method": m, "shifted_site": site,
+               "heldout_dice": _get(evaluate, "heldout_dice", m),
+               **{f"minus_fedavg{x}": _get(evaluate, f"paired_vs_fedavg{x}", m)
+                  for x in ("", "_lo", "_hi")},
+               **{f"minus_fedavg_shifted{x}": p[f"primary_minus_fedavg_shifted{x}"]
+                  for x in ("", "_lo", "_hi")},
+               **{f"minus_ablation_shifted{x}": _get(evaluate,
+                                                     f"paired_vs_ablation_{site}{x}", m)
+                  for x in ("", "_lo", "_hi")},
+               "minus_fedavg_controls": p["primary_minus_fedavg_controls"],
+               "minus_fedavg_controls_min": p["primary_minus_fedavg_controls_min"]}
+        rows.append({c: row[c] for c in METHOD_COLUMNS})
+    return rows
+
+
 def run_row(synth_seed: int, cohort_seed: int, train_seed: int, evaluate: Mapping,
             uncertainty: Mapping, ranking: Sequence[str], uncertainty_cases: pd.DataFrame,
             convergence: Mapping | None, decision: Mapping | None, holdout_sites: Sequence[str],
             control_sites: Sequence[str], runtime_min: float, device: str,
-            federated: Mapping | None = None, commit: str = "") -> dict:
+            federated: Mapping | None = None, commit: str = "",
+            primary: str | None = None) -> dict:
     """One row of runs.csv (``RUN_COLUMNS``) from one run's outputs: ``evaluate`` and
     ``uncertainty`` (their ``metrics.json``), the label-free ``ranking`` (site order of
     ``site_ranking.csv``), the uncertainty stage's ``cases.csv``, the train stage's
     ``convergence.json``, promote's ``decision.json`` and federate's ``metrics.json``
-    (``federated``; None: not there). ``commit``: the git commit the run belongs to."""
+    (``federated``; None: not there). ``commit``: the git commit the run belongs to;
+    ``primary``: ``federate.primary_label_free`` (``primary_columns``)."""
     shifted = [s for s in holdout_sites if s not in set(control_sites)]
     fedavg, pooled = (_get(evaluate, "heldout_dice", "fedavg"),
                       _get(evaluate, "heldout_dice", "pooled"))
@@ -160,6 +251,8 @@ def run_row(synth_seed: int, cohort_seed: int, train_seed: int, evaluate: Mappin
         "site_ranking": ",".join(str(s) for s in ranking),
         "fedavg_best_round": _get(federated or {}, "fedavg_best_round"),
         "fedavg_last_round": _get(federated or {}, "fedavg_last_round"),
+        **primary_columns(evaluate, primary, shifted_site(uncertainty, evaluate, shifted),
+                          control_sites),
     }
     return {c: row[c] for c in RUN_COLUMNS}
 
@@ -175,6 +268,13 @@ def _two_stage_means(groups: list[np.ndarray], n_boot: int, rng: np.random.Gener
     return out
 
 
+def _is_bound(column: str) -> bool:
+    """A column that is another column's per-run interval bound (``x_lo`` beside ``x``):
+    pooled.json holds the pooled interval of ``x`` under that name instead."""
+    base, _, end = column.rpartition("_")
+    return end in ("lo", "hi") and base in RUN_COLUMNS
+
+
 def pool(runs: pd.DataFrame, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05
          ) -> dict:
     """``pooled.json`` from the rows of runs.csv (module docstring)."""
@@ -186,7 +286,7 @@ def pool(runs: pd.DataFrame, n_boot: int = 2000, seed: int = 0, alpha: float = 0
                              "run's case intervals are in runs.csv"}
     rng = np.random.default_rng(seed)
     for column in RUN_COLUMNS:
-        if column in LABELS or column not in runs:
+        if column in LABELS or column not in runs or _is_bound(column):
             continue
         values = pd.to_numeric(runs[column], errors="coerce").astype(float)
         ok = values.notna()

@@ -9,4 +9,5 @@
 """
 
 #: The methods of ``federate`` that read no label of a target site (``methods`` params).
-LABEL_FREE = ("uw_merge", "tent", "self_train", "uw_select")
+LABEL_FREE = ("uw_merge", "tent", "self_train", "uw_select", "steered", "cw_self_train",
+              "cw_self_train_all", "gated_tent", "gated_tent_random")

@@ -19,6 +19,8 @@ All science lives elsewhere: local training in :mod:`fedct.training.local`, merg
   0 (default): every round, the last round's model.
 - ``site-weights`` (server, optional): JSON site -> weight; empty: training cases
   (``num-examples``).
+- ``targets``, ``steer`` (optional): target sites that score each round's updates and
+  steer the merge, and how (the ``steered`` method: :mod:`fedct.federation.steering`).
 - Fault injection (tests only): ``fail-site`` and ``fail-round`` make that site's ClientApp
   raise in that round's training; ``kill-after-round`` makes the server's process kill
   itself (SIGKILL) once that round is checkpointed; ``keep-updates`` saves every client
@@ -60,6 +62,7 @@ from flwr.supercore import log
 
 from fedct.config import TrainParams, from_dict, model_params, to_dict
 from fedct.errors import FedctError
+from fedct.federation import steering
 from fedct.federation.aggregate import weighted_average
 from fedct.federation.stopping import best_round, plateau_reached
 
@@ -91,6 +94,8 @@ class FederationConfig:
     kill_after_round: int = 0
     keep_updates: bool = False
     patience: int = 0
+    targets: tuple[str, ...] = ()
+    steer: str = ""  # JSON of steering.SteerConfig; empty: no steering
 
     @classmethod
     def from_run_config(cls, rc: Mapping[str, Any]) -> FederationConfig:
@@ -104,6 +109,7 @@ class FederationConfig:
             params = from_dict(TrainParams, json.loads(str(get("train-params"))),
                                "federation run config: train-params")
             weights = str(get("site-weights", ""))
+            targets = tuple(t for t in str(get("targets", "")).replace(" ", "").split(",") if t)
             cfg = cls(sites=sites, train_params=params, rounds=int(get("rounds")),
                       local_steps=int(get("local-steps")),
                       mu=float(get("proximal-mu", 0.0)),
@@ -118,7 +124,8 @@ class FederationConfig:
                       fail_round=int(get("fail-round", 0)),
                       kill_after_round=int(get("kill-after-round", 0)),
                       keep_updates=bool(get("keep-updates", False)),
-                      patience=int(get("patience", 0)))
+                      patience=int(get("patience", 0)),
+                      targets=targets, steer=str(get("steer", "")))
         except (TypeError, ValueError) as exc:  # JSON and number parsing
             raise FedctError(f"federation run config: {exc}") from exc
         if not sites or len(set(sites)) != len(sites):
@@ -132,6 +139,7 @@ class FederationConfig:
                              f"be within 1..{len(sites)} (the number of sites)")
         if not math.isfinite(cfg.mu) or cfg.mu < 0:
             raise FedctError(f"federation run config: proximal-mu {cfg.mu} must be >= 0")
+        steering.check_targets(sites, cfg.targets, cfg.steer)
         if cfg.site_weights is not None and set(cfg.site_weights) != set(sites):
             raise FedctError(f"federation run config: site-weights name {sorted(cfg.site_weights)}"
                              f", not the sites {sorted(sites)}")
@@ -147,6 +155,7 @@ class FederationConfig:
                "seed": self.seed, "weights": self.site_weights,
                "init": hashlib.sha256(init.read_bytes()).hexdigest() if self.init_model
                else None}
+        key.update({"targets": self.targets, "steer": self.steer} if self.targets else {})
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -160,7 +169,7 @@ def run_config(cfg: FederationConfig) -> dict[str, Any]:
             "site-weights": json.dumps(cfg.site_weights) if cfg.site_weights else "",
             "timeout": cfg.timeout, "fail-site": cfg.fail_site, "fail-round": cfg.fail_round,
             "kill-after-round": cfg.kill_after_round, "keep-updates": cfg.keep_updates,
-            "patience": cfg.patience}
+            "patience": cfg.patience, "targets": ",".join(cfg.targets), "steer": cfg.steer}
 
 
 def _nbytes(arrays: ArrayRecord) -> int:
@@ -170,18 +179,20 @@ def _nbytes(arrays: ArrayRecord) -> int:
 # --------------------------------------------------------------------------- client side
 
 
-def _site(context: Context, cfg: FederationConfig) -> tuple[str, int]:
-    """This node's site (node config ``site``, else the partition id) and its index."""
+def _site(context: Context, cfg: FederationConfig, target: bool = False) -> tuple[str, int]:
+    """This node's site (node config ``site``, else the partition id) and its index among
+    the sites (``target``: among the target sites; a node of the other kind is refused)."""
+    nodes, kind = (*cfg.sites, *cfg.targets), cfg.targets if target else cfg.sites
     if "site" in context.node_config:
         site = str(context.node_config["site"])
     else:
         pid = int(context.node_config["partition-id"])
-        if not 0 <= pid < len(cfg.sites):
-            raise FedctError(f"partition {pid} has no site (sites: {list(cfg.sites)})")
-        site = cfg.sites[pid]
-    if site not in cfg.sites:
-        raise FedctError(f"node site {site!r} is not one of {list(cfg.sites)}")
-    return site, cfg.sites.index(site)
+        if not 0 <= pid < len(nodes):
+            raise FedctError(f"partition {pid} has no site (sites: {list(nodes)})")
+        site = nodes[pid]
+    if site not in kind:
+        raise FedctError(f"node site {site!r} is not one of {list(kind)}")
+    return site, kind.index(site)
 
 
 def _site_cases(cfg: FederationConfig, site: str, split: str) -> list[dict]:
@@ -198,9 +209,11 @@ def _client_query(msg: Message, context: Context, cfg: FederationConfig) -> Mess
     from fedct.devices import pick_device, runtime
     from fedct.training.loop import reference_volumes
 
-    site, index = _site(context, cfg)
     labels = cohort_labels(Path(cfg.cohort_dir))
     spec = read_spec(Path(cfg.cohort_dir))
+    if steering.is_target(context.node_config, cfg.sites, cfg.targets):
+        return steering.target_info(msg, _site(context, cfg, target=True)[0], labels, spec)
+    site, index = _site(context, cfg)
     train = _site_cases(cfg, site, "train")
     n_val = len(_site_cases(cfg, site, "val"))
     ref = reference_volumes([c["label"][0] for c in train], tuple(spec["spacing_mm"]), labels)
@@ -280,6 +293,13 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         return _client_query(msg, context, config(context))
 
+    @app.query("steer")
+    def steer(msg: Message, context: Context) -> Message:
+        cfg = config(context)
+        return steering.score_updates(msg, Path(cfg.cohort_dir),
+                                      _site(context, cfg, target=True)[0], cfg.train_params,
+                                      steering.SteerConfig.from_json(cfg.steer))
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         return _client_train(msg, context, config(context))
@@ -301,16 +321,19 @@ class FedctAvg(FedAvg):
     :func:`fedct.federation.aggregate.weighted_average` (integer buffers by the documented
     rule), weighted by ``num-examples`` or by fixed ``site_weights``, in site order (so the
     floating-point sum does not depend on which reply came first), and refuses a round with
-    fewer than ``min_clients`` good replies. ``last_updates`` (site -> state),
+    fewer than ``min_clients`` good replies. ``reweigh(round, states, weights)`` (optional)
+    replaces a round's weights (``steering.Steering.weights``). ``last_updates`` (site -> state),
     ``last_weights`` and ``last_failures`` (node id, reason) describe the latest round.
     """
 
     def __init__(self, *, sites: tuple[str, ...], min_clients: int,
-                 site_weights: Mapping[str, float] | None = None, **kwargs: Any) -> None:
+                 site_weights: Mapping[str, float] | None = None,
+                 reweigh: Callable[[int, dict, dict], dict] | None = None, **kwargs: Any) -> None:
         super().__init__(min_train_nodes=min_clients, min_evaluate_nodes=min_clients,
                          min_available_nodes=min_clients, **kwargs)
         self.sites, self.min_clients = sites, min_clients
         self.site_weights = dict(site_weights) if site_weights else None
+        self.reweigh = reweigh
         self.last_updates: dict[str, dict[str, torch.Tensor]] = {}
         self.last_weights: dict[str, float] = {}
         self.last_metrics: dict[str, dict[str, float]] = {}
@@ -335,6 +358,8 @@ class FedctAvg(FedAvg):
                              for s in order}
         weights = ({s: float(self.site_weights[s]) for s in order} if self.site_weights
                    else {s: float(self.last_metrics[s][self.weighted_by_key]) for s in order})
+        if self.reweigh is not None:
+            weights = self.reweigh(server_round, states, weights)
         merged = weighted_average(states, weights)
         self.last_updates, self.last_weights = states, weights
         metrics = aggregate_metricrecords([by_site[s].content for s in order],
@@ -352,11 +377,12 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _handshake(grid: Grid, cfg: FederationConfig) -> dict[int, dict]:
-    """Node id -> {site, labels, spec, n_train, n_val, reference_ml, runtime} of each site."""
+def _handshake(grid: Grid, cfg: FederationConfig) -> tuple[dict[int, dict], dict[int, str]]:
+    """Node id -> {site, labels, spec, n_train, n_val, reference_ml, runtime} of each site;
+    node id -> site of each target node."""
     # Wait for every site; after ``timeout`` go on with those connected, if enough.
     deadline = time.monotonic() + cfg.timeout
-    while len(nodes := list(grid.get_node_ids())) < len(cfg.sites):
+    while len(nodes := list(grid.get_node_ids())) < len(cfg.sites) + len(cfg.targets):
         if time.monotonic() > deadline:
             if len(nodes) >= cfg.min_clients:
                 break
@@ -366,26 +392,32 @@ def _handshake(grid: Grid, cfg: FederationConfig) -> dict[int, dict]:
         time.sleep(0.5)
     msgs = [Message(RecordDict(), dst_node_id=n, message_type=QUERY_INFO) for n in nodes]
     info: dict[int, dict] = {}
+    targets: dict[int, dict] = {}  # target nodes: site, labels and grid (checked too)
     for reply in grid.send_and_receive(msgs, timeout=cfg.timeout):
         if reply.has_error():
             continue
-        conf, counts = reply.content["info"], reply.content["counts"]
-        info[reply.metadata.src_node_id] = {
-            "site": str(conf["site"]), "labels": json.loads(str(conf["labels"])),
-            "spec": json.loads(str(conf["spec"])), "n_train": int(counts["n-train"]),
+        conf, node = reply.content["info"], reply.metadata.src_node_id
+        common = {"site": str(conf["site"]), "labels": json.loads(str(conf["labels"])),
+                  "spec": json.loads(str(conf["spec"]))}
+        if str(conf.get("role", "")) == "target":
+            targets[node] = common
+            continue
+        counts = reply.content["counts"]
+        info[node] = {**common, "n_train": int(counts["n-train"]),
             "n_val": int(counts["n-val"]), "reference_ml": list(counts["reference-ml"]),
             "runtime": dict(reply.content.config_records.get("runtime") or {})}
     if len(info) < cfg.min_clients:
         raise FedctError(f"federation: {len(info)} sites answered the handshake, fewer than "
                          f"min-clients {cfg.min_clients}")
-    named = [i["site"] for i in info.values()]
+    checked = [*info.values(), *targets.values()]
+    named = [i["site"] for i in checked]
     if len(set(named)) != len(named):
         raise FedctError(f"federation: two nodes claim the same site ({sorted(named)})")
-    if len({json.dumps(i["labels"], sort_keys=True) for i in info.values()}) > 1:
+    if len({json.dumps(i["labels"], sort_keys=True) for i in checked}) > 1:
         raise FedctError("federation: the sites have different label sets")
-    if len({json.dumps(i["spec"], sort_keys=True) for i in info.values()}) > 1:
+    if len({json.dumps(i["spec"], sort_keys=True) for i in checked}) > 1:
         raise FedctError("federation: the sites have different preprocessing grids")
-    return info
+    return info, {n: t["site"] for n, t in targets.items()}
 
 
 def run_server(grid: Grid, cfg: FederationConfig,
@@ -405,7 +437,8 @@ def run_server(grid: Grid, cfg: FederationConfig,
 
     params = cfg.train_params
     ckpt_dir, out_dir = Path(cfg.checkpoint_dir), Path(cfg.out_dir)
-    info = _handshake(grid, cfg)
+    info, target_nodes = _handshake(grid, cfg)
+    clients = steering.NodesView(grid, info)  # the nodes that train (targets only score)
     node_site = {n: i["site"] for n, i in info.items()}
     first = next(iter(info.values()))
     labels = parse_labels(first["labels"], "federation handshake")
@@ -433,8 +466,10 @@ def run_server(grid: Grid, cfg: FederationConfig,
     for record in history:
         if on_round is not None:
             on_round(record)
+    steer = steering.Steering(grid, target_nodes, cfg.targets, cfg.steer, cfg.timeout) \
+        if cfg.targets else None
     strategy = FedctAvg(sites=cfg.sites, min_clients=cfg.min_clients,
-                        site_weights=cfg.site_weights)
+                        site_weights=cfg.site_weights, reweigh=steer.weights if steer else None)
     # The clients' one-cycle schedule: train.schedule_steps when set (the rounds beyond it
     # train at its end value until the plateau or the cap), else all rounds.
     total = params.schedule_steps or cfg.rounds * cfg.local_steps
@@ -446,7 +481,7 @@ def run_server(grid: Grid, cfg: FederationConfig,
         config = ConfigRecord({"proximal-mu": cfg.mu, "local-steps": cfg.local_steps,
                                "start-step": (rnd - 1) * cfg.local_steps,
                                "total-steps": total})
-        msgs = list(strategy.configure_train(rnd, arrays, config, grid))
+        msgs = list(strategy.configure_train(rnd, arrays, config, clients))
         sent = _nbytes(arrays) * len(msgs)
         replies = list(grid.send_and_receive(msgs, timeout=cfg.timeout))
         received = sum(_nbytes(r.content.array_records["arrays"]) for r in replies
@@ -460,11 +495,13 @@ def run_server(grid: Grid, cfg: FederationConfig,
         failed += [{"site": node_site.get(m.metadata.dst_node_id, "?"), "reason": "no reply"}
                    for m in msgs if m.metadata.dst_node_id not in answered]
         state = merged.to_torch_state_dict()
+        if steer is not None:  # the round's updates went to every target node as well
+            failed, sent = failed + steer.last_failures, sent + steer.last_bytes
         if cfg.keep_updates:
             for s, upd in strategy.last_updates.items():
                 _atomic_save(upd, ckpt_dir / "updates" / f"round-{rnd}" / f"{s}.pt")
         # Validation Dice of the merged model at every site.
-        emsgs = list(strategy.configure_evaluate(rnd, merged, ConfigRecord(), grid))
+        emsgs = list(strategy.configure_evaluate(rnd, merged, ConfigRecord(), clients))
         sent += _nbytes(merged) * len(emsgs)
         per_site: dict[str, dict] = {
             s: {"train_loss": float(strategy.last_metrics[s]["train-loss"]),
@@ -489,6 +526,7 @@ def run_server(grid: Grid, cfg: FederationConfig,
                   / sum(w.values()),
                   "val_dice_mean": sum(dices) / len(dices) if dices else float("nan"),
                   "sites": per_site}
+        record.update({"steer_scores": steer.last_scores} if steer else {})
         history.append(record)
         vals = [r["val_dice_mean"] for r in history]
         if best_round(vals) == rnd:
@@ -535,7 +573,9 @@ def run_server(grid: Grid, cfg: FederationConfig,
                        "kept_round": best if cfg.patience > 0 and best else len(history),
                        "stopped": "plateau" if plateau_reached(vals, cfg.patience)
                        else "cap",
-                       "n_train": n_train, "site_weights": cfg.site_weights},
+                       "n_train": n_train, "site_weights": cfg.site_weights,
+                       **({"targets": list(cfg.targets), "steer": json.loads(cfg.steer)}
+                          if cfg.targets else {})},
         # Each site's device, CPU or GPU model, threads, torch build and bf16 autocast.
         "runtime": {"clients": {i["site"]: i["runtime"] for i in info.values()}}})
     _atomic_save(history, out_dir / HISTORY)

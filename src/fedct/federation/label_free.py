@@ -74,7 +74,9 @@ def _image(x: Any, where: str) -> torch.Tensor:
     return t.float()
 
 
-def _images(xs: Sequence[Image]) -> list[torch.Tensor]:
+def image_list(xs: Sequence[Image]) -> list[torch.Tensor]:
+    """``xs`` as float32 ``(1, X, Y, Z)`` tensors; a mapping (a case) or an empty list is
+    refused."""
     if isinstance(xs, Mapping) or isinstance(xs, np.ndarray | torch.Tensor):
         raise TypeError("target_images must be a list of (1, X, Y, Z) images")
     out = [_image(x, f"target image {i}") for i, x in enumerate(xs)]
@@ -128,7 +130,7 @@ def target_uncertainty(models: Mapping[str, nn.Module], target_images: Sequence[
     """
     if signal not in _WORST:
         raise ValueError(f"signal {signal!r} not offered; choose one of {WEIGHT_SIGNALS}")
-    images = _images(target_images)
+    images = image_list(target_images)
     if not models:
         raise ValueError("no site models given")
     scores = {}
@@ -216,6 +218,34 @@ def uncertainty_weights(models: Mapping[str, nn.Module], target_images: Sequence
     return scores_to_weights(scores, rule, temperature, case_counts)
 
 
+def steering_weights(scores: Mapping[str, Mapping[str, float]],
+                     base: Mapping[str, float], temperature: float) -> dict[str, float]:
+    """The merge weights of one round of ``steered``: the target sites steer FedAvg.
+
+    ``scores``: target site -> client site -> that client's update's mean MC-dropout
+    uncertainty on the target's images (``target_uncertainty``; the only thing a target
+    returns). ``base``: the clients' FedAvg weights (training cases, or fixed weights).
+    Each client's score is the mean over the targets; the weights are
+    ``base_i * exp(-(s_i - min_j s_j) / temperature)``, renormalised
+    (``scores_to_weights`` with ``case_counts = base``): a client whose update is less
+    uncertain on the target's images weighs more, and with equal scores the weights are
+    FedAvg's. A client with a non-finite score from any target gets weight 0.
+
+    Raises:
+        ValueError: no target's scores, a target that scored other clients than ``base``
+            names, or no client with a finite score (``scores_to_weights``).
+    """
+    if not scores:
+        raise ValueError("no target scored the updates")
+    clients = list(base)
+    for target, by_client in scores.items():
+        if set(by_client) != set(clients):
+            raise ValueError(f"target {target} scored {sorted(by_client)}, not the clients "
+                             f"{sorted(clients)}")
+    mean = {c: float(np.mean([float(scores[t][c]) for t in scores])) for c in clients}
+    return scores_to_weights(mean, "softmax", temperature, case_counts=base)
+
+
 def merge_for_target(states: Mapping[str, Mapping[str, torch.Tensor]],
                      weights: Mapping[str, float]) -> dict[str, torch.Tensor]:
     """The target site's merged model: ``aggregate.weighted_average`` of the site states.
@@ -299,7 +329,7 @@ def pseudo_labelled_cases(model: nn.Module, images: Sequence[Image], mc_samples:
     that keeps almost nothing gives the site no signal.
     """
     cases = []
-    for x in _images(images):
+    for x in image_list(images):
         label, mask = pseudo_label(model, x, mc_samples, mc_batch, seed, p_min, std_max, amp)
         cases.append({"image": x.cpu().numpy().copy(), "label": label.numpy(),
                       "mask": mask.numpy()})
@@ -359,10 +389,12 @@ def norm_affine_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def _entropy_of(logits: torch.Tensor) -> torch.Tensor:
-    """Mean voxel entropy (nats) of the softmax of ``(B, C, *S)`` logits."""
+def _entropy_of(logits: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean voxel entropy (nats) of the softmax of ``(B, C, *S)`` logits (over the voxels
+    where the ``(*S)`` bool ``gate`` is True, when given)."""
     logp = logits.float().log_softmax(dim=1)
-    return -(logp.exp() * logp).sum(dim=1).mean()
+    entropy = -(logp.exp() * logp).sum(dim=1)
+    return entropy.mean() if gate is None else entropy[:, gate.to(entropy.device)].mean()
 
 
 def _autocast(device: torch.device, amp: bool) -> torch.autocast:
@@ -381,7 +413,7 @@ def prediction_entropy(model: nn.Module, images: Sequence[Image], amp: bool = Fa
     model.eval()
     try:
         with torch.inference_mode(), _autocast(device, amp):
-            values = [float(_entropy_of(model(x[None].to(device)))) for x in _images(images)]
+            values = [float(_entropy_of(model(x[None].to(device)))) for x in image_list(images)]
     finally:
         for m, training in previous.items():
             m.train(training)
@@ -389,7 +421,8 @@ def prediction_entropy(model: nn.Module, images: Sequence[Image], amp: bool = Fa
 
 
 def tent_adapt(model: nn.Module, target_images: Sequence[Image], steps: int = 10,
-               lr: float = 1e-3, seed: int = 0, amp: bool = False) -> nn.Module:
+               lr: float = 1e-3, seed: int = 0, amp: bool = False,
+               gates: Sequence[torch.Tensor] | None = None) -> nn.Module:
     """TENT: a copy of ``model`` whose normalisation affine parameters minimise the entropy
     of its predictions on the target's unlabelled images.
 
@@ -402,13 +435,19 @@ def tent_adapt(model: nn.Module, target_images: Sequence[Image], steps: int = 10
     default instance norm has none, so there the two agree. The input model is never
     modified. Entropy minimisation can collapse towards one confident class if run too
     long or too fast; compare ``prediction_entropy`` and keep ``steps * lr`` small.
+    ``gates`` (one ``(X, Y, Z)`` bool mask per image; ``fedct.federation.adaptation``):
+    the entropy is averaged over each image's gated voxels only (uncertainty-gated TENT).
 
     Returns:
         the adapted copy, in eval mode, on the input model's device.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    images = _images(target_images)
+    images = image_list(target_images)
+    if gates is not None and (len(gates) != len(images) or any(
+            tuple(g.shape) != tuple(x.shape[1:]) or not g.any()
+            for g, x in zip(gates, images, strict=False))):
+        raise ValueError("gates: one non-empty (X, Y, Z) mask per image")
     adapted = copy.deepcopy(model)
     params = norm_affine_parameters(adapted)
     if not params:
@@ -428,11 +467,11 @@ def tent_adapt(model: nn.Module, target_images: Sequence[Image], steps: int = 10
             for _ in range(steps):
                 if not order:
                     order = torch.randperm(len(images), generator=generator).tolist()
-                x = images[order.pop()][None].to(device)
+                i = order.pop()
                 opt.zero_grad(set_to_none=True)
                 with _autocast(device, amp):
-                    logits = adapted(x)
-                loss = _entropy_of(logits)
+                    logits = adapted(images[i][None].to(device))
+                loss = _entropy_of(logits, None if gates is None else gates[i])
                 loss.backward()
                 opt.step()
     finally:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from fedct.config import TrainParams
-from fedct.data.cases import read_cohort, training_cases
+from fedct.data.cases import adaptation_cases, read_cohort, training_cases
 from fedct.errors import FedctError
 
 MARKER = "FEDCT_FEDERATION_RUN"  # environment variable that tags every process of a run
@@ -85,6 +85,7 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
                    site_weights: Mapping[str, float] | None = None,
                    fault: tuple[str, int] | None = None, kill_after_round: int = 0,
                    keep_updates: bool = False, patience: int = 0,
+                   targets: Sequence[str] = (), steer: str = "",
                    timeout_s: float = 3600.0, num_cpus: int = 2,
                    client_gpus: float | None = None) -> tuple[list[dict], Path]:
     """Federate ``sites`` for ``rounds`` rounds; the history and the final model's path.
@@ -102,6 +103,8 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
     round's client updates in ``checkpoint_dir/updates``. ``patience`` > 0 stops after that
     many rounds without a higher mean validation Dice of the clients and keeps the best
     round's model (:mod:`fedct.federation.stopping`); 0 runs every round, keeps the last.
+    ``targets`` (held-out sites, one more SuperNode each) steer the merge with ``steer``
+    (JSON of :class:`fedct.federation.steering.SteerConfig`): the ``steered`` method.
     ``timeout_s`` bounds the waits for replies and for sites to connect. ``num_cpus`` is
     what ray may use (clients run concurrently up to it); ``client_gpus`` each client's
     GPU share (default: the GPU split among concurrent clients when CUDA is available,
@@ -121,13 +124,18 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
         checkpoint_dir=str(checkpoint_dir), out_dir=str(out_dir),
         site_weights=dict(site_weights) if site_weights else None, timeout=timeout_s,
         fail_site=fault[0] if fault else "", fail_round=fault[1] if fault else 0,
-        kill_after_round=kill_after_round, keep_updates=keep_updates, patience=patience)
+        kill_after_round=kill_after_round, keep_updates=keep_updates, patience=patience,
+        targets=tuple(targets), steer=steer)
     rc = run_config(cfg)
     # Refuse bad settings and missing data before starting anything.
     FederationConfig.from_run_config(rc).fingerprint()
     cohort = read_cohort(Path(cohort_dir))
     for site in sites:
         training_cases(cohort, site)
+    held = adaptation_cases(cohort)
+    missing = sorted(set(targets) - set(held["site"].astype(str)))
+    if missing:
+        raise FedctError(f"federation: target site(s) {missing} have no held-out case")
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     for stale in (out_dir / MODEL, out_dir / HISTORY, out_dir / ERROR_FILE,
@@ -139,7 +147,7 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
     scratch = Path(tempfile.mkdtemp(prefix="fedct-fl-"))
     run_id = uuid.uuid4().hex
     job = scratch / "job.json"
-    job.write_text(json.dumps({"run_config": rc, "num_supernodes": len(sites),
+    job.write_text(json.dumps({"run_config": rc, "num_supernodes": len(sites) + len(targets),
                                "backend_config": backend_config(
                                    scratch / "ray", num_cpus,
                                    default_client_gpus(len(sites), num_cpus)
@@ -170,8 +178,11 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
                     if finished:
                         break
                     # The server writes the final history last; past it only ray's shutdown
-                    # remains, which _stop cuts short if it lingers.
-                    if done_at is None and (out_dir / HISTORY).exists():
+                    # remains, which _stop cuts short if it lingers. So does a failed run
+                    # past its error file (ray that failed to start under load left the
+                    # child waiting at exit on ray's threads).
+                    if done_at is None and ((out_dir / HISTORY).exists()
+                                            or (out_dir / ERROR_FILE).exists()):
                         done_at = time.monotonic()
                     if done_at is not None and time.monotonic() - done_at > SHUTDOWN_GRACE_S:
                         break

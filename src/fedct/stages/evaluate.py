@@ -21,7 +21,9 @@ the tables come from ``fedct.analysis.heldout``. Outputs (``OUT_DIR``):
   ``uncertainty`` (``--threshold``) and the flag; the input of the promotion gate;
 - ``summary.csv``: per model, per site and over all held-out sites, mean Dice and HD95
   with 95 % two-stage cluster-bootstrap intervals;
-- ``paired.csv``: model minus best local, minus pooled and minus FedAvg, with intervals;
+- ``paired.csv``: model minus best local, minus pooled and minus FedAvg, with intervals,
+  and each uncertainty-guided method minus its ablation (the model card's ``ablation``:
+  the same method without the uncertainty, e.g. ``steered`` - ``steered_uniform``);
 - ``selection.csv`` (``best_local_on: val`` only): one row per (local model, validation
   case of a training site), as ``cases.csv``; what picks the best local model;
 - ``metrics.json`` (DVC metrics: ``heldout_dice.<candidate>``, ...), ``dice_by_site.csv``
@@ -140,6 +142,19 @@ def _check_cards(candidates: list[Candidate], spec: dict, cohort_dir: Path) -> N
                                  f"other candidates' {labels}")
 
 
+def ablation_pairs(candidates: list[Candidate]) -> dict[str, str]:
+    """Method -> its ablation, for each candidate whose model card names an ``ablation``
+    that is a candidate too (``fedct.federation.methods``: the method without its
+    uncertainty guidance)."""
+    names = {c.name for c in candidates}
+    pairs = {}
+    for c in candidates:
+        card = json.loads((c.models[0][1].parent / CARD_FILE).read_text())
+        if card.get("ablation") in names:
+            pairs[c.name] = str(card["ablation"])
+    return pairs
+
+
 def read_threshold(path: Path | None, signal: str, aggregation: str,
                    mc_samples: int | None = None) -> float:
     """The flag threshold of the uncertainty stage (``threshold.json``), NaN without one.
@@ -219,7 +234,8 @@ def run(params: EvaluateParams, uncertainty: UncertaintyParams, cohort_dir: Path
         else:
             (out_dir / SELECTION_FILE).unlink(missing_ok=True)
         summary = heldout.summary_table(cases, params.n_boot, params.seed)
-        paired = heldout.paired_table(cases, params.n_boot, params.seed, selection=selection)
+        paired = heldout.paired_table(cases, params.n_boot, params.seed, selection=selection,
+                                      ablations=ablation_pairs(candidates))
         cases.to_csv(out_dir / "cases.csv", index=False)
         # The digests promote checks: of this table as written and of each model as loaded.
         loaded = iter(digests)
