@@ -237,6 +237,8 @@ class FederateParams:
     # Stop after this many rounds without a higher mean validation Dice of the clients and
     # keep the best round's model (0: every round, the last round's model).
     patience: int = 0
+    # A round improves only when the mean validation Dice beats the best by more than this.
+    min_delta: float = 0.0
     # Optimiser steps per client per round: rounds x local_steps = train.steps, so each
     # client does as many steps as a local model's cap.
     local_steps: int = 100
@@ -509,6 +511,7 @@ _RULES: dict[type, list[tuple[tuple[str, ...], Callable[..., bool], str]]] = {
          f"a signal uw_merge and uw_select can use: one of {list(WEIGHT_SIGNALS)}"),
         (("rounds",), _pos, ">= 1"),
         (("patience",), _nonneg, ">= 0 (0: never stop early)"),
+        (("min_delta",), lambda v: 0 <= v < 1, "a Dice difference in [0, 1)"),
         (("local_steps",), _pos, ">= 1"),
         (("min_clients",), _pos, ">= 1"),
         (("proximal_mu",), _nonneg, ">= 0"),

@@ -363,3 +363,25 @@ def test_the_clients_schedule_is_train_schedule_steps_when_set(fed_cohort: Path,
     run_server(grid, plain)
     assert {int(m.content["config"]["total-steps"]) for m in grid.sent
             if m.metadata.message_type == "train"} == {3}
+
+
+def test_gains_below_min_delta_do_not_postpone_the_plateau(fed_cohort: Path,
+                                                            tmp_path: Path) -> None:
+    # At the schedule's end rate the clients' val Dice drifts up by a few 1e-4 a round.
+    drift = [0.5, 0.8, 0.8005, 0.801, 0.8012, 0.9]
+    cfg = _config(fed_cohort, tmp_path, rounds=6, local_steps=1, patience=3, min_delta=0.002)
+    history = run_server(ScriptedValGrid(run_config(cfg), 2, drift), cfg)
+    assert len(history) == 5  # rounds 3-5 gain < 0.002 on round 2: stop, not run on
+    model, card = load_model(Path(cfg.out_dir) / "model.safetensors")
+    assert (card["federation"]["kept_round"], card["federation"]["stopped"]) == (2, "plateau")
+    for k, v in _merged(Path(cfg.checkpoint_dir), 2).items():
+        torch.testing.assert_close(model.state_dict()[k], v, msg=k)
+    # Without min_delta each drift is an improvement and the cap ends the run.
+    plain = _config(fed_cohort, tmp_path / "plain", rounds=6, local_steps=1, patience=3)
+    assert len(run_server(ScriptedValGrid(run_config(plain), 2, drift), plain)) == 6
+
+
+def test_min_delta_out_of_range_is_refused(fed_cohort: Path, tmp_path: Path) -> None:
+    rc = run_config(_config(fed_cohort, tmp_path, min_delta=1.5))
+    with pytest.raises(FedctError, match="min-delta"):
+        FederationConfig.from_run_config(rc)

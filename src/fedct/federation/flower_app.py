@@ -94,6 +94,7 @@ class FederationConfig:
     kill_after_round: int = 0
     keep_updates: bool = False
     patience: int = 0
+    min_delta: float = 0.0
     targets: tuple[str, ...] = ()
     steer: str = ""  # JSON of steering.SteerConfig; empty: no steering
 
@@ -125,6 +126,7 @@ class FederationConfig:
                       kill_after_round=int(get("kill-after-round", 0)),
                       keep_updates=bool(get("keep-updates", False)),
                       patience=int(get("patience", 0)),
+                      min_delta=float(get("min-delta", 0.0)),
                       targets=targets, steer=str(get("steer", "")))
         except (TypeError, ValueError) as exc:  # JSON and number parsing
             raise FedctError(f"federation run config: {exc}") from exc
@@ -134,6 +136,9 @@ class FederationConfig:
             raise FedctError("federation run config: rounds and local-steps must be >= 1")
         if cfg.patience < 0:
             raise FedctError(f"federation run config: patience {cfg.patience} must be >= 0")
+        if not 0 <= cfg.min_delta < 1:
+            raise FedctError(f"federation run config: min-delta {cfg.min_delta} must be "
+                             "in [0, 1)")
         if not 1 <= cfg.min_clients <= len(sites):
             raise FedctError(f"federation run config: min-clients {cfg.min_clients} must "
                              f"be within 1..{len(sites)} (the number of sites)")
@@ -169,7 +174,8 @@ def run_config(cfg: FederationConfig) -> dict[str, Any]:
             "site-weights": json.dumps(cfg.site_weights) if cfg.site_weights else "",
             "timeout": cfg.timeout, "fail-site": cfg.fail_site, "fail-round": cfg.fail_round,
             "kill-after-round": cfg.kill_after_round, "keep-updates": cfg.keep_updates,
-            "patience": cfg.patience, "targets": ",".join(cfg.targets), "steer": cfg.steer}
+            "patience": cfg.patience, "min-delta": cfg.min_delta,
+            "targets": ",".join(cfg.targets), "steer": cfg.steer}
 
 
 def _nbytes(arrays: ArrayRecord) -> int:
@@ -474,7 +480,8 @@ def run_server(grid: Grid, cfg: FederationConfig,
     # train at its end value until the plateau or the cap), else all rounds.
     total = params.schedule_steps or cfg.rounds * cfg.local_steps
     for rnd in range(done + 1, cfg.rounds + 1):
-        if plateau_reached([r["val_dice_mean"] for r in history], cfg.patience):
+        if plateau_reached([r["val_dice_mean"] for r in history], cfg.patience,
+                           cfg.min_delta):
             break  # a resumed run that had already stopped
         t0 = time.perf_counter()
         arrays = ArrayRecord(state)
@@ -529,7 +536,7 @@ def run_server(grid: Grid, cfg: FederationConfig,
         record.update({"steer_scores": steer.last_scores} if steer else {})
         history.append(record)
         vals = [r["val_dice_mean"] for r in history]
-        if best_round(vals) == rnd:
+        if best_round(vals, cfg.min_delta) == rnd:
             best_state = state
         log(INFO, "fedct: round %d/%d done in %.1f s (%d clients, %d failed), val Dice %.3f",
             rnd, cfg.rounds, record["seconds"], len(ok_sites), len(failed),
@@ -542,14 +549,14 @@ def run_server(grid: Grid, cfg: FederationConfig,
         if cfg.kill_after_round == rnd:
             # Fault injection (tests): the federation process dies as under `kill -9`.
             os.kill(os.getpid(), signal.SIGKILL)
-        if plateau_reached(vals, cfg.patience):
+        if plateau_reached(vals, cfg.patience, cfg.min_delta):
             log(INFO, "fedct: no higher validation Dice for %d rounds: stopping after "
-                "round %d (best round %d)", cfg.patience, rnd, best_round(vals))
+                "round %d (best round %d)", cfg.patience, rnd, best_round(vals, cfg.min_delta))
             break
     # With plateau stopping, the best round's model (as a local model keeps its best
     # validation checkpoint); without it, the last round's (matched compute).
     vals = [r["val_dice_mean"] for r in history]
-    best = best_round(vals)
+    best = best_round(vals, cfg.min_delta)
     if cfg.patience > 0 and best is not None:
         state = best_state
     # The final model, with its architecture so that MC dropout works after loading.
@@ -571,7 +578,9 @@ def run_server(grid: Grid, cfg: FederationConfig,
                        "patience": cfg.patience, "best_round": best,
                        "last_round": len(history),
                        "kept_round": best if cfg.patience > 0 and best else len(history),
-                       "stopped": "plateau" if plateau_reached(vals, cfg.patience)
+                       "min_delta": cfg.min_delta,
+                       "stopped": "plateau" if plateau_reached(vals, cfg.patience,
+                                                               cfg.min_delta)
                        else "cap",
                        "n_train": n_train, "site_weights": cfg.site_weights,
                        **({"targets": list(cfg.targets), "steer": json.loads(cfg.steer)}

@@ -84,7 +84,7 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
                    on_round: Callable[[dict], None] | None = None, seed: int = 0, *,
                    site_weights: Mapping[str, float] | None = None,
                    fault: tuple[str, int] | None = None, kill_after_round: int = 0,
-                   keep_updates: bool = False, patience: int = 0,
+                   keep_updates: bool = False, patience: int = 0, min_delta: float = 0.0,
                    targets: Sequence[str] = (), steer: str = "",
                    timeout_s: float = 3600.0, num_cpus: int = 2,
                    client_gpus: float | None = None) -> tuple[list[dict], Path]:
@@ -125,6 +125,7 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
         site_weights=dict(site_weights) if site_weights else None, timeout=timeout_s,
         fail_site=fault[0] if fault else "", fail_round=fault[1] if fault else 0,
         kill_after_round=kill_after_round, keep_updates=keep_updates, patience=patience,
+        min_delta=min_delta,
         targets=tuple(targets), steer=steer)
     rc = run_config(cfg)
     # Refuse bad settings and missing data before starting anything.

@@ -16,14 +16,14 @@ from fedct.federation.methods.base import Context, RunLike
 from fedct.federation.stopping import best_round
 
 
-def rounds_summary(history: list[dict], patience: int = 0) -> dict:
+def rounds_summary(history: list[dict], patience: int = 0, min_delta: float = 0.0) -> dict:
     """Convergence of a multi-round method (issue 23): ``best_round``, the completed round
     with the highest aggregated validation Dice of the clients' val splits (None without
     one); ``last_round``, the last round run (below ``federate.rounds`` when a plateau
     stopped it); ``kept_round``, the round whose model is kept: the best with
     ``federate.patience`` > 0, else the last (``patience`` is the stage's setting)."""
     done = [r for r in history if r.get("round") is not None]
-    best = best_round([r.get("val_dice_mean", float("nan")) for r in done])
+    best = best_round([r.get("val_dice_mean", float("nan")) for r in done], min_delta)
     last = int(done[-1]["round"]) if done else None
     return {"best_round": int(done[best - 1]["round"]) if best else None,
             "last_round": last, "kept_round": last if not patience or not best
@@ -102,7 +102,8 @@ def multi_round(ctx: Context, name: str, mlrun: RunLike, *, mu: float = 0.0,
         min_clients=min(p.min_clients, len(sites)), init_model=init_model, out_dir=out,
         checkpoint_dir=ctx.checkpoint_dir / name, on_round=on_round, seed=p.seed,
         site_weights=site_weights,
-        patience=p.patience if patience is None else patience, **federation)
+        patience=p.patience if patience is None else patience, min_delta=p.min_delta,
+        **federation)
     # The checkpoint serves a killed run only: a finished one must not be reused when the
     # cohort changes under the same settings.
     shutil.rmtree(ctx.checkpoint_dir / name, ignore_errors=True)
@@ -123,10 +124,11 @@ def multi_round(ctx: Context, name: str, mlrun: RunLike, *, mu: float = 0.0,
     return model_path, history
 
 
-def round_metrics(name: str, history: list[dict], patience: int = 0) -> dict:
+def round_metrics(name: str, history: list[dict], patience: int = 0,
+                  min_delta: float = 0.0) -> dict:
     """A multi-round method's entries of ``metrics.json``: the kept round's validation
     Dice, best, last and kept round (``rounds_summary``), failed clients."""
-    summary = rounds_summary(history, patience)
+    summary = rounds_summary(history, patience, min_delta)
     kept = summary["kept_round"]
     out = {f"{name}_val_dice": history[kept - 1].get("val_dice_mean") if kept else None}
     out.update({f"{name}_{k}": v for k, v in summary.items()})
