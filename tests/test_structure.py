@@ -28,7 +28,7 @@ MAX_LINES = 600
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
     ("config",),
-    ("devices", "provenance", "logged_model", "tracking", "server"),
+    ("devices", "provenance", "procs", "logged_model", "tracking", "server"),
     ("dicom",),
     ("catalogue",),
     ("data",),

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import click
 
+from fedct import procs
 from fedct.config import PromoteParams
 from fedct.errors import FedctError
 from fedct.server import mlflow_server
@@ -102,18 +103,13 @@ def serve_ui(store: str | Path = DEFAULT_STORE, *, host: str = "127.0.0.1",
         yield UiPages(server.pid, server.url, runs, registry)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def run(store: Path, host: str, port: int, workers: int) -> None:
     """``fedct ui``: serve until Ctrl-C, printing the pages to open."""
     # SIGTERM unwinds like Ctrl-C, so the server's group is stopped either way.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
     started = time.monotonic()
     try:
-        with serve_ui(store, host=host, port=port, workers=workers) as ui:
+        with procs.raising(signals=(signal.SIGTERM, signal.SIGINT)), \
+                serve_ui(store, host=host, port=port, workers=workers) as ui:
             click.echo(f"MLflow UI on {ui.url} (server PID {ui.pid}, store {store}, ready "
                        f"in {time.monotonic() - started:.0f} s); Ctrl-C stops it")
             click.echo(f"runs of the study:  {ui.runs}")
