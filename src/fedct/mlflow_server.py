@@ -1,6 +1,6 @@
 """A shared MLflow tracking server on PostgreSQL, started and stopped by PID.
 
-``make mlflow-server`` (or ``python -m fedct.server``) runs ``mlflow server`` with a
+``make mlflow-server`` (or ``python -m fedct.mlflow_server``) runs ``mlflow server`` with a
 PostgreSQL backend store (runs, metrics and the model registry) and a local artifact
 folder that the server proxies (``mlflow-artifacts:/``), on loopback. Clients then set::
 

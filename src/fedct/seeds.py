@@ -10,7 +10,7 @@ exists is reused (``--force`` reruns it).
 
 Each experiment's outputs are read back through ``dvc.api`` at the experiment's revision
 (``outputs/evaluate``, ``outputs/uncertainty``, ``data/truth/summary.json``) and summarised
-by :mod:`fedct.analysis.seeds`. Outputs (``OUT_DIR``, default ``outputs/seeds``):
+by :mod:`fedct.analysis.seed_tables`. Outputs (``OUT_DIR``, default ``outputs/seeds``):
 
 - ``per_seed.csv``: one row of headline numbers per seed;
 - ``across_seeds.csv``: mean, sd, min and max of each over the seeds;
@@ -34,7 +34,13 @@ import pandas as pd
 
 from fedct import procs
 from fedct.analysis import heldout
-from fedct.analysis.seeds import across_seeds, experiment_name, pooled_cases, report_pairs, seed_row
+from fedct.analysis.seed_tables import (
+    across_seeds,
+    experiment_name,
+    pooled_cases,
+    report_pairs,
+    seed_row,
+)
 from fedct.config import Params
 from fedct.errors import FedctError
 from fedct.federation import LABEL_FREE

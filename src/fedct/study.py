@@ -10,8 +10,8 @@ with every overlay key, ``synth.seed``, ``cohort.seed``, ``train.seed`` and
 Ctrl-C or a scheduler's SIGTERM stops the whole pipeline). Nothing in the workspace changes.
 
 As each run finishes, its outputs are read back at the experiment's revision, one row is
-appended to ``OUT_DIR/runs.csv`` (``fedct.analysis.study.RUN_COLUMNS``) and
-``OUT_DIR/pooled.json`` is rewritten (``fedct.analysis.study.pool``). A rerun skips the
+appended to ``OUT_DIR/runs.csv`` (``fedct.analysis.study_tables.RUN_COLUMNS``) and
+``OUT_DIR/pooled.json`` is rewritten (``fedct.analysis.study_tables.pool``). A rerun skips the
 runs already in ``runs.csv``; a run whose experiment exists but whose row does not (cut
 off in between) is read back, not rerun, and its ``runtime_min`` stays empty. So a cut-off
 loses at most the run in progress. Commit ``OUT_DIR`` after each session.
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedct.analysis.seeds import report_pairs
-from fedct.analysis.study import RUN_COLUMNS, experiment_name, pool, run_row
+from fedct.analysis.seed_tables import report_pairs
+from fedct.analysis.study_tables import RUN_COLUMNS, experiment_name, pool, run_row
 from fedct.config import Params, load_overlay, load_params
 from fedct.errors import FedctError
 from fedct.seeds import existing_experiments, params_edited, run_dvc, tracking_env

@@ -1,6 +1,6 @@
 """``fedct ui``: MLflow's web UI on the study's store, opened on its runs and its registry.
 
-One ``mlflow server`` (``fedct.server.mlflow_server``: one uvicorn worker, MLflow 3's job
+One ``mlflow server`` (``fedct.mlflow_server.mlflow_server``: one uvicorn worker, MLflow 3's job
 runner and telemetry off, loopback, its own process group) serves the embedded SQLite
 store that the pipeline wrote (``mlflow.db``, artifacts under ``mlruns/``), and this
 prints the two pages a reader of the study wants: the runs of the ``fedct`` experiment
@@ -32,7 +32,7 @@ import click
 from fedct import procs
 from fedct.config import PromoteParams
 from fedct.errors import FedctError
-from fedct.server import mlflow_server
+from fedct.mlflow_server import mlflow_server
 from fedct.tracking import DEFAULT_STORE, EXPERIMENT, check_store_schema
 
 #: The query that makes MLflow 3's UI show the classic ML pages (runs, models).

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedct.analysis import study
+from fedct.analysis import study_tables
 
 
 def fake_outputs(fedavg: float = 0.8, best: float = 0.7, ranking=("G", "C", "H", "J")):
@@ -34,7 +34,7 @@ def fake_outputs(fedavg: float = 0.8, best: float = 0.7, ranking=("G", "C", "H",
 
 def row(train_seed=0, synth=5301, cohort=331, **kw):
     evaluate, uncertainty, ranking, cases = fake_outputs(**kw)
-    return study.run_row(synth, cohort, train_seed, evaluate, uncertainty, ranking, cases,
+    return study_tables.run_row(synth, cohort, train_seed, evaluate, uncertainty, ranking, cases,
                          {"cap_hit_fraction": 0.1}, {"promote": True}, ["C", "G", "H", "J"],
                          ["H", "J"], 42.0, "2 CPU cores",
                          {"fedavg_best_round": 11, "fedavg_last_round": 12})
@@ -42,7 +42,7 @@ def row(train_seed=0, synth=5301, cohort=331, **kw):
 
 def test_a_run_row_holds_every_column_from_the_outputs() -> None:
     r = row()
-    assert list(r) == list(study.RUN_COLUMNS)
+    assert list(r) == list(study_tables.RUN_COLUMNS)
     assert r["report_seed"] == "5301-331" and r["train_seed"] == 0
     assert r["heldout_fedavg"] == 0.8 and r["heldout_best_local"] == 0.7
     assert r["fedavg_minus_best_local_lo"] == pytest.approx(0.07)
@@ -61,10 +61,10 @@ def test_a_run_row_holds_every_column_from_the_outputs() -> None:
 
 def test_a_control_ranked_above_a_shifted_site_is_a_miss_and_unknowns_stay_empty() -> None:
     assert row(ranking=("G", "H", "C", "J"))["shifted_sites_above_controls"] == 0.0
-    assert math.isnan(study.shifted_above_controls(["G", "C"], ["C", "G"], []))
-    assert math.isnan(study.shifted_above_controls(["G", "C"], ["C", "G"], ["H"]))
+    assert math.isnan(study_tables.shifted_above_controls(["G", "C"], ["C", "G"], []))
+    assert math.isnan(study_tables.shifted_above_controls(["G", "C"], ["C", "G"], ["H"]))
     evaluate, uncertainty, ranking, cases = fake_outputs()
-    bare = study.run_row(1, 2, 0, {}, {}, ranking, cases, None, None, ["C"], [], 1.0, "cpu")
+    bare = study_tables.run_row(1, 2, 0, {}, {}, ranking, cases, None, None, ["C"], [], 1.0, "cpu")
     assert math.isnan(bare["heldout_fedavg"]) and math.isnan(bare["promoted"])
     assert math.isnan(bare["cap_hit_fraction"])
 
@@ -73,7 +73,7 @@ def test_pooling_means_over_runs_with_a_two_stage_interval_over_runs() -> None:
     runs = pd.DataFrame([row(t, s, c, fedavg=f) for (s, c), fs in
                          {(5301, 331): (0.80, 0.82), (5302, 332): (0.70, 0.74)}.items()
                          for t, f in enumerate(fs)])
-    pooled = study.pool(runs, n_boot=500, seed=1)
+    pooled = study_tables.pool(runs, n_boot=500, seed=1)
     assert pooled["n_runs"] == 4 and pooled["report_seeds"] == ["5301-331", "5302-332"]
     assert pooled["heldout_fedavg"] == pytest.approx(0.765)
     # The interval moves with the runs: within the range of the run values, not a point.
@@ -84,8 +84,8 @@ def test_pooling_means_over_runs_with_a_two_stage_interval_over_runs() -> None:
     assert pooled["in_domain_dice_lo"] == pooled["in_domain_dice_hi"] == pytest.approx(0.86)
     assert "runtime_min_lo" not in pooled and "device" not in pooled
     assert pooled["promoted"] == 1.0
-    assert study.pool(runs.iloc[:1])["heldout_fedavg_lo"] is None  # one run: no interval
+    assert study_tables.pool(runs.iloc[:1])["heldout_fedavg_lo"] is None  # one run: no interval
 
 
 def test_experiment_names_carry_both_seeds_and_the_training_seed() -> None:
-    assert study.experiment_name(5301, 331, 1) == "study-5301-331-t1"
+    assert study_tables.experiment_name(5301, 331, 1) == "study-5301-331-t1"

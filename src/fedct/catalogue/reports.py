@@ -17,9 +17,14 @@ import pyarrow.parquet as pq
 
 from fedct import dicom
 from fedct.catalogue import SERIES_FILES_FILE
+from fedct.catalogue.conditions import (
+    adjusted_residuals,
+    condition_table,
+    shift_combos,
+    shift_sites,
+)
 from fedct.catalogue.pseudonym import PseudonymKey, pseudonym
 from fedct.catalogue.series import site_order
-from fedct.catalogue.shift import adjusted_residuals, condition_table, shift_combos, shift_sites
 
 HEATMAP_ROWS = 20
 STUDY_VENDORS = ("CANON", "GE", "PHILIPS", "SIEMENS")
