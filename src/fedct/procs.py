@@ -3,9 +3,10 @@
 Every fedct command that starts other programs (the MLflow server, `dvc exp run`, Flower's
 simulation and deployment) starts each in a session of its own (``start_group``), so that
 the program's whole process group (the children it starts too) can be stopped through
-its leader's PID (``stop_group``: SIGTERM, then SIGKILL after a grace). Processes that
-leave the group (ray's agents, the SuperLink's SuperExec) carry a marker in their
-environment instead (``marked``, ``stop_processes``). Nothing is ever stopped by name.
+its leader's PID (``stop_group``: SIGTERM, then SIGKILL after a grace; ``run_group``: run
+and wait, and stop the group if this process is stopped). Processes that leave the group
+(ray's agents, the SuperLink's SuperExec) carry a marker in their environment instead
+(``marked``, ``stop_processes``). Nothing is ever stopped by name.
 
 SIGTERM (a scheduler at its time limit, ``kill``, ``dvc`` stopping a stage) ends a Python
 process at once by default, skipping every ``finally``; while ``raising`` is active it
@@ -22,7 +23,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
+
+from fedct.errors import FedctError
 
 STOP_GRACE_S = 15.0  # SIGTERM -> SIGKILL
 KILL_WAIT_S = 10.0  # how long to wait for a SIGKILLed leader to be reaped
@@ -121,6 +125,31 @@ def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
             if alive:
                 time.sleep(POLL_S)
         kill_group(proc)
+
+
+def run_group(cmd: list[str], cwd: Path | str, env: dict | None = None,
+              capture: bool = True, grace_s: float = 30.0) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group and wait; stop the whole group if we stop.
+
+    ``dvc exp run`` starts the pipeline's stages, which start training workers and ray: an
+    interrupt (Ctrl-C) or SIGTERM (``kill``, a scheduler) of this process would otherwise
+    leave them running. Here either one sends SIGTERM to the group (its PID), waits up to
+    ``grace_s`` seconds (a second Ctrl-C or SIGTERM: not at all), then SIGKILLs what is
+    left, and re-raises.
+    """
+    with raising():
+        try:
+            proc = start_group(cmd, cwd=cwd, env=env, text=True,
+                               stdout=subprocess.PIPE if capture else None,
+                               stderr=subprocess.PIPE if capture else None)
+        except OSError as exc:
+            raise FedctError(f"cannot run {' '.join(cmd)} ({exc})") from exc
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            stop_group(proc, grace_s)
+            raise
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def marked(name: str, value: str) -> list[Any]:

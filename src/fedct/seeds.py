@@ -54,37 +54,12 @@ FILES = {"cases": "outputs/evaluate/cases.csv", "evaluate": "outputs/evaluate/me
 TARGET = "evaluate"
 
 
-def run_group(cmd: list[str], cwd: Path, env: dict | None = None, capture: bool = True,
-              grace_s: float = 30.0) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in its own process group and wait; stop the whole group if we stop.
-
-    ``dvc exp run`` starts the pipeline's stages, which start training workers and ray: an
-    interrupt (Ctrl-C) or SIGTERM (``kill``, a scheduler) of this process would otherwise
-    leave them running. Here either one sends SIGTERM to the group (its PID), waits up to
-    ``grace_s`` seconds (a second Ctrl-C or SIGTERM: not at all), then SIGKILLs what is
-    left, and re-raises (``fedct.procs``).
-    """
-    with procs.raising():
-        try:
-            proc = procs.start_group(cmd, cwd=cwd, env=env, text=True,
-                                     stdout=subprocess.PIPE if capture else None,
-                                     stderr=subprocess.PIPE if capture else None)
-        except OSError as exc:
-            raise FedctError(f"cannot run {' '.join(cmd)} ({exc})") from exc
-        try:
-            out, err = proc.communicate()
-        except BaseException:
-            procs.stop_group(proc, grace_s)
-            raise
-        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
 def run_dvc(args: list[str], repo: Path, env: dict | None = None, capture: bool = True
             ) -> subprocess.CompletedProcess:
-    """``dvc ARGS`` in ``repo``, in its own process group (``run_group``)."""
+    """``dvc ARGS`` in ``repo``, in its own process group (``fedct.procs.run_group``)."""
     dvc = Path(sys.executable).with_name("dvc")
     cmd = [str(dvc) if dvc.exists() else "dvc", *args]
-    return run_group(cmd, repo, env=env, capture=capture)
+    return procs.run_group(cmd, repo, env=env, capture=capture)
 
 
 def existing_experiments(repo: Path) -> set[str]:

@@ -6,7 +6,7 @@ seed pairs (its ``synth.report_seeds`` with ``cohort.report_seeds``) and the tra
 (``study.train_seeds``). Each (report seed pair, training seed) is one run: one
 ``dvc exp run --temp -n study-<synth>-<cohort>-t<seed>`` of the pipeline up to ``promote``
 with every overlay key, ``synth.seed``, ``cohort.seed``, ``train.seed`` and
-``federate.seed`` set by ``-S``, in its own process group (``fedct.seeds.run_group``: a
+``federate.seed`` set by ``-S``, in its own process group (``fedct.procs.run_group``: a
 Ctrl-C or a scheduler's SIGTERM stops the whole pipeline). Nothing in the workspace changes.
 
 As each run finishes, its outputs are read back at the experiment's revision, one row is
