@@ -98,5 +98,5 @@ MLFLOW_DB ?= fedct_mlflow
 MLFLOW_PORT ?= 5000
 MLFLOW_ARTIFACTS ?= mlartifacts
 mlflow-server: venv
-	$(BIN)/python -m fedct.server --pg $(MLFLOW_PG) --database $(MLFLOW_DB) \
+	$(BIN)/python -m fedct.mlflow_server --pg $(MLFLOW_PG) --database $(MLFLOW_DB) \
 	  --artifacts $(MLFLOW_ARTIFACTS) --port $(MLFLOW_PORT)

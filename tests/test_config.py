@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedct.analysis.seeds import report_pairs
+from fedct.analysis.seed_tables import report_pairs
 from fedct.config import ConfigError, Params, load_params, to_dict
 
 REPO_PARAMS = Path(__file__).parents[1] / "params.yaml"

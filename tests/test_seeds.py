@@ -4,11 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,64 +32,6 @@ def test_the_label_free_question_must_be_answerable(federate: dict, reason: str,
                                                                       **federate))
     with pytest.raises(FedctError, match=reason):
         seeds.run(params, tmp_path / "out")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (ended, not yet reaped by its new parent) is not running.
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split(") ")[-1][:1] != "Z"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("how, stubborn", [("SIGTERM", False), ("SIGINT", False),
-                                           ("SIGINT", True)])
-def test_stopping_fedct_seeds_stops_the_experiment_and_its_children(
-        tmp_path: Path, how: str, stubborn: bool) -> None:
-    # `dvc exp run` starts stages that start workers: a stand-in command starts a child
-    # that starts a grandchild, and records their PIDs; then the caller is stopped. A
-    # stubborn group ignores SIGTERM: a second Ctrl-C must SIGKILL it at once, not cut the
-    # cleanup short (the grace period here is longer than the test waits).
-    pids = tmp_path / "pids"
-    ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN); " if stubborn else ""
-    stand_in = (f"import os, signal, subprocess, sys, time; {ignore}"
-                f"c = subprocess.Popen(['sleep', '300']); "
-                f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{c.pid}}'); time.sleep(300)")
-    # As from a terminal: Ctrl-C raises KeyboardInterrupt (a test worker may have started
-    # this process with SIGINT ignored, which a child inherits).
-    caller = (f"import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-              f"from pathlib import Path; from fedct.seeds import run_group; "
-              f"run_group([{sys.executable!r}, '-c', {stand_in!r}], Path({str(tmp_path)!r}), "
-              f"capture=False, grace_s={120 if stubborn else 5})")
-    proc = subprocess.Popen([sys.executable, "-c", caller])
-    try:
-        deadline = time.monotonic() + 60
-        while not (pids.exists() and len(pids.read_text().split()) == 2):
-            assert time.monotonic() < deadline and proc.poll() is None, "no experiment"
-            time.sleep(0.1)
-        started = [int(p) for p in pids.read_text().split()]
-        assert all(_alive(p) for p in started)
-        proc.send_signal(getattr(signal, how))
-        if stubborn:
-            time.sleep(2)
-            assert all(_alive(p) for p in started)  # SIGTERM ignored: still there
-            proc.send_signal(getattr(signal, how))  # the second Ctrl-C
-        assert proc.wait(timeout=30) != 0
-        deadline = time.monotonic() + 10
-        while any(_alive(p) for p in started) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [p for p in started if _alive(p)]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for p in (pids.read_text().split() if pids.exists() else []):
-            try:
-                os.kill(int(p), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def test_experiments_of_the_commit_are_not_reused_for_edited_params(

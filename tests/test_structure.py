@@ -28,7 +28,7 @@ MAX_LINES = 600
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
     ("config",),
-    ("devices", "provenance", "logged_model", "tracking", "server"),
+    ("devices", "provenance", "procs", "logged_model", "tracking", "mlflow_server"),
     ("dicom",),
     ("catalogue",),
     ("data",),
@@ -156,6 +156,16 @@ def test_no_private_name_is_imported_across_modules() -> None:
                       and (private(i.name or "") or any(map(private, i.target.split(".")))))
     assert not crossing, "make these public API where they are used elsewhere:\n" + \
         "\n".join(crossing)
+
+
+def test_no_two_modules_share_a_name() -> None:
+    # ``evaluate`` should say which one: the stage (stages/evaluate.py, one module per
+    # stage and command) or the MC-dropout scoring it calls (analysis/mc_eval.py).
+    names: dict[str, list[str]] = {}
+    for path in SRC.rglob("*.py"):
+        if path.name != "__init__.py":
+            names.setdefault(path.stem, []).append(str(path.relative_to(SRC)))
+    assert {n: p for n, p in names.items() if len(p) > 1} == {}
 
 
 def test_only_tracking_imports_mlflow() -> None:

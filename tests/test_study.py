@@ -12,7 +12,7 @@ import pytest
 
 from fedct import study
 from fedct.config import ConfigError, load_overlay
-from tests.analysis.test_study import fake_outputs
+from tests.analysis.test_study_tables import fake_outputs
 
 REPO = Path(__file__).parents[1]
 

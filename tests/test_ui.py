@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from fedct import tracking
 from fedct.cli import main
 from fedct.errors import FedctError
-from fedct.server import free_port
+from fedct.mlflow_server import free_port
 from fedct.ui import ML_MODE, pages
 from tests.inference.conftest import make_model
 

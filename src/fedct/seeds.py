@@ -10,7 +10,7 @@ exists is reused (``--force`` reruns it).
 
 Each experiment's outputs are read back through ``dvc.api`` at the experiment's revision
 (``outputs/evaluate``, ``outputs/uncertainty``, ``data/truth/summary.json``) and summarised
-by :mod:`fedct.analysis.seeds`. Outputs (``OUT_DIR``, default ``outputs/seeds``):
+by :mod:`fedct.analysis.seed_tables`. Outputs (``OUT_DIR``, default ``outputs/seeds``):
 
 - ``per_seed.csv``: one row of headline numbers per seed;
 - ``across_seeds.csv``: mean, sd, min and max of each over the seeds;
@@ -23,21 +23,24 @@ MLflow: one run ``seeds`` with the tables as artifacts and the means as metrics.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pandas as pd
 
+from fedct import procs
 from fedct.analysis import heldout
-from fedct.analysis.seeds import across_seeds, experiment_name, pooled_cases, report_pairs, seed_row
+from fedct.analysis.seed_tables import (
+    across_seeds,
+    experiment_name,
+    pooled_cases,
+    report_pairs,
+    seed_row,
+)
 from fedct.config import Params
 from fedct.errors import FedctError
 from fedct.federation import LABEL_FREE
@@ -51,79 +54,12 @@ FILES = {"cases": "outputs/evaluate/cases.csv", "evaluate": "outputs/evaluate/me
 TARGET = "evaluate"
 
 
-def run_group(cmd: list[str], cwd: Path, env: dict | None = None, capture: bool = True,
-              grace_s: float = 30.0) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in its own process group and wait; stop the whole group if we stop.
-
-    ``dvc exp run`` starts the pipeline's stages, which start training workers and ray: an
-    interrupt (Ctrl-C) or SIGTERM (``kill``, a scheduler) of this process would otherwise
-    leave them running. Here either one sends SIGTERM to the group (its PID), waits up to
-    ``grace_s`` seconds, then SIGKILLs what is left, and re-raises.
-    """
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        def stop(signum, frame):
-            raise KeyboardInterrupt(f"signal {signum}")
-
-        previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        try:
-            proc = subprocess.Popen(cmd, cwd=cwd, env=env, text=True, start_new_session=True,
-                                    stdout=subprocess.PIPE if capture else None,
-                                    stderr=subprocess.PIPE if capture else None)
-        except OSError as exc:
-            raise FedctError(f"cannot run {' '.join(cmd)} ({exc})") from exc
-        try:
-            out, err = proc.communicate()
-        except BaseException:
-            _stop_group(proc, grace_s)
-            raise
-        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM to ``proc``'s process group, SIGKILL to what is left after ``grace_s`` (or
-    at once on a second Ctrl-C or SIGTERM, which must not cut this cleanup short)."""
-    urgent = False
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        def hurry(signum, frame):
-            nonlocal urgent
-            urgent = True
-
-        previous = {sig: signal.signal(sig, hurry) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            proc.wait()
-            return
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and not urgent:
-            proc.poll()  # reap the leader, so that only live members keep the group
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def run_dvc(args: list[str], repo: Path, env: dict | None = None, capture: bool = True
             ) -> subprocess.CompletedProcess:
-    """``dvc ARGS`` in ``repo``, in its own process group (``run_group``)."""
+    """``dvc ARGS`` in ``repo``, in its own process group (``fedct.procs.run_group``)."""
     dvc = Path(sys.executable).with_name("dvc")
     cmd = [str(dvc) if dvc.exists() else "dvc", *args]
-    return run_group(cmd, repo, env=env, capture=capture)
+    return procs.run_group(cmd, repo, env=env, capture=capture)
 
 
 def existing_experiments(repo: Path) -> set[str]:

@@ -6,12 +6,12 @@ seed pairs (its ``synth.report_seeds`` with ``cohort.report_seeds``) and the tra
 (``study.train_seeds``). Each (report seed pair, training seed) is one run: one
 ``dvc exp run --temp -n study-<synth>-<cohort>-t<seed>`` of the pipeline up to ``promote``
 with every overlay key, ``synth.seed``, ``cohort.seed``, ``train.seed`` and
-``federate.seed`` set by ``-S``, in its own process group (``fedct.seeds.run_group``: a
+``federate.seed`` set by ``-S``, in its own process group (``fedct.procs.run_group``: a
 Ctrl-C or a scheduler's SIGTERM stops the whole pipeline). Nothing in the workspace changes.
 
 As each run finishes, its outputs are read back at the experiment's revision, one row is
-appended to ``OUT_DIR/runs.csv`` (``fedct.analysis.study.RUN_COLUMNS``) and
-``OUT_DIR/pooled.json`` is rewritten (``fedct.analysis.study.pool``), and its label-free
+appended to ``OUT_DIR/runs.csv`` (``fedct.analysis.study_tables.RUN_COLUMNS``) and
+``OUT_DIR/pooled.json`` is rewritten (``fedct.analysis.study_tables.pool``), and its label-free
 methods' rows go to ``OUT_DIR/label_free.csv`` (``method_rows``). A rerun skips the
 runs already in ``runs.csv``; a run whose experiment exists but whose row does not (cut
 off in between) is read back, not rerun, and its ``runtime_min`` stays empty. So a cut-off
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedct.analysis.seeds import report_pairs
-from fedct.analysis.study import (
+from fedct.analysis.seed_tables import report_pairs
+from fedct.analysis.study_tables import (
     METHOD_COLUMNS,
     RUN_COLUMNS,
     experiment_name,

@@ -18,13 +18,12 @@ import re
 import signal
 import subprocess
 import tempfile
-import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedct import logged_model
+from fedct import logged_model, procs
 from fedct.errors import FedctError
 
 EXPERIMENT = "fedct"
@@ -163,17 +162,9 @@ def _stops() -> Iterator[_Stops]:
     """Install ``_Stops`` for SIGTERM (a scheduler, ``kill``) and SIGINT (Ctrl-C) in the main
     thread (signal handlers live there; elsewhere the caller's handling stays)."""
     stops = _Stops()
-    if threading.current_thread() is not threading.main_thread():
-        stops.deferred = False
+    with procs.handling(stops.handle, (signal.SIGTERM, signal.SIGINT)) as installed:
+        stops.deferred = installed
         yield stops
-        return
-    previous = {sig: signal.signal(sig, stops.handle) for sig in (signal.SIGTERM,
-                                                                   signal.SIGINT)}
-    try:
-        yield stops
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _end_run(run: Any, status: str) -> None:

@@ -1,6 +1,6 @@
 """``fedct ui``: MLflow's web UI on the study's store, opened on its runs and its registry.
 
-One ``mlflow server`` (``fedct.server.mlflow_server``: one uvicorn worker, MLflow 3's job
+One ``mlflow server`` (``fedct.mlflow_server.mlflow_server``: one uvicorn worker, MLflow 3's job
 runner and telemetry off, loopback, its own process group) serves the embedded SQLite
 store that the pipeline wrote (``mlflow.db``, artifacts under ``mlruns/``), and this
 prints the two pages a reader of the study wants: the runs of the ``fedct`` experiment
@@ -29,9 +29,10 @@ from pathlib import Path
 
 import click
 
+from fedct import procs
 from fedct.config import PromoteParams
 from fedct.errors import FedctError
-from fedct.server import mlflow_server
+from fedct.mlflow_server import mlflow_server
 from fedct.tracking import DEFAULT_STORE, EXPERIMENT, check_store_schema
 
 #: The query that makes MLflow 3's UI show the classic ML pages (runs, models).
@@ -102,18 +103,13 @@ def serve_ui(store: str | Path = DEFAULT_STORE, *, host: str = "127.0.0.1",
         yield UiPages(server.pid, server.url, runs, registry)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def run(store: Path, host: str, port: int, workers: int) -> None:
     """``fedct ui``: serve until Ctrl-C, printing the pages to open."""
     # SIGTERM unwinds like Ctrl-C, so the server's group is stopped either way.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
     started = time.monotonic()
     try:
-        with serve_ui(store, host=host, port=port, workers=workers) as ui:
+        with procs.raising(signals=(signal.SIGTERM, signal.SIGINT)), \
+                serve_ui(store, host=host, port=port, workers=workers) as ui:
             click.echo(f"MLflow UI on {ui.url} (server PID {ui.pid}, store {store}, ready "
                        f"in {time.monotonic() - started:.0f} s); Ctrl-C stops it")
             click.echo(f"runs of the study:  {ui.runs}")

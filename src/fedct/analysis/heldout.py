@@ -1,7 +1,7 @@
 """The held-out comparison: every candidate model on the test cases of sites no model trained on.
 
 Pure functions over tables, no I/O. Input is the per-structure record table of
-``fedct.analysis.evaluate.evaluate_models`` (one row per model, case and structure, with
+``fedct.analysis.mc_eval.evaluate_models`` (one row per model, case and structure, with
 ``dice``, ``hd95`` and the MC-dropout signals), restricted to the held-out sites' labelled
 test cases (``heldout_test_cases``). Candidates have a ``kind``: ``local`` (one training
 site), ``pooled`` (every training site's data, the centralised bound) or ``federated``.

@@ -7,7 +7,7 @@ One module per job, in the order a catalogue run uses them:
 - :mod:`~fedct.catalogue.index`: the archive walk and the incremental per-file index;
 - :mod:`~fedct.catalogue.scan`: parsing what changed on a process pool or Dask;
 - :mod:`~fedct.catalogue.series`: site rules, one row per series, usability;
-- :mod:`~fedct.catalogue.shift`: which site/acquisition combinations may shift a model;
+- :mod:`~fedct.catalogue.conditions`: which site/acquisition combinations may shift a model;
 - :mod:`~fedct.catalogue.reports`: report tables, plots and the output writers.
 
 The ``fedct catalogue`` stage (:mod:`fedct.stages.catalogue`) only wires them together.

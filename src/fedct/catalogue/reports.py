@@ -24,9 +24,14 @@ from fedct.catalogue import (  # noqa: F401 - the output files, by name, for the
     SERIES_FILES_FILE,
     TABLE_FILES,
 )
+from fedct.catalogue.conditions import (
+    adjusted_residuals,
+    condition_table,
+    shift_combos,
+    shift_sites,
+)
 from fedct.catalogue.pseudonym import PseudonymKey, pseudonym
 from fedct.catalogue.series import site_order
-from fedct.catalogue.shift import adjusted_residuals, condition_table, shift_combos, shift_sites
 
 HEATMAP_ROWS = 20
 STUDY_VENDORS = ("CANON", "GE", "PHILIPS", "SIEMENS")

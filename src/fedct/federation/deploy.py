@@ -33,7 +33,6 @@ import ipaddress
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from fedct import procs
 from fedct.errors import FedctError
 from fedct.federation.gateway import check_private_key, join_address
 
@@ -344,9 +344,8 @@ class Deployment:
         self._logs[name] = log
         work = Path(cwd) if cwd else self.home(name)
         work.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen(list(argv), env=self.env(name), cwd=work, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = procs.start_group(argv, env=self.env(name), cwd=work, stdout=log,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.procs[name] = proc
         return proc
 
@@ -403,15 +402,14 @@ class Deployment:
 
         Runs in its own session; on timeout its process group is killed and the call fails.
         """
-        proc = subprocess.Popen([_tool("flwr"), *args], env=self.env("cli"),
-                                cwd=self.cli_home, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = procs.start_group([_tool("flwr"), *args], env=self.env("cli"),
+                                 cwd=self.cli_home, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.procs[f"flwr-{proc.pid}"] = proc
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            procs.stop_group(proc, STOP_GRACE_S)
             out, _ = proc.communicate()
             self._append_cli_log(args, out)
             raise FedctError(f"flwr {' '.join(args[:2])} did not finish within "
@@ -493,19 +491,19 @@ class Deployment:
         for n in names:
             proc = self.procs.pop(n, None)
             if proc is not None:
-                _kill_group(proc)
+                procs.stop_group(proc, STOP_GRACE_S)
             log = self._logs.pop(n, None)
             if log is not None:
                 log.close()
         if name is None:
-            _kill_pids(self.leftovers())
+            procs.stop_processes(procs.marked(MARKER, self.id), STOP_GRACE_S)
             left = self.leftovers()
             if left:
                 raise FedctError(f"deployment: processes {left} would not stop")
 
     def leftovers(self) -> list[int]:
         """PIDs of live processes (not zombies) that carry this deployment's marker."""
-        return _marked(self.id)
+        return [p.pid for p in procs.marked(MARKER, self.id)]
 
     def __enter__(self) -> Deployment:
         return self
@@ -522,57 +520,3 @@ def _plain(text: str) -> str:
 def _last_line(text: str) -> str:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return lines[-1].strip() if lines else ""
-
-
-def _kill_group(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
-    """SIGTERM the process group of ``proc`` (its own session), SIGKILL after ``grace``."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # The leader is gone; members of its group may still run.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        return
-
-
-def _marked(marker: str) -> list[int]:
-    import psutil
-
-    found = []
-    for p in psutil.process_iter(["pid", "status"]):
-        try:
-            if (p.pid != os.getpid() and p.info["status"] != psutil.STATUS_ZOMBIE
-                    and p.environ().get(MARKER) == marker):
-                found.append(p.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
-            continue
-    return found
-
-
-def _kill_pids(pids: Sequence[int]) -> None:
-    """SIGTERM ``pids``, SIGKILL those left after a grace; reap what is ours."""
-    import psutil
-
-    procs = []
-    for pid in pids:
-        try:
-            p = psutil.Process(pid)
-            p.terminate()
-            procs.append(p)
-        except psutil.NoSuchProcess:
-            continue
-    _, alive = psutil.wait_procs(procs, timeout=STOP_GRACE_S)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)

@@ -30,9 +30,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from fedct import procs
 from fedct.config import TrainParams
 from fedct.data.cases import adaptation_cases, read_cohort, training_cases
 from fedct.errors import FedctError
@@ -162,16 +163,18 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     seen = 0
     proc = None
-    with _terminate_raises():
+    # SIGTERM (SLURM at the time limit, ``kill``, ``dvc`` stopping a stage) raises
+    # SystemExit instead of ending this process at once, so that the ``finally`` below
+    # stops the simulation's process group (its own session) and ray's agents.
+    with procs.raising(procs.exit_status):
         try:
             with open(out_dir / LOG_FILE, "ab") as log:
                 # The marker names this run's processes (``run_processes``) for whoever looks.
                 log.write(f"{RUN_LINE}{run_id}\n".encode())
                 log.flush()
-                proc = subprocess.Popen(
+                proc = procs.start_group(
                     [sys.executable, "-m", "fedct.federation.simulation", str(job)], env=env,
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    start_new_session=True)
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
                 done_at = None
                 while True:
                     finished = proc.poll() is not None
@@ -201,29 +204,6 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
     return history, out_dir / MODEL
 
 
-@contextlib.contextmanager
-def _terminate_raises() -> Iterator[None]:
-    """While inside, SIGTERM raises ``SystemExit`` in the main thread instead of ending the
-    process at once, so that the ``finally`` that kills the run's processes by PID runs.
-
-    Batch schedulers (SLURM at the time limit), ``kill`` and ``dvc`` stopping a stage send
-    SIGTERM; Python's default for it skips every ``finally``, and the simulation's process
-    group (started in its own session) and ray's agents would outlive the stage.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_exit(signum: int, _frame) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, raise_exit)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _dispatch(path: Path, seen: int, on_round: Callable[[dict], None] | None) -> int:
     """Call ``on_round`` for the records of ``path`` after the first ``seen``."""
     try:
@@ -243,43 +223,25 @@ def _dispatch_list(history: list[dict], seen: int,
 
 
 def run_processes(run_id: str) -> list:
-    """This user's processes tagged with ``run_id`` (the child and all it started)."""
-    import psutil
-
-    found = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if p.pid != os.getpid() and p.environ().get(MARKER) == run_id:
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
-            continue
-    return found
+    """This user's live processes tagged with ``run_id`` (the child and all it started)."""
+    return procs.marked(MARKER, run_id)
 
 
 def _kill_run(run_id: str, passes: int = 3) -> list:
     """Kill every process tagged with ``run_id`` (but this one) by PID and reap them, in up
     to ``passes`` passes (ray may start a worker while the last is killed); what is left."""
-    import psutil
-
     for _ in range(passes):
         left = run_processes(run_id)
         if not left:
             return []
-        for p in left:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(left, timeout=5)
+        procs.kill_processes(left)
     return run_processes(run_id)
 
 
 def _stop(proc: subprocess.Popen | None, run_id: str) -> None:
     """Kill the child's process group and every process of the run, by PID; reap them."""
     if proc is not None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
+        procs.kill_group(proc, wait_s=None)
     left = _kill_run(run_id)
     if left:
         raise FedctError(f"federation: processes {[p.pid for p in left]} would not stop")

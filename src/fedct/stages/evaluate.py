@@ -13,7 +13,7 @@ test`` in ``cohort.csv``; a held-out site's ``adapt`` cases, which the label-fre
 adapted on, are never scored). With ``evaluate.best_local_on: val`` the local models are
 also scored on the training sites' labelled validation cases (``selection.csv``): the best
 local model is chosen there, never on a held-out case. Every model runs MC dropout
-through ``fedct.analysis.evaluate``, the same code and records as the uncertainty stage;
+through ``fedct.analysis.mc_eval``, the same code and records as the uncertainty stage;
 the tables come from ``fedct.analysis.heldout``. Outputs (``OUT_DIR``):
 
 - ``cases.csv``: one row per (model, case): Dice and HD95 (mean and per structure), the
@@ -50,8 +50,8 @@ import numpy as np
 import pandas as pd
 
 from fedct.analysis import heldout
-from fedct.analysis.evaluate import score_models
 from fedct.analysis.failure import SIGNALS
+from fedct.analysis.mc_eval import score_models
 from fedct.analysis.plots import interval_bars
 from fedct.analysis.scored import FILE as SCORED_FILE
 from fedct.analysis.scored import write_scored

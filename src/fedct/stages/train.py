@@ -30,7 +30,6 @@ run's weights must not come back when DVC reruns the stage under the same params
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -46,6 +45,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from fedct import procs
 from fedct.config import TrainParams, to_dict
 from fedct.data.cases import (
     POOLED,
@@ -180,23 +180,6 @@ def _init_worker(lock, slots, parent: int) -> None:
     threading.Thread(target=watch, name="fedct-train-parent-watch", daemon=True).start()
 
 
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler, ``kill``) ends the run like Ctrl-C: the workers are stopped."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _train_job(job: tuple) -> dict:
     """One model in a worker process: its share of the CPU threads, then ``run``."""
     import torch
@@ -288,7 +271,8 @@ def run_sites(params: TrainParams, sites: Sequence[str], cohort_dir: Path, model
         ctx = multiprocessing.get_context("spawn")
         pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                    initargs=(ctx.RLock(), ctx.Value("i", 0), os.getpid()))
-        with _terminate_as_interrupt():
+        # SIGTERM (a scheduler, ``kill``) ends the run like Ctrl-C: the workers are stopped.
+        with procs.raising():
             try:
                 futures = {site: pool.submit(_train_job, (params, site, cohort_dir,
                                                           models_dir / site, checkpoint_dir,

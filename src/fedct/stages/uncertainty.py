@@ -36,8 +36,8 @@ import torch
 
 from fedct.analysis import protocol
 from fedct.analysis.baselines import BASELINES, header_rule
-from fedct.analysis.evaluate import evaluate_models
 from fedct.analysis.failure import SIGNALS, aggregate_cases, calibrate_threshold
+from fedct.analysis.mc_eval import evaluate_models
 from fedct.analysis.plots import heatmap, risk_coverage_plot, scatter
 from fedct.analysis.shift import shift_matrices, site_ranks
 from fedct.analysis.stats import failure_sweep

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedct import server, tracking
+from fedct import mlflow_server, tracking
 from fedct.errors import FedctError
 from fedct.model.io import architecture, build_from_arch, load_model, save_model
 
 NAME = "fedct-seg"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 # Another PostgreSQL for this test, e.g. postgresql+psycopg2://user@db-host:5432
-PG = os.environ.get("FEDCT_TEST_PG", server.DEFAULT_PG)
+PG = os.environ.get("FEDCT_TEST_PG", mlflow_server.DEFAULT_PG)
 
 
 def unavailable(reason: str) -> None:
@@ -43,17 +43,17 @@ def tiny_model(folder: Path, seed: int) -> Path:
 
 
 @pytest.fixture
-def mlflow_on_postgres(tmp_path: Path) -> Iterator[server.MlflowServer]:
+def mlflow_on_postgres(tmp_path: Path) -> Iterator[mlflow_server.MlflowServer]:
     """A server on a fresh PostgreSQL database; stopped by PID and the database dropped."""
-    db_uri = server.database_uri(f"fedct_test_{uuid.uuid4().hex[:12]}", PG)
+    db_uri = mlflow_server.database_uri(f"fedct_test_{uuid.uuid4().hex[:12]}", PG)
     try:
-        server.ensure_database(db_uri)
+        mlflow_server.ensure_database(db_uri)
     except FedctError as exc:
         unavailable(str(exc))
     try:
         with contextlib.ExitStack() as stack:
             try:
-                srv = stack.enter_context(server.mlflow_server(
+                srv = stack.enter_context(mlflow_server.mlflow_server(
                     db_uri, tmp_path / "artifacts", log_path=tmp_path / "server.log"))
             except FedctError as exc:
                 unavailable(str(exc))
@@ -61,12 +61,12 @@ def mlflow_on_postgres(tmp_path: Path) -> Iterator[server.MlflowServer]:
         with pytest.raises(ProcessLookupError):  # stopped by its PID and reaped
             os.kill(srv.pid, 0)
     finally:
-        server.drop_database(db_uri)
+        mlflow_server.drop_database(db_uri)
 
 
 @pytest.mark.slow
 def test_register_and_promote_through_a_postgres_backed_server(
-        mlflow_on_postgres: server.MlflowServer, tmp_path: Path,
+        mlflow_on_postgres: mlflow_server.MlflowServer, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_on_postgres.url)
@@ -105,12 +105,12 @@ def test_register_and_promote_through_a_postgres_backed_server(
 def test_a_server_that_cannot_start_is_a_fedct_error_with_its_log(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     with pytest.raises(FedctError, match=r"exited with status \d+ \(log .*server\.log\)"), \
-            server.mlflow_server("bogus://nowhere", tmp_path / "artifacts", log_path=log):
+            mlflow_server.mlflow_server("bogus://nowhere", tmp_path / "artifacts", log_path=log):
         pass
     assert log.read_text().strip()
 
 
 def test_uris_name_the_driver_and_hide_passwords() -> None:
-    assert server.database_uri("db") == "postgresql+psycopg2://postgres@127.0.0.1:5432/db"
+    assert mlflow_server.database_uri("db") == "postgresql+psycopg2://postgres@127.0.0.1:5432/db"
     with pytest.raises(FedctError, match=r"u:\*\*\*@h:1: names no database"):
-        server.ensure_database("postgresql+psycopg2://u:secret@h:1")
+        mlflow_server.ensure_database("postgresql+psycopg2://u:secret@h:1")

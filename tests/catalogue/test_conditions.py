@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedct.catalogue import shift
+from fedct.catalogue import conditions
 
 
 def test_shift_ranking_puts_the_unique_condition_site_first(catalogued) -> None:
@@ -20,16 +20,16 @@ def test_shift_ranking_puts_the_unique_condition_site_first(catalogued) -> None:
 
 
 def test_shift_scores_on_count_tables() -> None:
-    assert shift.jensen_shannon(np.array([1, 2, 3]), np.array([2, 4, 6])) == pytest.approx(0)
-    assert shift.jensen_shannon(np.array([1, 0]), np.array([0, 5])) == pytest.approx(1)
+    assert conditions.jensen_shannon(np.array([1, 2, 3]), np.array([2, 4, 6])) == pytest.approx(0)
+    assert conditions.jensen_shannon(np.array([1, 0]), np.array([0, 5])) == pytest.approx(1)
     table = pd.DataFrame([[50, 50, 0], [40, 60, 0], [45, 35, 20]],
                          index=["A", "B", "C"], columns=["soft", "std", "sharp"])
-    sites = shift.shift_sites(table)
+    sites = conditions.shift_sites(table)
     assert sites.iloc[0]["site"] == "C" and sites.iloc[0]["top_condition"] == "sharp"
-    combos = shift.shift_combos(table)
+    combos = conditions.shift_combos(table)
     assert tuple(combos.iloc[0][["site", "condition"]]) == ("C", "sharp")
-    pmi = shift.pmi(table)
+    pmi = conditions.pmi(table)
     assert pmi.loc["C", "sharp"] == pytest.approx(np.log2(300 / 100))
     assert np.isnan(pmi.loc["A", "sharp"])
-    res = shift.adjusted_residuals(table)
+    res = conditions.adjusted_residuals(table)
     assert res.loc["C", "sharp"] > 5 and res.loc["A", "sharp"] < 0

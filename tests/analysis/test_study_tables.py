@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedct.analysis import study
+from fedct.analysis import study_tables
 
 
 def fake_outputs(fedavg: float = 0.8, best: float = 0.7, ranking=("G", "C", "H", "J"),
@@ -48,7 +48,7 @@ def fake_outputs(fedavg: float = 0.8, best: float = 0.7, ranking=("G", "C", "H",
 
 def row(train_seed=0, synth=5301, cohort=331, **kw):
     evaluate, uncertainty, ranking, cases = fake_outputs(**kw)
-    return study.run_row(synth, cohort, train_seed, evaluate, uncertainty, ranking, cases,
+    return study_tables.run_row(synth, cohort, train_seed, evaluate, uncertainty, ranking, cases,
                          {"cap_hit_fraction": 0.1}, {"promote": True}, ["C", "G", "H", "J"],
                          ["H", "J"], 42.0, "2 CPU cores",
                          {"fedavg_best_round": 11, "fedavg_last_round": 12},
@@ -57,7 +57,7 @@ def row(train_seed=0, synth=5301, cohort=331, **kw):
 
 def test_a_run_row_holds_every_column_from_the_outputs() -> None:
     r = row()
-    assert list(r) == list(study.RUN_COLUMNS)
+    assert list(r) == list(study_tables.RUN_COLUMNS)
     assert r["report_seed"] == "5301-331" and r["train_seed"] == 0
     assert r["heldout_fedavg"] == 0.8 and r["heldout_best_local"] == 0.7
     assert r["fedavg_minus_best_local_lo"] == pytest.approx(0.07)
@@ -90,25 +90,25 @@ def test_a_run_row_judges_the_primary_label_free_method_at_the_most_shifted_site
     evaluate, uncertainty, ranking, cases = fake_outputs()
     evaluate.update({"heldout_dice_C": {"pooled": 0.7}, "heldout_dice_G": {"pooled": 0.6},
                      "paired_vs_fedavg_G": {"steered": 0.01}})
-    other = study.run_row(1, 2, 0, evaluate, {**uncertainty, "most_shifted_site": "H"},
+    other = study_tables.run_row(1, 2, 0, evaluate, {**uncertainty, "most_shifted_site": "H"},
                           ranking, cases, None, None, ["C", "G", "H", "J"], ["H", "J"], 1.0,
                           "cpu", primary="steered")
     assert other["shifted_site"] == "G"
     assert other["primary_minus_fedavg_shifted"] == pytest.approx(0.01)
     assert math.isnan(other["primary_minus_ablation_shifted_lo"])  # none at G
     # Without a primary method the columns stay empty.
-    bare = study.run_row(1, 2, 0, evaluate, uncertainty, ranking, cases, None, None,
+    bare = study_tables.run_row(1, 2, 0, evaluate, uncertainty, ranking, cases, None, None,
                          ["C", "G", "H", "J"], ["H", "J"], 1.0, "cpu")
     assert bare["primary_label_free"] == "" and math.isnan(bare["primary_minus_fedavg_shifted"])
 
 
 def test_every_label_free_method_gets_a_row_misses_included() -> None:
     evaluate, uncertainty, _, _ = fake_outputs()
-    rows = study.method_rows(5301, 331, 1, evaluate, uncertainty,
+    rows = study_tables.method_rows(5301, 331, 1, evaluate, uncertainty,
                              ["steered", "tent", "gated_tent"], ["C", "G", "H", "J"],
                              ["H", "J"])
     assert [r["method"] for r in rows] == ["steered", "tent"]  # gated_tent was not scored
-    assert all(list(r) == list(study.METHOD_COLUMNS) for r in rows)
+    assert all(list(r) == list(study_tables.METHOD_COLUMNS) for r in rows)
     tent = rows[1]
     assert tent["report_seed"] == "5301-331" and tent["train_seed"] == 1
     assert tent["minus_fedavg_shifted"] == pytest.approx(-0.02)
@@ -120,10 +120,10 @@ def test_every_label_free_method_gets_a_row_misses_included() -> None:
 
 def test_a_control_ranked_above_a_shifted_site_is_a_miss_and_unknowns_stay_empty() -> None:
     assert row(ranking=("G", "H", "C", "J"))["shifted_sites_above_controls"] == 0.0
-    assert math.isnan(study.shifted_above_controls(["G", "C"], ["C", "G"], []))
-    assert math.isnan(study.shifted_above_controls(["G", "C"], ["C", "G"], ["H"]))
+    assert math.isnan(study_tables.shifted_above_controls(["G", "C"], ["C", "G"], []))
+    assert math.isnan(study_tables.shifted_above_controls(["G", "C"], ["C", "G"], ["H"]))
     evaluate, uncertainty, ranking, cases = fake_outputs()
-    bare = study.run_row(1, 2, 0, {}, {}, ranking, cases, None, None, ["C"], [], 1.0, "cpu")
+    bare = study_tables.run_row(1, 2, 0, {}, {}, ranking, cases, None, None, ["C"], [], 1.0, "cpu")
     assert math.isnan(bare["heldout_fedavg"]) and math.isnan(bare["promoted"])
     assert math.isnan(bare["cap_hit_fraction"])
 
@@ -132,7 +132,7 @@ def test_pooling_means_over_runs_with_a_two_stage_interval_over_runs() -> None:
     runs = pd.DataFrame([row(t, s, c, fedavg=f) for (s, c), fs in
                          {(5301, 331): (0.80, 0.82), (5302, 332): (0.70, 0.74)}.items()
                          for t, f in enumerate(fs)])
-    pooled = study.pool(runs, n_boot=500, seed=1)
+    pooled = study_tables.pool(runs, n_boot=500, seed=1)
     assert pooled["n_runs"] == 4 and pooled["report_seeds"] == ["5301-331", "5302-332"]
     assert pooled["heldout_fedavg"] == pytest.approx(0.765)
     # The interval moves with the runs: within the range of the run values, not a point.
@@ -143,7 +143,7 @@ def test_pooling_means_over_runs_with_a_two_stage_interval_over_runs() -> None:
     assert pooled["in_domain_dice_lo"] == pooled["in_domain_dice_hi"] == pytest.approx(0.86)
     assert "runtime_min_lo" not in pooled and "device" not in pooled
     assert pooled["promoted"] == 1.0
-    assert study.pool(runs.iloc[:1])["heldout_fedavg_lo"] is None  # one run: no interval
+    assert study_tables.pool(runs.iloc[:1])["heldout_fedavg_lo"] is None  # one run: no interval
     # A run's own interval bound is not pooled as a mean over runs: x_lo in pooled.json is
     # the pooled interval of x.
     assert pooled["primary_minus_fedavg_shifted"] == pytest.approx(0.04)
@@ -154,4 +154,4 @@ def test_pooling_means_over_runs_with_a_two_stage_interval_over_runs() -> None:
 
 
 def test_experiment_names_carry_both_seeds_and_the_training_seed() -> None:
-    assert study.experiment_name(5301, 331, 1) == "study-5301-331-t1"
+    assert study_tables.experiment_name(5301, 331, 1) == "study-5301-331-t1"

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from fedct.analysis import heldout
-from fedct.analysis.seeds import (
+from fedct.analysis.seed_tables import (
     across_seeds,
     experiment_name,
     pooled_cases,

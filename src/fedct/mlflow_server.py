@@ -1,6 +1,6 @@
 """A shared MLflow tracking server on PostgreSQL, started and stopped by PID.
 
-``make mlflow-server`` (or ``python -m fedct.server``) runs ``mlflow server`` with a
+``make mlflow-server`` (or ``python -m fedct.mlflow_server``) runs ``mlflow server`` with a
 PostgreSQL backend store (runs, metrics and the model registry) and a local artifact
 folder that the server proxies (``mlflow-artifacts:/``), on loopback. Clients then set::
 
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import click
 
+from fedct import procs
 from fedct.errors import FedctError
 
 #: PostgreSQL on these machines and in CI: loopback, trust authentication. The driver is
@@ -136,21 +137,6 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _stop_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """SIGTERM the server's process group, SIGKILL it after ``grace_s``; reap the child."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)  # start_new_session: the group id is the child's PID
-        try:
-            proc.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-        # The leader exited; take down workers it may have left in the group.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        return
-
-
 @contextlib.contextmanager
 def mlflow_server(
     backend_store_uri: str,
@@ -198,8 +184,8 @@ def mlflow_server(
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     log = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115
     try:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log else None,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        proc = procs.start_group(cmd, stdout=log, stderr=subprocess.STDOUT if log else None,
+                                 stdin=subprocess.DEVNULL, env=env)
     except BaseException:
         if log:
             log.close()
@@ -217,9 +203,11 @@ def mlflow_server(
         yield MlflowServer(url=url, pid=proc.pid, backend_store_uri=backend_store_uri,
                            artifacts=artifacts)
     finally:
-        _stop_group(proc)
-        if log:
-            log.close()
+        try:
+            procs.stop_group(proc)
+        finally:
+            if log:
+                log.close()
 
 
 def _tail(log_path: str | Path | None, lines: int = 5) -> str:
@@ -227,10 +215,6 @@ def _tail(log_path: str | Path | None, lines: int = 5) -> str:
         return ""
     text = Path(log_path).read_text(errors="replace").strip().splitlines()[-lines:]
     return " (log " + str(log_path) + "): " + " | ".join(text) if text else ""
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 @click.command()
@@ -248,11 +232,10 @@ def main(pg_server: str, database: str, artifacts: str, host: str, port: int,
     """Serve MLflow on PostgreSQL until Ctrl-C; then stop the server by its PID."""
     # SIGTERM (e.g. from a job scheduler) unwinds like Ctrl-C, so the server is stopped;
     # SIGINT too when the shell started us with it ignored (a background job).
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
     uri = database_uri(database, pg_server)
     try:
-        with mlflow_server(uri, artifacts, host=host, port=port, workers=workers) as server:
+        with procs.raising(signals=(signal.SIGTERM, signal.SIGINT)), \
+                mlflow_server(uri, artifacts, host=host, port=port, workers=workers) as server:
             click.echo(f"MLflow on {server.url} (PID {server.pid}), backend {_safe(uri)}, "
                        f"artifacts {server.artifacts}")
             click.echo(f"clients: export MLFLOW_TRACKING_URI={server.url}   (Ctrl-C stops it)")
