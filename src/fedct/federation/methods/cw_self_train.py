@@ -34,7 +34,7 @@ def _run(ctx: Context, mlrun: RunLike, name: str, keep: tuple[float, float]) -> 
         rounds: list[dict] = []
 
         def on_round(r: int, stats: dict, target: str = target, rounds: list = rounds) -> None:
-            rounds.append(stats)
+            rounds.append({k: None if math.isnan(v) else v for k, v in stats.items()})
             mlrun.log_metrics({f"{target}.{k}": v for k, v in stats.items()
                                if not math.isnan(v)}, step=r)
             ctx.log(f"federate {name}: target {target}, round {r}/{p.cwst_rounds}, kept "
