@@ -54,7 +54,7 @@ from fedct.data.labels import parse_labels
 from fedct.data.preprocess import PrepSpec, prepare_case
 from fedct.stages.cohort import split_sizes
 from fedct.synth.anatomy import STRUCTURES
-from fedct.synth.archive import PROFILES as ARCHIVE_PROFILES
+from fedct.synth.axial import PROFILES as ARCHIVE_PROFILES
 from fedct.synth.factors import (
     BY_NAME,
     CONTROL,

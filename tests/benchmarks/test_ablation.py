@@ -112,7 +112,7 @@ def test_tiny_ablation_end_to_end(tmp_path: Path) -> None:
 
 def test_the_local_profile_trains_on_what_a_local_model_of_the_pipeline_gets() -> None:
     from fedct.config import load_params
-    from fedct.synth.archive import PROFILES
+    from fedct.synth.axial import PROFILES
 
     params = load_params(ROOT / "params.yaml")
     args = ablation.parse_args(["--profile", "local"])
