@@ -29,7 +29,7 @@ MAX_LINES = 600
 #:   commands above them run whole pipelines (report seeds, the study) or serve the UI.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
-    ("config",),
+    ("config", "overlay"),
     ("devices", "provenance", "procs", "logged_model", "tracking", "mlflow_server"),
     ("dicom",),
     ("catalogue",),
