@@ -49,12 +49,13 @@ import pandas as pd
 import SimpleITK as sitk
 
 from fedct.analysis.stats import paired_difference
-from fedct.config import TrainParams, load_overlay, load_params
+from fedct.config import TrainParams, load_params
 from fedct.data.labels import parse_labels
 from fedct.data.preprocess import PrepSpec, prepare_case
+from fedct.overlay import load_overlay
 from fedct.stages.cohort import split_sizes
 from fedct.synth.anatomy import STRUCTURES
-from fedct.synth.archive import PROFILES as ARCHIVE_PROFILES
+from fedct.synth.axial import PROFILES as ARCHIVE_PROFILES
 from fedct.synth.factors import (
     BY_NAME,
     CONTROL,
@@ -105,7 +106,7 @@ PROFILES = {
     # with profiles/study.yaml over it (1,200-step cap, validation-plateau stopping).
     "study": Profile("study", None, None, 16, None, {}),
 }
-# Profiles whose params are params.yaml with an overlay over it (``fedct.config.load_overlay``).
+# Profiles whose params are params.yaml with an overlay over it (``fedct.overlay.load_overlay``).
 OVERLAYS = {"study": Path("profiles/study.yaml")}
 
 

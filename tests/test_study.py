@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from fedct import study
-from fedct.config import ConfigError, load_overlay
+from fedct.config import ConfigError
+from fedct.overlay import load_overlay
 from tests.analysis.test_study_tables import fake_outputs
 
 REPO = Path(__file__).parents[1]

@@ -342,6 +342,8 @@ class Params:
 
 
 T = TypeVar("T")
+#: Checks of a dataclass's values: (keys, test of their values, what the test expects).
+Rules = list[tuple[tuple[str, ...], Callable[..., bool], str]]
 
 
 class ConfigError(FedctError):
@@ -394,8 +396,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "params") -> T:
-    """Build dataclass ``cls`` from a mapping; unknown and missing keys are errors."""
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "params",
+              rules: Rules | None = None) -> T:
+    """Build dataclass ``cls`` from a mapping; unknown and missing keys are errors, and so
+    are values that break ``rules`` (by default the params' own, ``check``)."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = set(data) - set(names)
@@ -405,13 +409,14 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "params") -> T:
     if missing:
         raise ConfigError(f"{where}: missing key(s) {', '.join(f'{where}.{n}' for n in missing)}")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    return check(cls(**kwargs), where)
+    return check(cls(**kwargs), where, rules)
 
 
-def check(obj: T, where: str) -> T:
-    """``obj`` if its values are in range (``_RULES``), else a ConfigError naming
-    ``where.key``; for params built in code as well as read from ``params.yaml``."""
-    for keys, ok, expected in _RULES.get(type(obj), ()):
+def check(obj: T, where: str, rules: Rules | None = None) -> T:
+    """``obj`` if its values are in range (``rules``, by default its class's in
+    ``_RULES``), else a ConfigError naming ``where.key``; for params built in code as well
+    as read from ``params.yaml``."""
+    for keys, ok, expected in (_RULES.get(type(obj), ()) if rules is None else rules):
         values = [getattr(obj, k) for k in keys]
         if not ok(*values):
             shown = ", ".join(f"{where}.{k} = {_show(v)}" for k, v in zip(keys, values,
@@ -446,7 +451,7 @@ _MC = (("mc_samples",), lambda v: v >= 2, ">= 2 (MC dropout compares samples)")
 
 # Ranges and consistency of values, checked when params.yaml is read (a value out of range
 # would otherwise fail deep inside a stage, as a traceback): (keys, test, what it expects).
-_RULES: dict[type, list[tuple[tuple[str, ...], Callable[..., bool], str]]] = {
+_RULES: dict[type, Rules] = {
     CatalogueParams: [
         (("min_slices",), _pos, ">= 1"),
         (("workers",), _pos, ">= 1"),
@@ -567,58 +572,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of stage -> params")
     return from_dict(Params, raw, where=str(path))
-
-
-@dataclass(frozen=True)
-class StudyRuns:
-    """The ``study`` key of a profile overlay (``profiles/study.yaml``): what `make study`
-    runs besides the params. Each report seed pair (``synth.report_seeds[i]``,
-    ``cohort.report_seeds[i]`` of the overlay) runs once per training seed (``train.seed``
-    and ``federate.seed`` set to it)."""
-
-    train_seeds: tuple[int, ...] = (0, 1)
-
-
-_RULES[StudyRuns] = [
-    (("train_seeds",), lambda v: len(v) >= 1 and len(set(v)) == len(v),
-     "one or more distinct seeds"),
-]
-
-
-def _merge(base: dict, over: dict, where: str) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        if key not in base:
-            raise ConfigError(f"{where}.{key}: unknown key; known: {sorted(base)}")
-        out[key] = (_merge(base[key], value, f"{where}.{key}")
-                    if isinstance(value, dict) and isinstance(base[key], dict) else value)
-    return out
-
-
-def load_overlay(path: str | Path, params_path: str | Path = "params.yaml"
-                 ) -> tuple[Params, StudyRuns, dict[str, Any]]:
-    """A profile overlay on ``params.yaml``: the merged, checked params; its ``study`` key;
-    and the overridden keys as ``{"stage.key": value}`` (what ``dvc exp run -S`` sets).
-
-    The overlay holds a subset of params.yaml's keys (unknown ones are errors naming the
-    key, as in params.yaml) and a ``study`` key (:class:`StudyRuns`)."""
-    path = Path(path)
-    base_path = Path(params_path)
-    try:
-        over = yaml.safe_load(path.read_text()) or {}
-        base = yaml.safe_load(base_path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"{exc.filename}: cannot read the params ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(over, dict) or not isinstance(over.get("study", {}), dict):
-        raise ConfigError(f"{path}: top level must be a mapping of stage -> params")
-    runs = from_dict(StudyRuns, {"train_seeds": [0, 1], **over.pop("study", {})},
-                     f"{path}:study")
-    params = from_dict(Params, _merge(base, over, str(path)), where=str(path))
-    flat = {k: v for k, v in to_dict(params).items()
-            if k.split(".")[0] in over and k.split(".")[1] in over[k.split(".")[0]]}
-    return params, runs, flat
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """``fedct study`` (``make study``): the study of issue 23 on a profile overlay, resumably.
 
 The overlay (``profiles/study.yaml``, checked like params.yaml by
-``fedct.config.load_overlay``) names the params that differ from ``params.yaml``, the report
+``fedct.overlay.load_overlay``) names the params that differ from ``params.yaml``, the report
 seed pairs (its ``synth.report_seeds`` with ``cohort.report_seeds``) and the training seeds
 (``study.train_seeds``). Each (report seed pair, training seed) is one run: one
 ``dvc exp run --temp -n study-<synth>-<cohort>-t<seed>`` of the pipeline up to ``promote``
@@ -41,9 +41,10 @@ from fedct.analysis.study_tables import (
     pool,
     run_row,
 )
-from fedct.config import Params, load_overlay, load_params
+from fedct.config import Params, load_params
 from fedct.errors import FedctError
 from fedct.federation import LABEL_FREE
+from fedct.overlay import load_overlay
 from fedct.seeds import existing_experiments, params_edited, run_dvc, tracking_env
 
 TARGET = "promote"

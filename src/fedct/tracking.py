@@ -16,50 +16,17 @@ import json
 import os
 import re
 import signal
-import subprocess
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedct import logged_model, procs
+from fedct import logged_model, procs, provenance
 from fedct.errors import FedctError
 
 EXPERIMENT = "fedct"
 DEFAULT_STORE = "mlflow.db"  # the embedded SQLite store, in the working directory
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
-def git_commit() -> str:
-    """The commit of the working tree (registry evidence, run tags)."""
-    return _git_commit()
-
-
-def _git_dirty() -> bool:
-    """Whether tracked files differ from the commit; ``dvc.lock`` does not count, as
-    ``dvc repro`` rewrites it after every stage (every later run would be "dirty")."""
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--",
-             ":(top)", ":(top,exclude)dvc.lock"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return bool(out.stdout.strip())
 
 
 def _mlflow():  # imported lazily so that `import fedct` stays cheap
@@ -194,8 +161,8 @@ def start_run(stage: str, run_name: str | None = None, tags: Mapping[str, str] |
     mlflow = _mlflow()
     all_tags = {
         "fedct.stage": stage,
-        "mlflow.source.git.commit": _git_commit(),
-        "fedct.git_dirty": str(_git_dirty()).lower(),
+        "mlflow.source.git.commit": provenance.git_commit(),
+        "fedct.git_dirty": str(provenance.git_dirty()).lower(),
     }
     all_tags.update(tags or {})
     with _stops() as stops:
@@ -562,8 +529,6 @@ def registry_entry(uri: str, alias: str = "champion") -> dict[str, str | None] |
     does) and the promotion ``decision`` tag (``promoted``/``refused``/None). None for any
     other URI (a run's artifacts, a folder): such a model is no registry version.
     """
-    import re
-
     match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", uri)
     if match is None:
         return None
@@ -589,7 +554,6 @@ def check_store_schema(store: str | Path) -> None:
     """
     import importlib.metadata
     import importlib.util
-    import re
     import sqlite3
 
     store = Path(store)

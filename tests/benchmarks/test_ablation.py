@@ -112,7 +112,7 @@ def test_tiny_ablation_end_to_end(tmp_path: Path) -> None:
 
 def test_the_local_profile_trains_on_what_a_local_model_of_the_pipeline_gets() -> None:
     from fedct.config import load_params
-    from fedct.synth.archive import PROFILES
+    from fedct.synth.axial import PROFILES
 
     params = load_params(ROOT / "params.yaml")
     args = ablation.parse_args(["--profile", "local"])
@@ -131,7 +131,7 @@ def test_the_local_profile_trains_on_what_a_local_model_of_the_pipeline_gets() -
 
 def test_the_study_profile_trains_as_make_study_and_refuses_its_report_seeds(
         tmp_path: Path) -> None:
-    from fedct.config import load_overlay
+    from fedct.overlay import load_overlay
 
     params, _, _ = load_overlay(ROOT / "profiles" / "study.yaml", ROOT / "params.yaml")
     args = ablation.parse_args(["--profile", "study"])

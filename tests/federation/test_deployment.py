@@ -23,7 +23,7 @@ import psutil
 import pytest
 import tomli
 
-from fedct.config import to_dict
+from fedct.config import load_params, to_dict
 from fedct.errors import FedctError
 from fedct.federation.deploy import (
     APP_DIR,
@@ -34,7 +34,7 @@ from fedct.federation.deploy import (
     make_tls,
     node_config_arg,
 )
-from fedct.federation.flower_app import FederationConfig
+from fedct.federation.flower_app import FederationConfig, run_config
 from fedct.federation.gateway import REFUSAL, create_app
 from fedct.model.io import load_model
 from tests.federation.conftest import PARAMS, listening
@@ -47,6 +47,7 @@ ROUNDS = 1
 # start being several times slower than on idle cores.
 REPLY_TIMEOUT_S = 300.0  # the ServerApp's wait for each round's replies
 RUN_TIMEOUT_S = 900.0  # the whole `flwr run`
+REPO = Path(__file__).parents[2]
 
 
 def _live_children(before: set[int] = frozenset()) -> list[psutil.Process]:
@@ -63,14 +64,30 @@ def test_the_app_bundle_ships_config_only_and_its_defaults_parse() -> None:
     app = project["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "fedct.federation.flower_app:server_app",
                                  "clientapp": "fedct.federation.flower_app:client_app"}
-    cfg = FederationConfig.from_run_config(app["config"])
-    # The defaults follow params.yaml (the dataclass defaults equal params.yaml).
-    from fedct.config import FederateParams, TrainParams
+    FederationConfig.from_run_config(app["config"])
 
-    fed = FederateParams()
-    assert cfg.train_params == TrainParams()
-    assert (cfg.sites, cfg.rounds, cfg.local_steps, cfg.min_clients, cfg.seed) == (
-        fed.sites, fed.rounds, fed.local_steps, fed.min_clients, fed.seed)
+
+def test_the_app_bundle_defaults_are_params_yaml() -> None:
+    # The bundle's [tool.flwr.app.config] is a copy of params.yaml that Flower reads (a
+    # FAB carries no other file): it must hold every key of a run config, and the values
+    # of params.yaml's federate and train keys, for FedAvg (proximal-mu 0; `fedct
+    # federate` passes federate.proximal_mu for FedProx). Edit it when they change.
+    params = load_params(REPO / "params.yaml")
+    fed = params.federate
+    app = tomli.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    cfg = FederationConfig.from_run_config(app["config"])
+    expected = FederationConfig(
+        sites=tuple(fed.sites), train_params=params.train, rounds=fed.rounds,
+        local_steps=fed.local_steps, mu=0.0, min_clients=fed.min_clients, seed=fed.seed,
+        site_weights=None if fed.weighting == "cases" else cfg.site_weights,
+        cohort_dir="", init_model="", checkpoint_dir=cfg.checkpoint_dir,
+        out_dir=cfg.out_dir, timeout=cfg.timeout, patience=fed.patience,
+        min_delta=fed.min_delta)
+    assert cfg == expected
+    assert fed.weighting == "cases", "equal weighting: write the sites' weights to the bundle"
+    # Every key a run config has, so that `flwr run --run-config` may override each one.
+    test_only = {"fail-site", "fail-round", "kill-after-round"}
+    assert set(app["config"]) == set(run_config(cfg)) - test_only
 
 
 def test_credentials_are_what_flower_loads(tmp_path: Path) -> None:

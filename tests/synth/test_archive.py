@@ -201,7 +201,7 @@ def test_no_wall_clock_in_files(tiny_archive: dict[str, Path]) -> None:
 
 
 def test_every_profile_keeps_the_usable_rule_meaningful() -> None:
-    from fedct.synth.archive import PROFILES
+    from fedct.synth.axial import PROFILES
     from fedct.synth.scanners import CONDITIONS, SITES, scan_range
 
     thickest = max(c.slice_thickness_mm for c in CONDITIONS)

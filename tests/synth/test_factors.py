@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fedct.synth.anatomy import FEMUR, MUSCLE_LABELS, PELVIS
-from fedct.synth.archive import PROFILES, plan
+from fedct.synth.archive import plan
+from fedct.synth.axial import PROFILES
 from fedct.synth.factors import (
     BY_NAME,
     CONTROL,

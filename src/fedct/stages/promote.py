@@ -88,7 +88,7 @@ def _read(path: Path, what: str) -> bytes:
 
 def run(params: PromoteParams, evaluate_dir: Path, models_dir: Path, federated_dir: Path,
         uncertainty_dir: Path, out_dir: Path) -> dict:
-    from fedct import tracking
+    from fedct import provenance, tracking
 
     params = check(params, "promote")
     evaluate_dir, out_dir = Path(evaluate_dir), Path(out_dir)
@@ -167,7 +167,7 @@ def run(params: PromoteParams, evaluate_dir: Path, models_dir: Path, federated_d
     comparison.write_bytes(cases_bytes)
     # Evidence: digests of what this run read and wrote, never copied from elsewhere.
     best = decision.best_local
-    evidence = {"git_commit": tracking.git_commit(), "candidate": params.candidate,
+    evidence = {"git_commit": provenance.git_commit(), "candidate": params.candidate,
                 "cases_sha256": sha256(cases_bytes),
                 "scored_sha256": sha256(_read(scored_file, "the evaluate record")),
                 "weights_sha256": digest,

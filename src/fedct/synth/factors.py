@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from fedct.synth.anatomy import POPULATIONS, Anatomy, sample_anatomy
-from fedct.synth.archive import PROFILES, AxialScan, draw_scan, simulate_axial
+from fedct.synth.axial import PROFILES, AxialScan, draw_scan, simulate_axial
 from fedct.synth.scanners import (
     BY_KEY,
     CONDITIONS,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedct import tracking
+from fedct import provenance
 
 
 def _git(*args: str, cwd: Path) -> None:
@@ -24,8 +24,8 @@ def test_dvc_lock_rewritten_by_dvc_repro_does_not_make_the_tree_dirty(
     _git("add", ".", cwd=tmp_path)
     _git("commit", "-qm", "init", cwd=tmp_path)
     monkeypatch.chdir(tmp_path / "src")  # from a subfolder too
-    assert tracking._git_dirty() is False
+    assert provenance.git_dirty() is False
     (tmp_path / "dvc.lock").write_text("stages: {synth: {}}\n")  # what every stage does
-    assert tracking._git_dirty() is False
+    assert provenance.git_dirty() is False
     (tmp_path / "src" / "code.py").write_text("x = 2\n")  # a code change is dirty
-    assert tracking._git_dirty() is True
+    assert provenance.git_dirty() is True
