@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.source import imported_module
+
 REPO = Path(__file__).parents[1]
 SRC = REPO / "src"
 # Keys that only say where or how fast a stage runs: listing them would rerun work whose
@@ -42,12 +44,7 @@ def imported_modules(name: str) -> set[str]:
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1])
-                mod = f"{base}.{node.module}" if node.module else base
-            else:
-                mod = node.module or ""
+            mod = imported_module(node, package)
             found.add(mod)
             found.update(f"{mod}.{a.name}" for a in node.names)  # `from pkg import module`
     out: set[str] = set()

@@ -12,7 +12,6 @@ import html
 import json
 import os
 import re
-import shutil
 import signal
 import struct
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from fedct.report.build import build_report, write_report
+from tests.browser import chromium_or_skip
 from tests.report.fakes import write_outputs
 from tests.report.parse import SECTION_IDS, parse
 
@@ -42,13 +42,7 @@ addEventListener("load", () => {
 
 
 def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        reason = "headless Chromium not installed (Debian: apt-get install -y chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI must run the browser test")
-        pytest.skip(reason)
-    return exe
+    return chromium_or_skip()
 
 
 # No network: every request that is not to this machine goes to a closed port, as on a

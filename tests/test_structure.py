@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.source import imported_module
+
 REPO = Path(__file__).parents[1]
 SRC = REPO / "src"
 BENCHMARKS = REPO / "benchmarks"
@@ -90,12 +92,7 @@ def imports(path: Path, text: str | None = None) -> list[Import]:
                     found.append(Import(me, path, node.lineno, a.name, None))
                     aliases[a.asname or a.name] = a.name
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1])
-                mod = f"{base}.{node.module}" if node.module else base
-            else:
-                mod = node.module or ""
+            mod = imported_module(node, package)
             if mod.split(".")[0] != "fedct":
                 continue
             for a in node.names:

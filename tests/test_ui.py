@@ -25,6 +25,7 @@ from fedct.cli import main
 from fedct.errors import FedctError
 from fedct.mlflow_server import free_port
 from fedct.ui import ML_MODE, pages
+from tests.browser import chromium_or_skip
 from tests.mlflow_store import write_study_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,13 +52,7 @@ ui_open = _load_ui_open()
 
 
 def _chromium_or_skip() -> str:
-    exe = ui_open.find_chromium()
-    if exe is None:
-        reason = "headless Chromium not installed (Debian: apt-get install -y chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI must run the browser test")
-        pytest.skip(reason)
-    return exe
+    return chromium_or_skip(ui_open.find_chromium())
 
 
 def _get(url: str) -> tuple[int, bytes]:
