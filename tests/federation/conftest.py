@@ -67,3 +67,14 @@ def listening(procs: list) -> list[tuple[int, str, str, int]]:
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
     return found
+
+
+@pytest.fixture
+def task_identity():
+    """Flower stamps messages with the running task's identity; set one for the test
+    (tests that build or handle messages outside a Flower run)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None

@@ -34,8 +34,8 @@ from fedct.federation.deploy import (
     make_tls,
     node_config_arg,
 )
-from fedct.federation.flower_app import FederationConfig, run_config
 from fedct.federation.gateway import REFUSAL, create_app
+from fedct.federation.run_config import FederationConfig, run_config
 from fedct.model.io import load_model
 from tests.federation.conftest import PARAMS, listening
 
@@ -62,8 +62,8 @@ def test_the_app_bundle_ships_config_only_and_its_defaults_parse() -> None:
     assert files == ["README.md", "pyproject.toml"]  # no data, no weights, no code copy
     project = tomli.loads((APP_DIR / "pyproject.toml").read_text())
     app = project["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "fedct.federation.flower_app:server_app",
-                                 "clientapp": "fedct.federation.flower_app:client_app"}
+    assert app["components"] == {"serverapp": "fedct.federation.server_app:server_app",
+                                 "clientapp": "fedct.federation.client_app:client_app"}
     FederationConfig.from_run_config(app["config"])
 
 
@@ -86,8 +86,7 @@ def test_the_app_bundle_defaults_are_params_yaml() -> None:
     assert cfg == expected
     assert fed.weighting == "cases", "equal weighting: write the sites' weights to the bundle"
     # Every key a run config has, so that `flwr run --run-config` may override each one.
-    test_only = {"fail-site", "fail-round", "kill-after-round"}
-    assert set(app["config"]) == set(run_config(cfg)) - test_only
+    assert set(app["config"]) == set(run_config(cfg))
 
 
 def test_credentials_are_what_flower_loads(tmp_path: Path) -> None:

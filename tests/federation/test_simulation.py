@@ -3,7 +3,7 @@
 Each run starts ray and Flower in a child process (about 35 s on 2 cores, most of it
 starting ray and importing torch in its workers) and must leave no process behind. That a
 resumed federation ends with the weights of an uninterrupted one is shown, round by round
-and without ray, in ``test_flower_app.py``.
+and without ray, in ``test_server_app.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 from fedct.errors import FedctError
 from fedct.federation.gateway import is_loopback
-from fedct.federation.simulation import LOG_FILE, MARKER, RUN_LINE, run_federation
+from fedct.federation.simulation import LOG_FILE, MARKER, RUN_LINE, Apps, run_federation
 from fedct.model.io import load_model
 from fedct.model.mc import mc_predict
 from tests.federation.conftest import PARAMS, listening
@@ -62,6 +62,17 @@ def _children_before() -> None:
     _BEFORE.update(c.pid for c in psutil.Process().children(recursive=True))
 
 
+# Fault injection: the test doubles of tests/federation/faults.py, which the simulation's
+# child imports by name (Flower's "module:function" form), as it does fedct's own apps.
+DIES_AFTER_ROUND_1 = Apps(server="tests.federation.faults:dying_server_app",
+                          server_kwargs={"after_round": 1})
+
+
+def failing(site: str, server_round: int) -> Apps:
+    return Apps(client="tests.federation.faults:failing_client_app",
+                client_kwargs={"site": site, "server_round": server_round})
+
+
 def _federate(cohort: Path, out: Path, **kw):
     args = dict(sites=["A", "B"], train_params=PARAMS, rounds=2, local_steps=2, mu=0.0,
                 min_clients=1, out_dir=out, seed=1, timeout_s=120.0)
@@ -74,7 +85,7 @@ def test_a_killed_two_site_federation_resumes_and_merges_the_last_updates(
         fed_cohort: Path, tmp_path: Path) -> None:
     # The simulation process is SIGKILLed right after checkpointing round 1 ...
     with pytest.raises(FedctError, match="exit code -9"):
-        _federate(fed_cohort, tmp_path, kill_after_round=1)
+        _federate(fed_cohort, tmp_path, apps=DIES_AFTER_ROUND_1)
     assert _leftovers(tmp_path) == []  # ray's orphans were found and killed too
     assert not (tmp_path / "model.safetensors").exists()
     # ... and the next run trains round 2 only.
@@ -108,7 +119,7 @@ def test_a_killed_two_site_federation_resumes_and_merges_the_last_updates(
 @pytest.mark.slow
 def test_a_site_failing_mid_round_is_recorded_and_rejoins(fed_cohort: Path,
                                                          tmp_path: Path) -> None:
-    history, _ = _federate(fed_cohort, tmp_path, fault=("B", 1))
+    history, _ = _federate(fed_cohort, tmp_path, apps=failing("B", 1))
     r1, r2 = history
     assert r1["clients"] == 1 and list(r1["weights"]) == ["A"]
     assert [f["site"] for f in r1["failed"]] == ["B"]
@@ -154,7 +165,7 @@ def test_ray_listens_on_loopback_only(fed_cohort: Path, tmp_path: Path) -> None:
 def test_too_few_clients_stop_the_federation_with_a_reason(fed_cohort: Path,
                                                           tmp_path: Path) -> None:
     with pytest.raises(FedctError, match="fewer than the minimum of 2"):
-        _federate(fed_cohort, tmp_path, rounds=1, min_clients=2, fault=("A", 1))
+        _federate(fed_cohort, tmp_path, rounds=1, min_clients=2, apps=failing("A", 1))
     assert _leftovers(tmp_path) == []
 
 

@@ -13,26 +13,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedct.data.cases import case_path
 from fedct.errors import FedctError
-from fedct.federation.flower_app import FederationConfig, run_config, run_server
 from fedct.federation.label_free import steering_weights
+from fedct.federation.run_config import FederationConfig, run_config
+from fedct.federation.server_app import run_server
 from fedct.federation.steering import STEER, SteerConfig
 from fedct.model.io import load_model
 from tests.federation.conftest import PARAMS
-from tests.federation.test_flower_app import LocalGrid
+from tests.federation.test_server_app import LocalGrid
 
 STEER_CFG = SteerConfig(mc_samples=2, mc_batch=2, seed=3, temperature=0.05)
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Flower stamps messages with the running task's identity; set one for the test."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
+# Messages built and handled outside a Flower run carry a task identity.
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """Run a federation in Flower's simulation runtime (ray), one SuperNode per training site.
 
 ``run_federation`` starts ``python -m fedct.federation.simulation`` in a process group of its
-own. That child runs ``flwr.simulation.run_simulation`` with the ServerApp and ClientApp of
-:mod:`fedct.federation.flower_app`, ray sized for a small machine (one CPU per client, two
+own. That child runs ``flwr.simulation.run_simulation`` with the ServerApp and ClientApp
+(:mod:`fedct.federation.server_app`, :mod:`fedct.federation.client_app`, or those that
+``apps`` names), ray sized for a small machine (one CPU per client, two
 for ray) and listening on 127.0.0.1 only, ray's ``_temp_dir`` and ``FLWR_HOME`` in a
 scratch folder of ours, Flower's and ray's telemetry off, and nothing installed at run
 time. The parent follows the rounds in the server's ``history.json`` and calls
@@ -20,6 +21,8 @@ re-parented and ends the run itself, by the same marker.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 import json
 import os
 import shutil
@@ -78,15 +81,54 @@ def default_client_gpus(n_sites: int, num_cpus: int) -> float:
     return 1.0 / max(1, min(n_sites, num_cpus))
 
 
+@dataclasses.dataclass(frozen=True)
+class Apps:
+    """The ClientApp and ServerApp a simulation runs, named as Flower names an app's
+    components (``"module:function"``): each function is called with the run config and
+    its keyword arguments (JSON values) and returns the app. fedct's own by default; the
+    tests install fault-injecting ones here (``tests/federation/faults.py``), so that no
+    fault injection sits in the apps themselves."""
+
+    client: str = "fedct.federation.client_app:make_client_app"
+    server: str = "fedct.federation.server_app:make_server_app"
+    client_kwargs: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    server_kwargs: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+    def to_job(self) -> dict:
+        """The job file's ``apps``: the names and their arguments."""
+        return {"client": self.client, "server": self.server,
+                "client_kwargs": dict(self.client_kwargs),
+                "server_kwargs": dict(self.server_kwargs)}
+
+    def import_paths(self) -> list[str]:
+        """The folders from which the child, and ray's workers that unpickle the apps,
+        import the named modules that are not fedct's own (fedct is installed)."""
+        paths = []
+        for ref in (self.client, self.server):
+            if ref.split(".")[0] == "fedct":
+                continue
+            module = importlib.import_module(ref.partition(":")[0])
+            root = Path(module.__file__).resolve().parents[module.__name__.count(".")]
+            paths.append(str(root.parent if module.__file__.endswith("__init__.py")
+                             else root))
+        return sorted(set(paths))
+
+
+def _factory(ref: str) -> Callable:
+    """The function that ``"module:function"`` names."""
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainParams,
                    rounds: int, local_steps: int, mu: float = 0.0, min_clients: int = 1,
                    init_model: Path | None = None, out_dir: Path = Path("federation"),
                    checkpoint_dir: Path | None = None,
                    on_round: Callable[[dict], None] | None = None, seed: int = 0, *,
                    site_weights: Mapping[str, float] | None = None,
-                   fault: tuple[str, int] | None = None, kill_after_round: int = 0,
                    keep_updates: bool = False, patience: int = 0, min_delta: float = 0.0,
                    targets: Sequence[str] = (), steer: str = "",
+                   apps: Apps | None = None,
                    timeout_s: float = 3600.0, num_cpus: int = 2,
                    client_gpus: float | None = None) -> tuple[list[dict], Path]:
     """Federate ``sites`` for ``rounds`` rounds; the history and the final model's path.
@@ -98,14 +140,13 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
     the checkpoint of the last finished round: a run with the same settings resumes from it.
     ``on_round(record)`` is called once per round, in order (rounds restored from a
     checkpoint included), with the record described in
-    :func:`fedct.federation.flower_app.run_server`. ``fault=(site, round)`` makes that
-    site fail in that round and ``kill_after_round`` kills the simulation (SIGKILL) once
-    that round is checkpointed (fault injection for tests); ``keep_updates`` keeps each
+    :func:`fedct.federation.server_app.run_server`. ``keep_updates`` keeps each
     round's client updates in ``checkpoint_dir/updates``. ``patience`` > 0 stops after that
     many rounds without a higher mean validation Dice of the clients and keeps the best
     round's model (:mod:`fedct.federation.stopping`); 0 runs every round, keeps the last.
     ``targets`` (held-out sites, one more SuperNode each) steer the merge with ``steer``
     (JSON of :class:`fedct.federation.steering.SteerConfig`): the ``steered`` method.
+    ``apps``: the ClientApp and ServerApp to run (:class:`Apps`; fedct's by default).
     ``timeout_s`` bounds the waits for replies and for sites to connect. ``num_cpus`` is
     what ray may use (clients run concurrently up to it); ``client_gpus`` each client's
     GPU share (default: the GPU split among concurrent clients when CUDA is available,
@@ -114,7 +155,10 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
     Output in ``out_dir``: ``model.safetensors`` and ``model_card.json`` (``fedct.model.io``),
     ``history.json`` and ``federation.log`` (Flower's and ray's output).
     """
-    from fedct.federation.flower_app import HISTORY, MODEL, FederationConfig, run_config
+    from fedct.federation.run_config import FederationConfig, run_config
+    from fedct.federation.server_app import HISTORY, MODEL
+
+    apps = apps or Apps()
 
     out_dir = Path(out_dir).resolve()
     checkpoint_dir = Path(checkpoint_dir).resolve() if checkpoint_dir else out_dir / "checkpoint"
@@ -124,8 +168,7 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
         init_model=str(Path(init_model).resolve()) if init_model else "",
         checkpoint_dir=str(checkpoint_dir), out_dir=str(out_dir),
         site_weights=dict(site_weights) if site_weights else None, timeout=timeout_s,
-        fail_site=fault[0] if fault else "", fail_round=fault[1] if fault else 0,
-        kill_after_round=kill_after_round, keep_updates=keep_updates, patience=patience,
+        keep_updates=keep_updates, patience=patience,
         min_delta=min_delta,
         targets=tuple(targets), steer=steer)
     rc = run_config(cfg)
@@ -155,8 +198,11 @@ def run_federation(cohort_dir: Path, sites: Sequence[str], train_params: TrainPa
                                    default_client_gpus(len(sites), num_cpus)
                                    if client_gpus is None else client_gpus),
                                "error_file": str(out_dir / ERROR_FILE),
-                               "parent_pid": os.getpid()}))
+                               "parent_pid": os.getpid(), "apps": apps.to_job()}))
+    path = os.pathsep.join(p for p in [*apps.import_paths(), os.environ.get("PYTHONPATH")]
+                           if p)
     env = {**os.environ, MARKER: run_id, "FLWR_HOME": str(scratch / "flwr"),
+           **({"PYTHONPATH": path} if path else {}),
            "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_DEDUP_LOGS": "0", **RAY_LOOPBACK_ENV, **RAY_PRIORITY_ENV,
            # Flower starts some of its helpers by name: the venv's bin comes first.
@@ -297,10 +343,11 @@ def _simulate(job: dict, err: Path) -> int:
     try:
         from flwr.simulation import run_simulation
 
-        from fedct.federation.flower_app import make_client_app, make_server_app
-
-        run_simulation(server_app=make_server_app(job["run_config"]),
-                       client_app=make_client_app(job["run_config"]),
+        apps = job["apps"]
+        run_simulation(server_app=_factory(apps["server"])(job["run_config"],
+                                                           **apps["server_kwargs"]),
+                       client_app=_factory(apps["client"])(job["run_config"],
+                                                           **apps["client_kwargs"]),
                        num_supernodes=job["num_supernodes"],
                        backend_config=job["backend_config"])
     except Exception as exc:  # noqa: BLE001 - the reason goes to the parent as one line

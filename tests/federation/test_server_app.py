@@ -14,28 +14,23 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedct.errors import FedctError
-from fedct.federation.flower_app import (
-    CHECKPOINT,
-    HISTORY,
-    FedctAvg,
-    FederationConfig,
-    make_client_app,
-    run_config,
-    run_server,
-)
+from fedct.federation.client_app import make_client_app
+from fedct.federation.run_config import FederationConfig, run_config
+from fedct.federation.server_app import CHECKPOINT, HISTORY, run_server
 from fedct.model.io import LEGACY_FILE, load_model
 from tests.federation.conftest import PARAMS
+from tests.federation.faults import fail_in_round
 from tests.model.payload import planted
 
 
 class LocalGrid:
-    """Nodes 100, 101, ... run ``client_app`` in this process; partition i = node 100 + i."""
+    """Nodes 100, 101, ... run ``app`` (fedct's ClientApp by default) in this process;
+    partition i = node 100 + i."""
 
-    def __init__(self, rc: dict, n: int) -> None:
-        self.app = make_client_app()
+    def __init__(self, rc: dict, n: int, app=None) -> None:
+        self.app = make_client_app() if app is None else app
         self.contexts = {100 + i: Context(run_id=1, node_id=100 + i,
                                           node_config={"partition-id": i, "num-partitions": n},
                                           state=RecordDict(), run_config=dict(rc))
@@ -56,12 +51,8 @@ class LocalGrid:
         return replies
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower stamps messages with the running task's identity; set one for the test."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
+# Messages built and handled outside a Flower run carry a task identity.
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _config(cohort: Path, tmp: Path, **kw) -> FederationConfig:
@@ -72,9 +63,10 @@ def _config(cohort: Path, tmp: Path, **kw) -> FederationConfig:
     return FederationConfig(**base)
 
 
-def _run(cfg: FederationConfig, seen: list | None = None) -> list[dict]:
+def _run(cfg: FederationConfig, seen: list | None = None, app=None) -> list[dict]:
     rc = run_config(cfg)
-    return run_server(LocalGrid(rc, len(cfg.sites)), FederationConfig.from_run_config(rc),
+    return run_server(LocalGrid(rc, len(cfg.sites), app),
+                      FederationConfig.from_run_config(rc),
                       on_round=None if seen is None else seen.append)
 
 
@@ -105,18 +97,18 @@ def test_rounds_merge_the_client_updates_weighted_by_training_cases(
 
 
 def test_a_failing_site_is_recorded_and_rejoins(fed_cohort: Path, tmp_path: Path) -> None:
-    cfg = _config(fed_cohort, tmp_path, fail_site="B", fail_round=1)
-    history = _run(cfg)
+    failing = make_client_app(mods=[fail_in_round("B", 1)])  # a test double (faults.py)
+    cfg = _config(fed_cohort, tmp_path)
+    history = _run(cfg, app=failing)
     r1, r2 = history
     assert r1["clients"] == 1 and r1["weights"] == {"A": 1.0}
     assert [f["site"] for f in r1["failed"]] == ["B"]
     assert "fault injection" in r1["failed"][0]["reason"]
     assert r2["clients"] == 2 and r2["failed"] == []
     # Below the minimum the round, and the federation, stop with a reason.
-    strict = _config(fed_cohort, tmp_path / "strict", fail_site="B", fail_round=1,
-                     min_clients=2)
+    strict = _config(fed_cohort, tmp_path / "strict", min_clients=2)
     with pytest.raises(FedctError, match="fewer than the minimum of 2"):
-        _run(strict)
+        _run(strict, app=failing)
 
 
 def test_resume_skips_finished_rounds_and_ends_as_if_never_stopped(
@@ -192,27 +184,6 @@ def test_a_pickle_payload_as_the_initial_model_is_refused_not_run(
 def test_fixed_site_weights_replace_case_counts(fed_cohort: Path, tmp_path: Path) -> None:
     cfg = _config(fed_cohort, tmp_path, rounds=1, site_weights={"A": 3.0, "B": 1.0})
     assert _run(cfg)[0]["weights"] == {"A": 0.75, "B": 0.25}
-
-
-def test_aggregation_does_not_depend_on_reply_order() -> None:
-    from flwr.app import ArrayRecord, MetricRecord
-
-    def reply(idx: int, n: int, value: float, node: int) -> Message:
-        req = Message(RecordDict(), dst_node_id=node, message_type="train")
-        content = RecordDict({"arrays": ArrayRecord({"w": torch.full((3,), value),
-                                                     "n": torch.tensor(idx + 1)}),
-                              "metrics": MetricRecord({"num-examples": n, "site-index": idx,
-                                                       "train-loss": 1.0})})
-        return Message(content, reply_to=req)
-
-    replies = [reply(0, 1, 0.1, 10), reply(1, 2, 0.7, 11), reply(2, 3, 0.3, 12)]
-    s = FedctAvg(sites=("A", "B", "C"), min_clients=2)
-    fwd, _ = s.aggregate_train(1, replies)
-    bwd, _ = s.aggregate_train(1, replies[::-1])
-    w = fwd.to_torch_state_dict()["w"]
-    assert torch.equal(w, bwd.to_torch_state_dict()["w"])
-    torch.testing.assert_close(w, torch.full((3,), (0.1 + 1.4 + 0.9) / 6))
-    assert int(fwd.to_torch_state_dict()["n"]) == 3  # integer buffer: the maximum
 
 
 @pytest.mark.parametrize(("change", "match"), [
