@@ -301,7 +301,7 @@ def open_ui(store: Path, chromium: str, workdir: Path, expected: Expected = Expe
         BenchError: ui printed no URLs, a page did not show what it must within
             ``timeout_s``, or Chromium failed.
     """
-    from fedct.server import free_port
+    from fedct.mlflow_server import free_port
 
     workdir.mkdir(parents=True, exist_ok=True)
     result: dict = {"store": str(store), "chromium": chromium,
