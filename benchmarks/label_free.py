@@ -209,7 +209,7 @@ def main() -> None:
                 stats: list = []
                 ft = dataclasses.replace(tp, learning_rate=fp.cwst_lr, schedule_steps=0)
                 model = cw_self_train(teacher, images[t], ft, rounds=fp.cwst_rounds,
-                                      steps=fp.cwst_steps, keep=keep,
+                                      steps=fp.cwst_steps, keep=keep, floor=fp.cwst_floor,
                                       mc_samples=fp.mc_samples, mc_batch=fp.mc_batch,
                                       seed=fp.seed, mu=fp.cwst_mu, site=t,
                                       on_round=lambda r, s, st=stats: st.append(s))

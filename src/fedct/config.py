@@ -279,6 +279,9 @@ class FederateParams:
     cwst_steps: int = 50
     cwst_lr: float = 0.001
     cwst_keep: tuple[float, float] = (0.5, 0.8)
+    # The loss weight of the voxels not kept (0: ignored, as DPL/CBST; on development
+    # seeds that collapsed: fedct.federation.adaptation).
+    cwst_floor: float = 0.2
     cwst_mu: float = 0.0
     # gated_tent / gated_tent_random: the share of each image's voxels whose entropy TENT
     # minimises (the least uncertain ones / as many at random).
@@ -536,6 +539,7 @@ _RULES: dict[type, Rules] = {
         (("cwst_steps",), _pos, ">= 1"),
         (("cwst_lr",), _pos, "> 0"),
         (("cwst_keep",), lambda v: 0 < v[0] <= v[1] <= 1, "shares 0 < first <= last <= 1"),
+        (("cwst_floor",), lambda v: 0 <= v <= 1, "a weight in [0, 1]"),
         (("cwst_mu",), _nonneg, ">= 0"),
         (("gate_keep",), lambda v: 0 < v <= 1, "a share in (0, 1]"),
     ],

@@ -61,6 +61,30 @@ def test_each_structure_keeps_its_own_share_of_its_least_uncertain_voxels() -> N
     assert not global_half[90:].any()
 
 
+def test_the_weighted_loss_counts_untrusted_voxels_at_the_floor() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, 2)
+    label = torch.randint(0, 3, (2, 4, 4, 2))
+    trusted = torch.rand(2, 4, 4, 2) < 0.5
+    target = ad.encode(label, trusted, 3)[:, None]
+    assert int(target.max()) < 6 and torch.equal(target[:, 0] % 3, label)
+    # Every voxel trusted, or a floor of 1: plain (unweighted) Dice + CE.
+    full = ad.WeightedDiceCELoss(3, 1.0)(logits, target)
+    plain = ad.WeightedDiceCELoss(3, 0.2)(logits, label[:, None])
+    assert float(full) == pytest.approx(float(plain))
+    ce = torch.nn.functional.cross_entropy(logits, label)
+    assert float(plain) > float(ce)  # Dice is added
+    # Floor 0: the untrusted voxels do not count; changing their logits changes nothing.
+    zero = ad.WeightedDiceCELoss(3, 0.0)
+    moved = logits.clone()
+    moved[:, 0][~trusted] += 5.0  # class 0 more likely at the untrusted voxels
+    assert float(zero(logits, target)) == pytest.approx(float(zero(moved, target)))
+    assert float(ad.WeightedDiceCELoss(3, 0.2)(moved, target)) != pytest.approx(
+        float(ad.WeightedDiceCELoss(3, 0.2)(logits, target)))
+    with pytest.raises(ValueError, match="encoded"):
+        ad.WeightedDiceCELoss(2, 0.2)(logits[:, :2], target)
+
+
 def test_curriculum_rises_linearly() -> None:
     assert ad.curriculum(4, 0.5, 0.8) == pytest.approx([0.5, 0.6, 0.7, 0.8])
     assert ad.curriculum(1, 0.5, 0.8) == [0.8]

@@ -3,12 +3,12 @@
 
 Per held-out target site, the FedAvg model trains on its own pseudo-labels of the target's
 adaptation images for ``federate.cwst_rounds`` rounds of ``cwst_steps`` steps (rate
-``cwst_lr``): each round relabels the images with MC dropout and keeps, per predicted
+``cwst_lr``): each round relabels the images with MC dropout and trusts, per predicted
 structure, the fraction of its voxels with the lowest MC standard deviation, rising from
-``cwst_keep[0]`` to ``cwst_keep[1]`` (``fedct.federation.adaptation.cw_self_train``). It
-runs where the images are (the target site); nothing leaves it but the model.
-``cw_self_train_all``: the same rounds with every voxel kept (no threshold). One model per
-target each.
+``cwst_keep[0]`` to ``cwst_keep[1]``; the others weigh ``cwst_floor`` in the loss
+(``fedct.federation.adaptation.cw_self_train``). It runs where the images are (the target
+site); nothing leaves it but the model. ``cw_self_train_all``: the same rounds with every
+voxel trusted (no threshold). One model per target each.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def _run(ctx: Context, mlrun: RunLike, name: str, keep: tuple[float, float]) -> 
     params = dataclasses.replace(ctx.train, learning_rate=p.cwst_lr, device=p.device,
                                  schedule_steps=0)
     mlrun.log_params({"rounds": p.cwst_rounds, "steps": p.cwst_steps, "lr": p.cwst_lr,
-                      "keep": list(keep), "mu": p.cwst_mu, "mc_samples": p.mc_samples})
+                      "keep": list(keep), "floor": p.cwst_floor, "mu": p.cwst_mu,
+                      "mc_samples": p.mc_samples})
     out = {}
     for target, images in ctx.targets.items():
         teacher, start = load_model(ctx.model_path("fedavg"))
@@ -41,16 +42,19 @@ def _run(ctx: Context, mlrun: RunLike, name: str, keep: tuple[float, float]) -> 
                     f"{stats['kept']:.2f}, loss {stats['loss']:.3f}")
 
         model = cw_self_train(teacher.to(ctx.device), images, params, rounds=p.cwst_rounds,
-                              steps=p.cwst_steps, keep=keep, mc_samples=p.mc_samples,
+                              steps=p.cwst_steps, keep=keep, floor=p.cwst_floor,
+                              mc_samples=p.mc_samples,
                               mc_batch=p.mc_batch, seed=p.seed, mu=p.cwst_mu,
                               site=target, on_round=on_round)
         uncertainty = ("none: every voxel of the pseudo-labels kept" if keep == (1.0, 1.0)
                        else f"MC dropout, T = {p.mc_samples}: per structure the share "
                             f"{keep[0]:.2f} -> {keep[1]:.2f} of its voxels with the lowest "
-                            "standard deviation of the structure's probability")
+                            "standard deviation of the structure's probability trusted, "
+                            f"the rest weighted {p.cwst_floor:g}")
         card = ctx.card(name, {**start.get("runtime", {}), **ctx.here}, target_site=target,
                         start="fedavg", rounds=p.cwst_rounds, steps=p.cwst_steps,
-                        lr=p.cwst_lr, keep=list(keep), mu=p.cwst_mu, per_round=rounds,
+                        lr=p.cwst_lr, keep=list(keep), floor=p.cwst_floor, mu=p.cwst_mu,
+                        per_round=rounds,
                         inputs={"target": f"{len(images)} adaptation images of {target}, "
                                           "no label", "model": "FedAvg",
                                 "uncertainty": uncertainty},
