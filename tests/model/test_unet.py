@@ -312,3 +312,34 @@ def test_mc_dropout_layer_trains_gradients_through_the_mask() -> None:
     out.sum().backward()
     assert x.grad is not None
     assert torch.equal(x.grad, out.detach())  # d(out)/dx = mask / (1 - p) = out / x
+
+
+def test_weights_are_channels_last_and_compute_what_the_default_layout_computes(
+        image: torch.Tensor) -> None:
+    model = tiny_unet().eval()
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv3d | nn.ConvTranspose3d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in convs)
+    # (a weight with one input channel or a 1x1x1 kernel is both layouts at once)
+    assert sum(not w.is_contiguous() for w in convs) >= len(convs) // 2
+    default = build_bayesian_unet(N_CLASSES, channels=(4, 8, 16), strides=(2, 2),
+                                  dropout=0.5).to(memory_format=torch.contiguous_format).eval()
+    default.load_state_dict(model.state_dict())
+    assert all(p.is_contiguous() for p in default.parameters())
+    with torch.no_grad():
+        a, b = model(image[None]), default(image[None])
+    assert a.shape == b.shape == (1, N_CLASSES, SIZE, SIZE, SIZE)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_weights_survive_training_and_loading() -> None:
+    model = tiny_unet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randn(2, 1, SIZE, SIZE, SIZE)
+    model(x).mean().backward()
+    opt.step()
+    fresh = tiny_unet()
+    fresh.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
+    for (name, p), q in zip(model.named_parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(p, q), name
+        if p.dim() == 5:
+            assert q.is_contiguous(memory_format=torch.channels_last_3d), name
