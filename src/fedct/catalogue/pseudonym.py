@@ -111,21 +111,20 @@ class Hasher:
         ``distinct``: the values nearly all differ (SOP instance UIDs): no lookup table."""
         inner, outer = self._inner.copy, self._outer.copy
         prefix = f"{kind}:"
-
-        def pseudonym(value: str | None) -> str | None:
-            if not value:
-                return None
-            h = inner()
-            h.update((prefix + value).encode("utf-8", "surrogateescape"))
-            o = outer()
-            o.update(h.digest())
-            return o.hexdigest()[:32]
-
-        if distinct:
-            return list(map(pseudonym, values))
-        table = dict.fromkeys(values)
-        for v in table:
-            table[v] = pseudonym(v)
+        table = dict.fromkeys(values) if not distinct else None
+        out = []
+        for value in values if table is None else table:
+            if value:
+                h = inner()
+                h.update((prefix + value).encode("utf-8", "surrogateescape"))
+                o = outer()
+                o.update(h.digest())
+                out.append(o.hexdigest()[:32])
+            else:
+                out.append(None)
+        if table is None:
+            return out
+        table = dict(zip(table, out, strict=True))
         return list(map(table.__getitem__, values))
 
 

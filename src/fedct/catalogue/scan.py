@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import itertools
 import logging
 import multiprocessing
 import os
@@ -199,13 +200,8 @@ class _Runner:
 
 
 def _batched(it: Iterable, n: int) -> Iterator[list]:
-    batch: list = []
-    for x in it:
-        batch.append(x)
-        if len(batch) >= n:
-            yield batch
-            batch = []
-    if batch:
+    it = iter(it)
+    while batch := list(itertools.islice(it, n)):
         yield batch
 
 

@@ -54,6 +54,14 @@ _TAGS = np.array(sorted(WANTED), dtype=np.int64)
 _KEYWORDS = [WANTED[int(t)] for t in _TAGS]
 _KW = {kw: i for i, kw in enumerate(_KEYWORDS)}
 _TS = _KW["TransferSyntaxUID"]
+# Keyword index of a tag (-1: not wanted) as _KEYWORD_OF[_GROUP_ROW[group] << 16 | element]:
+# two lookups instead of a binary search; groups not wanted index the last row, all -1.
+_GROUPS = sorted({int(t) >> 16 for t in _TAGS})
+_GROUP_ROW = np.full(1 << 16, len(_GROUPS), dtype=np.intp)
+_GROUP_ROW[_GROUPS] = np.arange(len(_GROUPS))
+_KEYWORD_OF = np.full((len(_GROUPS) + 1) << 16, -1, dtype=np.int8)
+for _k, _t in enumerate(_TAGS.tolist()):
+    _KEYWORD_OF[_GROUP_ROW[_t >> 16] << 16 | _t & 0xFFFF] = _k
 _N_META = int(np.count_nonzero(_TAGS >> 16 == 0x0002))  # group 0002 sorts first
 _REQUIRED = [_KW[kw] for kw in REQUIRED]
 # Header length of an explicit-VR element by its VR read as a little-endian uint16.
@@ -170,8 +178,8 @@ def _walk(flat: np.ndarray, got: np.ndarray, size: np.ndarray, ok: np.ndarray
         head = flat[(base + p)[:, None] + twelve]  # (k, 12) element headers
         u16 = head.view("<u2")
         u32 = head.view("<u4")
-        group = u16[:, 0]
-        tag = group.astype(np.int64) << 16 | u16[:, 1]
+        group, element = u16[:, 0], u16[:, 1]
+        tag = group.astype(np.int64) << 16 | element
         all_explicit = explicit.all()
         if all_explicit:
             vr = u16[:, 2].astype(np.int64)
@@ -208,9 +216,9 @@ def _walk(flat: np.ndarray, got: np.ndarray, size: np.ndarray, ok: np.ndarray
         go = ~(bad | stop)
         if not go.all():
             walked[active[stop]] = True
-            active, base, p, lim, end, explicit, meta, tag, hdr, length, vr = (
+            active, base, p, lim, end, explicit, meta, tag, hdr, length, vr, group, element = (
                 x[go] for x in (active, base, p, lim, end, explicit, meta, tag, hdr, length,
-                                vr))
+                                vr, group, element))
         prev = tag
         p = p + hdr
         seq = length == UNDEFINED_LENGTH
@@ -224,8 +232,8 @@ def _walk(flat: np.ndarray, got: np.ndarray, size: np.ndarray, ok: np.ndarray
                 except WalkDeclined:
                     p[j] = end[j]  # ends this file's walk, not walked
             length = np.where(seq, 0, length)
-        k = np.minimum(np.searchsorted(_TAGS, tag), len(_TAGS) - 1)
-        wanted = _TAGS[k] == tag
+        k = _KEYWORD_OF[_GROUP_ROW[group] << 16 | element]
+        wanted = k >= 0
         if any_seq:
             wanted &= ~seq
         if wanted.any():
