@@ -1,10 +1,11 @@
 """Tier 0 of the header scan: the walk of :mod:`fedct.dicom.walk` over many files at once.
 
 The per-file walk spends most of its time in the Python interpreter, one data element
-after the other (about a microsecond each). Here the first ``WINDOW`` bytes of every file
-of a chunk go into one numpy array and the walk advances all files together: step k
-decodes the k-th element header of every file still walking with a few array operations,
-so the interpreter's cost is per step and per chunk, not per element and per file.
+after the other (about a microsecond each). Here the first ``FIRST_WINDOW`` bytes of every
+file of a chunk (``WINDOW`` for the few that need more) go into one numpy array and the
+walk advances all files together: step k decodes the k-th element header of every file
+still walking with a few array operations, so the interpreter's cost is per step and per
+chunk, not per element and per file.
 
 It follows the same rules as ``walk_header`` (explicit or implicit VR little endian, a
 strict order of tags, known VRs only, sequences skipped item by item, stop after the last
@@ -79,6 +80,10 @@ _SPECIAL[0x80:] = True  # non-ASCII (decoded by the character set there)
 _SPECIAL[[0x1B, _SEP]] = True  # ISO 2022 escapes; the separator
 _PAD = np.zeros(256, dtype=bool)
 _PAD[[0x20, 0x00]] = True  # stripped from both ends of a value, as walk_header does
+# First read: the header up to the last wanted tag, and the pixel data's element header of
+# a small file, lie in it for nearly every file; copying fewer bytes costs less (files the
+# walk cannot vouch for in it are read again up to WINDOW).
+FIRST_WINDOW = 8192
 _NATIVE = (IMPLICIT_VR_LE, EXPLICIT_VR_LE)  # pixel data checked in the window
 
 
@@ -108,43 +113,67 @@ class _Row:
 
 
 def read_batch(paths: Sequence[str], sizes: Sequence[int]) -> Batch:
-    """Walk the headers of ``paths`` (their sizes in bytes) together; see the module."""
+    """Walk the headers of ``paths`` (their sizes in bytes) together; see the module.
+
+    The first ``FIRST_WINDOW`` bytes of each file hold most headers; the files the walk
+    could not vouch for with that much, and that have more, are read again up to
+    ``WINDOW`` (a walk that succeeds in fewer bytes takes the same steps in more).
+    """
     n = len(paths)
     size = np.asarray(sizes, dtype=np.int64).reshape(n)
-    flat = _buffer(n)
-    rows = flat[: n * WINDOW].reshape(n, WINDOW)
+    ok, table, got = _read(paths, size, FIRST_WINDOW)
+    retry = np.flatnonzero(~ok & (got == FIRST_WINDOW) & (size > FIRST_WINDOW))
+    if retry.size:
+        again, again_table, _ = _read([paths[i] for i in retry.tolist()], size[retry],
+                                      WINDOW)
+        ok[retry] = again
+        table[:, retry[again]] = again_table[:, again]
+    return Batch(ok, dict(zip(_KEYWORDS, table.tolist(), strict=True)))
+
+
+def _read(paths: Sequence[str], size: np.ndarray, window: int
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The batch walk of ``paths`` over their first ``window`` bytes: (ok, table of values
+    (keyword x file, None for files not ok), bytes read)."""
+    n = len(paths)
+    flat = _buffer(n, window)
+    rows = flat[: n * window].reshape(n, window)
     got = np.full(n, -1, dtype=np.int64)
-    for i, path in enumerate(paths):
+    read, op, pread, close = [], os.open, os.preadv, os.close
+    for path, row in zip(paths, rows, strict=True):  # a view per row, made in C
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = op(path, os.O_RDONLY)
         except (OSError, ValueError):
+            read.append(-1)
             continue  # read_headers says why
         try:
-            got[i] = os.preadv(fd, [rows[i]], 0)
+            read.append(pread(fd, [row], 0))
         except OSError:
-            pass
+            read.append(-1)
         finally:
-            os.close(fd)
+            close(fd)
+    got[:] = read
     # Not DICOM, or shorter than when it was listed: read_headers decides.
-    ok = (got == np.minimum(size, WINDOW)) & (got >= 132)
+    ok = (got == np.minimum(size, window)) & (got >= 132)
     ok[ok] = (rows[ok, 128:132] == np.frombuffer(b"DICM", np.uint8)).all(axis=1)
-    walked, hits = _walk(flat, got, size, ok)
-    return _accept(paths, flat, got, size, walked, hits)
+    walked, hits = _walk(flat, window, got, size, ok)
+    ok, table = _accept(paths, flat, window, got, size, walked, hits)
+    return ok, table, got
 
 
 _BUFFERS = threading.local()
 
 
-def _buffer(n: int) -> np.ndarray:
+def _buffer(n: int, window: int) -> np.ndarray:
     """``n`` windows and 16 bytes (an element header read at a row's end). Kept per
     thread: a fresh array would be paged in anew on every chunk."""
     flat = getattr(_BUFFERS, "flat", None)
-    if flat is None or len(flat) < n * WINDOW + 16:
-        flat = _BUFFERS.flat = np.empty(n * WINDOW + 16, dtype=np.uint8)
-    return flat[: n * WINDOW + 16]
+    if flat is None or len(flat) < n * window + 16:
+        flat = _BUFFERS.flat = np.empty(n * window + 16, dtype=np.uint8)
+    return flat[: n * window + 16]
 
 
-def _walk(flat: np.ndarray, got: np.ndarray, size: np.ndarray, ok: np.ndarray
+def _walk(flat: np.ndarray, window: int, got: np.ndarray, size: np.ndarray, ok: np.ndarray
           ) -> tuple[np.ndarray, np.ndarray]:
     """Element by element, all files at once, up to the first tag after the last wanted.
 
@@ -161,7 +190,7 @@ def _walk(flat: np.ndarray, got: np.ndarray, size: np.ndarray, ok: np.ndarray
     ts_at = np.full((n, 2), -1, dtype=np.int64)  # the TransferSyntaxUID's offset, length
     hits: list[np.ndarray] = []
     active = np.flatnonzero(ok)
-    base = active * WINDOW  # where each file's window starts in flat
+    base = active * window  # where each file's window starts in flat
     p = np.full(len(active), 132, dtype=np.int64)  # the next element header
     lim, end = got[active], size[active]  # bytes in the window; the file's size
     prev = np.full(len(active), -1, dtype=np.int64)  # the last tag
@@ -196,7 +225,7 @@ def _walk(flat: np.ndarray, got: np.ndarray, size: np.ndarray, ok: np.ndarray
             if leaving.any():
                 # Out of group 0002: the transfer syntax says how the data set is encoded.
                 out = np.flatnonzero(leaving)
-                for ts, at in _by_text(flat, active[out], ts_at[active[out]]).items():
+                for ts, at in _by_text(flat, window, active[out], ts_at[active[out]]).items():
                     at = out[at]
                     if ts and ts not in WALK_REFUSES:
                         explicit[at], meta[at] = ts != IMPLICIT_VR_LE, False
@@ -258,12 +287,13 @@ def _walk(flat: np.ndarray, got: np.ndarray, size: np.ndarray, ok: np.ndarray
     return walked, table
 
 
-def _by_text(flat: np.ndarray, files: np.ndarray, at: np.ndarray) -> dict[str | None, np.ndarray]:
+def _by_text(flat: np.ndarray, window: int, files: np.ndarray, at: np.ndarray
+             ) -> dict[str | None, np.ndarray]:
     """Positions in ``files`` by the text of one value (offset, length per file; offset
     -1: absent), stripped as walk_header strips it; each distinct value decoded once."""
     width = int(max(at[:, 1].max(initial=0), 1))
     present = at[:, 0] >= 0
-    index = (files * WINDOW + np.where(present, at[:, 0], 0))[:, None] + np.arange(width)
+    index = (files * window + np.where(present, at[:, 0], 0))[:, None] + np.arange(width)
     raw = np.where(np.arange(width) < np.where(present, at[:, 1], 0)[:, None],
                    flat[np.minimum(index, len(flat) - 1)], 0).astype(np.uint8)
     keys, inverse = np.unique(raw.view(f"V{width}").ravel(), return_inverse=True)
@@ -274,9 +304,11 @@ def _by_text(flat: np.ndarray, files: np.ndarray, at: np.ndarray) -> dict[str | 
     return {t: np.concatenate(f) for t, f in out.items()}
 
 
-def _accept(paths: Sequence[str], flat: np.ndarray, got: np.ndarray, size: np.ndarray,
-            walked: np.ndarray, hits: np.ndarray) -> Batch:
-    """Decode the values of the walked files; keep those that are plain CT images."""
+def _accept(paths: Sequence[str], flat: np.ndarray, window: int, got: np.ndarray,
+            size: np.ndarray, walked: np.ndarray, hits: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Decode the values of the walked files; keep those that are plain CT images.
+    Returns (ok, the keyword x file table of values, None for the files not ok)."""
     n = len(got)
     ok = walked.copy()
     hits = hits[ok[hits[:, 0]]]
@@ -290,7 +322,7 @@ def _accept(paths: Sequence[str], flat: np.ndarray, got: np.ndarray, size: np.nd
     table = np.full((len(_KEYWORDS), n), None, dtype=object)
     cols = dict(zip(_KEYWORDS, table, strict=True))
     f, k, off, length, vr, exp = hits.T
-    start = f * WINDOW + off
+    start = f * window + off
     binary = ((exp == 1) & np.isin(vr, _NUMERIC_VRS)) | ((exp == 0) & np.isin(k, _BINARY_IMPLICIT))
     number = _decode_binary(flat, table, ok, binary, f, k, start, length, vr, exp)
     _decode_text(flat, table, ok, ~binary, f, k, start, length)
@@ -307,9 +339,9 @@ def _accept(paths: Sequence[str], flat: np.ndarray, got: np.ndarray, size: np.nd
         texts = cols[kw][ok]
         verdict = {t: t is None or implausible({kw: t}) is None for t in set(texts)}
         ok[ok] = [verdict[t] for t in texts]
-    ok &= _complete(paths, flat, got, size, cols, number, ok)
+    ok &= _complete(paths, flat, window, got, size, cols, number, ok)
     table[:, ~ok] = None
-    return Batch(ok, dict(zip(_KEYWORDS, table.tolist(), strict=True)))
+    return ok, table
 
 
 def _decode_binary(flat, table, ok, sel, f, k, start, length, vr, exp  # noqa: ANN001
@@ -371,7 +403,8 @@ def _decode_text(flat, table, ok, sel, f, k, start, length) -> None:  # noqa: AN
     table[k, f] = text
 
 
-def _complete(paths: Sequence[str], flat: np.ndarray, got: np.ndarray, size: np.ndarray,
+def _complete(paths: Sequence[str], flat: np.ndarray, window: int, got: np.ndarray,
+              size: np.ndarray,
               cols: dict[str, np.ndarray], number: dict[str, np.ndarray], ok: np.ndarray
               ) -> np.ndarray:
     """``pixel_data_complete`` of the files in ``ok``: native pixel data whose element
@@ -390,7 +423,7 @@ def _complete(paths: Sequence[str], flat: np.ndarray, got: np.ndarray, size: np.
     hl = np.where(implicit, 8, 12)
     at = size - nbytes - hl
     here = ok & known & (implicit | (ts == EXPLICIT_VR_LE)) & (at >= 0) & (at + hl <= got)
-    head = flat[(np.flatnonzero(here) * WINDOW + at[here])[:, None] + np.arange(12)]
+    head = flat[(np.flatnonzero(here) * window + at[here])[:, None] + np.arange(12)]
     u32 = head.view("<u4").astype(np.int64)
     tag = (head[:, :4] == np.frombuffer(b"\xe0\x7f\x10\x00", np.uint8)).all(axis=1)
     vr = head[:, 4:6].copy().view("<u2").ravel()
