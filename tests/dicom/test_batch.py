@@ -93,6 +93,12 @@ def test_plain_files_are_read_in_the_batch_and_the_others_left_alone(tmp_path: P
     assert fast.values["Manufacturer"][names.index("padded")] == "GE MEDICAL"
     for name in ("cut_in_pixels", "past_first_window_cut", "pixels_past_first_window_cut"):
         assert fast.reject[names.index(name)] == dicom.TRUNCATED, name
+    # Read again in parts no larger than the first read's buffer: here one file each.
+    again = [str(files[n]) for n in ("past_first_window", "plain", "past_first_window",
+                                     "past_first_window_cut", "past_first_window")]
+    _same_answer(again)
+    assert read_batch(again, [os.stat(p).st_size for p in again]).ok.tolist() == [
+        True, True, True, False, True]
 
 
 def test_every_odd_file_gets_the_per_file_answer(odd_files: dict[str, Path]) -> None:

@@ -123,11 +123,12 @@ def read_batch(paths: Sequence[str], sizes: Sequence[int]) -> Batch:
     size = np.asarray(sizes, dtype=np.int64).reshape(n)
     ok, table, got = _read(paths, size, FIRST_WINDOW)
     retry = np.flatnonzero(~ok & (got == FIRST_WINDOW) & (size > FIRST_WINDOW))
-    if retry.size:
-        again, again_table, _ = _read([paths[i] for i in retry.tolist()], size[retry],
-                                      WINDOW)
-        ok[retry] = again
-        table[:, retry[again]] = again_table[:, again]
+    # In parts no larger than the first read's buffer, which they reuse.
+    step = max(1, n * FIRST_WINDOW // WINDOW)
+    for part in (retry[i:i + step] for i in range(0, len(retry), step)):
+        again, again_table, _ = _read([paths[i] for i in part.tolist()], size[part], WINDOW)
+        ok[part] = again
+        table[:, part[again]] = again_table[:, again]
     return Batch(ok, dict(zip(_KEYWORDS, table.tolist(), strict=True)))
 
 
