@@ -15,9 +15,9 @@ from fedct import dicom
 from fedct.catalogue import index as idx
 from fedct.catalogue import scan as scan_mod
 from fedct.catalogue import series as series_mod
+from fedct.catalogue.pathids import path_holds_id
 from fedct.catalogue.pseudonym import KEY_ENV
 from fedct.catalogue.reports import REPORT_FILES
-from fedct.catalogue.rows import path_holds_id
 from fedct.errors import FedctError
 from fedct.stages import catalogue as stage
 from tests.catalogue.archive import PARAMS, assert_no_phi, small_archive

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 from pathlib import Path
 
 import pandas as pd
@@ -48,6 +50,25 @@ def test_pseudonyms_are_keyed_and_separated_by_kind() -> None:
     assert len(a) == 32 and a == ps.pseudonym(ps.DEMO_KEY, "series", "1.2.3")
     assert a != ps.pseudonym(ps.DEMO_KEY, "study", "1.2.3")
     assert a != ps.pseudonym(b"another-key-of-the-site-0123456789", "series", "1.2.3")
+
+
+@pytest.mark.parametrize("key_bytes", [16, 63, 64, 65, 200])
+def test_pseudonyms_are_hmac_sha256_for_any_key_length(key_bytes: int) -> None:
+    """The hasher keeps the padded key's hash states; keys longer than a SHA-256 block
+    (64 bytes) are hashed first, as RFC 2104 says: the same digests as ``hmac``."""
+    secret = bytes(range(7, 7 + key_bytes))
+
+    def reference(kind: str, value: str) -> str:
+        msg = f"{kind}:{value}".encode("utf-8", "surrogateescape")
+        return hmac.new(secret, msg, hashlib.sha256).hexdigest()[:32]
+
+    hasher = ps.Hasher(secret)
+    values = ["1.2.3", "1.2.3", "", None, "Müller", "x\udcff", "1.2.4"]
+    assert hasher("study", "1.2.3") == reference("study", "1.2.3")
+    assert hasher("study", "") == reference("study", "")
+    expected = [reference("series", v) if v else None for v in values]
+    assert hasher.column("series", values) == expected
+    assert hasher.column("series", values, distinct=True) == expected
 
 
 def test_site_key_changes_pseudonyms_and_rebuilds_index(tmp_path: Path, monkeypatch) -> None:

@@ -11,7 +11,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from fedct import dicom
-from fedct.dicom.batch import read_batch
+from fedct.dicom.batch import FIRST_WINDOW, read_batch
 from fedct.dicom.walk import WINDOW
 from tests.catalogue.archive import build_archive
 from tests.dicom.writers import copy_testdata, ct_slice, write, write_series
@@ -56,6 +56,20 @@ def _edge_cases(d: Path) -> dict[str, Path]:
     ds.add_new((0x0019, 0x0010), "LO", "PRIVATE")
     ds.add_new((0x0019, 0x1001), "OB", b"\x01" * (WINDOW + 100))  # values beyond the window
     files["beyond_window"] = write(ds, d / "beyond_window.dcm")
+    # Past the first read (FIRST_WINDOW), within WINDOW: read again, then taken; and a
+    # header that ends in the first read with the pixel data's header beyond it.
+    ds = ct_slice(study_uid=study, series_uid=generate_uid())
+    ds.add_new((0x0019, 0x0010), "LO", "PRIVATE")
+    ds.add_new((0x0019, 0x1001), "OB", b"\x01" * FIRST_WINDOW)
+    files["past_first_window"] = write(ds, d / "past_first_window.dcm")
+    ds = ct_slice(study_uid=study, series_uid=generate_uid())
+    ds.add_new((0x0029, 0x0010), "LO", "PRIVATE")
+    ds.add_new((0x0029, 0x1001), "OB", b"\x01" * FIRST_WINDOW)
+    files["pixels_past_first_window"] = write(ds, d / "pixels_past_first_window.dcm")
+    for name in ("past_first_window", "pixels_past_first_window"):
+        data = files[name].read_bytes()
+        files[f"{name}_cut"] = d / f"{name}_cut.dcm"
+        files[f"{name}_cut"].write_bytes(data[:-7])
     for name, cut in (("cut_in_pixels", -7), ("cut_in_header", 600)):
         data = files["plain"].read_bytes()
         files[name] = d / f"{name}.dcm"
@@ -71,12 +85,20 @@ def test_plain_files_are_read_in_the_batch_and_the_others_left_alone(tmp_path: P
     fast = _same_answer([str(files[n]) for n in names])
     batch = read_batch([str(files[n]) for n in names], [files[n].stat().st_size for n in names])
     taken = {n for n, ok in zip(names, batch.ok, strict=True) if ok}
-    assert {"plain", "implicit", "padded"} | {n for n in names if n.startswith("series")} \
-        <= taken
+    assert {"plain", "implicit", "padded", "past_first_window", "pixels_past_first_window"} \
+        | {n for n in names if n.startswith("series")} <= taken
     assert not taken & {"separator_byte", "escape", "lower_ct", "thick_zero", "huge_matrix",
-                        "two_frames", "beyond_window", "cut_in_pixels", "cut_in_header"}
+                        "two_frames", "beyond_window", "cut_in_pixels", "cut_in_header",
+                        "past_first_window_cut", "pixels_past_first_window_cut"}
     assert fast.values["Manufacturer"][names.index("padded")] == "GE MEDICAL"
-    assert fast.reject[names.index("cut_in_pixels")] == dicom.TRUNCATED
+    for name in ("cut_in_pixels", "past_first_window_cut", "pixels_past_first_window_cut"):
+        assert fast.reject[names.index(name)] == dicom.TRUNCATED, name
+    # Read again in parts no larger than the first read's buffer: here one file each.
+    again = [str(files[n]) for n in ("past_first_window", "plain", "past_first_window",
+                                     "past_first_window_cut", "past_first_window")]
+    _same_answer(again)
+    assert read_batch(again, [os.stat(p).st_size for p in again]).ok.tolist() == [
+        True, True, True, False, True]
 
 
 def test_every_odd_file_gets_the_per_file_answer(odd_files: dict[str, Path]) -> None:

@@ -4,6 +4,7 @@ One module per job, in the order a catalogue run uses them:
 
 - :mod:`~fedct.catalogue.pseudonym`: the site's HMAC key and keyed pseudonyms;
 - :mod:`~fedct.catalogue.rows`: one PHI-free row per file from its DICOM header;
+- :mod:`~fedct.catalogue.pathids`: which archive paths spell out their own patient;
 - :mod:`~fedct.catalogue.index`: the archive walk and the incremental per-file index;
 - :mod:`~fedct.catalogue.scan`: parsing what changed on a process pool or Dask;
 - :mod:`~fedct.catalogue.series`: site rules, one row per series, usability;

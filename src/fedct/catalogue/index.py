@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import operator
 import os
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -49,6 +50,9 @@ def _int64(column: pa.ChunkedArray) -> np.ndarray:
                          offset=array.offset * 8).copy()
 
 
+_NAME = operator.attrgetter("name")
+
+
 @dataclass(frozen=True)
 class WalkError:
     """A directory the walk could not list (its files can be neither read nor rejected)."""
@@ -80,7 +84,7 @@ def walk_archive(root: Path, exclude: Iterable[Path] = (),
         here = os.path.join(root, rel) if rel else str(root)
         try:
             with os.scandir(here) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                entries = sorted(it, key=_NAME)
         except OSError as exc:
             if errors is not None:
                 errors.append(WalkError(display_path(rel or "."),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +16,7 @@ import pyarrow.compute as pc
 
 from fedct import dicom
 from fedct.catalogue import arrow
+from fedct.catalogue.pathids import paths_hold_ids
 from fedct.catalogue.pseudonym import Hasher
 
 INDEX_SCHEMA = pa.schema([
@@ -73,94 +73,6 @@ def path_hash(relpath: str, _blake2b: Any = hashlib.blake2b,
     return _from_bytes(digest, "little", signed=True)
 
 
-# Shorter PatientIDs ("12", "A1") turn up in paths by chance (series numbers, dates).
-MIN_ID_IN_PATH = 4
-# Name parts shorter than this ("Li", "Al") are not compared: they match by chance.
-MIN_NAME_PART = 3
-# PatientName words of de-identified, phantom or test data: folder names too, no person.
-NAME_PLACEHOLDERS = frozenset({"anonymous", "anonymized", "anonymised", "anon", "patient",
-                               "unknown", "phantom", "test", "research", "study", "subject"})
-
-
-def _holds_token(path: str, token: str) -> bool:
-    """Whether casefolded ``path`` contains casefolded ``token`` not inside a longer word or
-    number (its neighbours are not letters or digits)."""
-    start = path.find(token)
-    while start >= 0:
-        end = start + len(token)
-        if (start == 0 or not path[start - 1].isalnum()) and \
-                (end == len(path) or not path[end].isalnum()):
-            return True
-        start = path.find(token, start + 1)
-    return False
-
-
-def _id_tokens(patient_id: str | None, name: str | None, birth_date: str | None
-               ) -> tuple[str, ...]:
-    """The casefolded tokens that ``path_holds_id`` looks for (see there)."""
-    tokens = []
-    pid = (patient_id or "").strip().casefold()
-    if len(pid) >= MIN_ID_IN_PATH:
-        tokens.append(pid)
-    # PN: components by "^", groups by "=", values by "\\"; only words of letters count,
-    # and not the placeholders of de-identified or test data ("ANONYMOUS", "PATIENT^001").
-    tokens += [part for part in re.split(r"[\s^,=\\]+", (name or "").casefold())
-               if len(part) >= MIN_NAME_PART and part.isalpha()
-               and part not in NAME_PLACEHOLDERS]
-    date = (birth_date or "").strip()
-    if len(date) == 8 and date.isdigit():
-        tokens += [date, f"{date[:4]}-{date[4:6]}-{date[6:]}"]
-    return tuple(tokens)
-
-
-def path_holds_id(relpath: str, patient_id: str | None, name: str | None = None,
-                  birth_date: str | None = None) -> bool:
-    """Whether ``relpath`` spells out its own patient: the PatientID, a part of the
-    PatientName or the PatientBirthDate as a whole token, in any letter case.
-
-    An export laid out as ``<PatientID>/<study>/...``, ``DOE^JOHN/...``,
-    ``Doe_John_19650312/...`` or ``.../1965-03-12/...``, but not an ID's digits inside a
-    longer number or a name part inside another word. IDs under ``MIN_ID_IN_PATH``
-    characters, name parts that are not words of at least ``MIN_NAME_PART`` letters or
-    are placeholders (``NAME_PLACEHOLDERS``) are not compared; a birth date only as its 8
-    digits (YYYYMMDD) or in ISO form (YYYY-MM-DD).
-    """
-    path = relpath.casefold()
-    return any(_holds_token(path, t) for t in _id_tokens(patient_id, name, birth_date))
-
-
-class _PathIdCheck:
-    """``path_holds_id`` over a chunk: the tokens once per patient, the folder once per
-    folder and patient, then only each file's own name (a token without "/" cannot
-    straddle the last "/", which is no letter or digit, so this is the same answer)."""
-
-    def __init__(self) -> None:
-        self._tokens: dict[tuple, tuple[tuple[str, ...], bool]] = {}
-        self._parts: dict[tuple, bool] = {}  # (folder or file name, tokens) -> holds one
-
-    def _part(self, part: str, tokens: tuple[str, ...]) -> bool:
-        hit = self._parts.get((part, tokens))
-        if hit is None:
-            folded = part.casefold()
-            hit = self._parts[(part, tokens)] = any(_holds_token(folded, t) for t in tokens)
-        return hit
-
-    def __call__(self, relpath: str, patient_id: str | None, name: str | None,
-                 birth_date: str | None) -> bool:
-        key = (patient_id, name, birth_date)
-        hit = self._tokens.get(key)
-        if hit is None:
-            tokens = _id_tokens(patient_id, name, birth_date)
-            hit = self._tokens[key] = (tokens, any("/" in t for t in tokens))
-        tokens, slash = hit
-        if not tokens:
-            return False
-        if slash:
-            return path_holds_id(relpath, patient_id, name, birth_date)
-        folder, _, file = relpath.rpartition("/")
-        return self._part(folder, tokens) or self._part(file, tokens)
-
-
 def display_path(relpath: str) -> str:
     """A relative path as text; undecodable bytes of a file name become escapes."""
     return relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -177,28 +89,51 @@ def _utf8(relpath: str) -> bool:
     return True
 
 
-def _geometry(iop_text: str | None, cache: dict) -> tuple[str, tuple | None, str | None]:
-    """(orientation class, unit normal, rounded IOP text), memoised per IOP string.
+def _geometry(iop_text: str | None) -> tuple[str | None, tuple | None, str | None]:
+    """(orientation class, unit normal, rounded IOP text) of one IOP string."""
+    iop = dicom.parse_floats(iop_text, 6)
+    normal = dicom.slice_normal(iop) if iop else None
+    key = "\\".join(f"{round(v, 3) + 0.0:.3f}" for v in iop) if iop else None
+    return dicom.orientation_class(iop) if iop_text else None, normal, key
 
-    All files of a series share one IOP string, so the cache turns a per-file parse
-    into a dictionary lookup.
+
+def _codes(values: Sequence[Any]) -> tuple[list[Any], np.ndarray]:
+    """The distinct ``values`` (first seen first) and each value's index among them.
+
+    Most columns of a chunk repeat a few values (all files of a series share its UIDs,
+    its orientation, its kernel): work per distinct value, then one gather per column.
     """
-    hit = cache.get(iop_text)
-    if hit is None:
-        iop = dicom.parse_floats(iop_text, 6)
-        normal = dicom.slice_normal(iop) if iop else None
-        key = "\\".join(f"{round(v, 3) + 0.0:.3f}" for v in iop) if iop else None
-        hit = cache[iop_text] = (dicom.orientation_class(iop) if iop_text else None,
-                                 normal, key)
-    return hit
+    index = {v: i for i, v in enumerate(dict.fromkeys(values))}
+    return list(index), np.fromiter(map(index.__getitem__, values), dtype=np.intp,
+                                    count=len(values))
+
+
+def _gather(distinct: Sequence[Any], codes: np.ndarray) -> list[Any]:
+    """``[distinct[c] for c in codes]`` in one numpy gather."""
+    table = np.empty(len(distinct), dtype=object)
+    table[:] = distinct
+    return table[codes].tolist()
+
+
+def _mapped(values: Sequence[Any], fn: Any) -> list[Any]:
+    """``[fn(v) for v in values]``, ``fn`` called once per distinct value."""
+    table = dict.fromkeys(values)
+    for v in table:
+        table[v] = fn(v)
+    return list(map(table.__getitem__, values))
 
 
 def _floats(texts: list[str | None], n: int = 1) -> np.ndarray:
     """(len, n) float array of backslash-separated numbers; NaN where absent or malformed.
 
-    One numpy conversion for the whole chunk; only a chunk with a malformed value pays
-    the per-value parse.
+    One numpy conversion of the chunk's distinct texts; only a chunk with a malformed
+    value pays the per-value parse.
     """
+    distinct, codes = _codes(texts)
+    return _parse_floats(distinct, n)[codes]
+
+
+def _parse_floats(texts: list[str | None], n: int) -> np.ndarray:
     nan = "\\".join(["nan"] * n)
     try:
         if n == 1:
@@ -233,73 +168,102 @@ def _study_ym(date: str | None) -> str | None:
         else None
 
 
+def _path_hashes(relpaths: Sequence[str], _blake2b: Any = hashlib.blake2b) -> np.ndarray:
+    """``path_hash`` of every path, as int64 (one buffer, no Python int per path)."""
+    return np.frombuffer(b"".join([_blake2b(r.encode("utf-8", "surrogateescape"),
+                                            digest_size=8).digest() for r in relpaths]),
+                         dtype="<i8")
+
+
+def _frame_positions(read: dicom.Columns, normals: list[tuple | None]) -> pa.Array:
+    """Per-frame pos_n of the multi-frame files (null for the others)."""
+    typ = pa.list_(pa.float64())
+    if read.frame_positions.count(None) == len(normals):
+        return pa.nulls(len(normals), typ)
+    out = []
+    for positions, normal in zip(read.frame_positions, normals, strict=True):
+        fp = None
+        if positions and normal:
+            nx, ny, nz = normal
+            fp = [x * nx + y * ny + z * nz for x, y, z in positions]
+        out.append(fp)
+    return arrow.array(out, typ)
+
+
+def _full_paths(root: str, relpaths: list[str]) -> list[str]:
+    """``relpaths`` under ``root`` (an absolute one as it is), joined as one string: no
+    path holds a NUL."""
+    joined = "\0".join(relpaths)
+    base = os.path.join(root, "")
+    if not relpaths or "\0/" in "\0" + joined:
+        return [r if r.startswith("/") else base + r for r in relpaths]
+    return (base + joined.replace("\0", "\0" + base)).split("\0")
+
+
 def parse_files(root: str, items: Sequence[tuple[str, int, int]], secret: bytes,
                 engine: str = "auto") -> pa.RecordBatch:
     """Read the headers of ``items`` (relpath, size, mtime_ns) into PHI-free index rows.
 
     Runs in a worker process (or on a Dask worker): identifiers are hashed here, so
     that no raw identifier leaves the worker. Values are converted column-wise for the
-    whole chunk (numpy), which keeps the Python cost per file well below the scanner's.
+    whole chunk (numpy), and what is derived from a repeated value (a series' pseudonym,
+    an orientation) is computed once per distinct value, which keeps the Python cost per
+    file well below the scanner's.
     """
-    base = os.path.join(root, "")
-    paths = [rel if rel.startswith("/") else base + rel for rel, _, _ in items]
-    read = dicom.read_columns(paths, [size for _, size, _ in items], engine=engine)
+    n = len(items)
+    rels = [r for r, _, _ in items]
+    sizes = [s for _, s, _ in items]
+    read = dicom.read_columns(_full_paths(root, rels), sizes, engine=engine)
     hasher = Hasher(secret)
-    holds_id = _PathIdCheck()
 
     def col(kw: str) -> list[str | None]:  # None for rejected files: every column null
         return read.values[kw]
 
-    sop, study, series, pid = (col(k) for k in ("SOPInstanceUID", "StudyInstanceUID",
-                                                "SeriesInstanceUID", "PatientID"))
-    # Read only to check each file's own path; neither is stored (SCAN_TAGS).
-    names, births = col("PatientName"), col("PatientBirthDate")
-    series_key = [hasher("series", u, memo=True) if u else None for u in series]
+    study, pid = col("StudyInstanceUID"), col("PatientID")
+    series_key = hasher.column("series", col("SeriesInstanceUID"))
     # No PatientID: each study is its own patient rather than all sharing one.
-    patient_key = [
-        (hasher("patient", p, memo=True) if p else hasher("patient-of-study", st, memo=True))
-        if st else None for p, st in zip(pid, study, strict=True)]
-    geometry_cache: dict = {}
-    geo = [_geometry(t, geometry_cache) for t in col("ImageOrientationPatient")]
-    normals = np.array([g[1] if g[1] else (np.nan,) * 3 for g in geo],
-                       dtype=np.float64).reshape(-1, 3)
-    pos_n = np.einsum("ij,ij->i", _floats(col("ImagePositionPatient"), 3), normals)
+    patient_key = _mapped(list(zip(pid, study, strict=True)), lambda ps: (
+        hasher("patient", ps[0]) if ps[0] else hasher("patient-of-study", ps[1]))
+        if ps[1] else None)
+    iops, iop_codes = _codes(col("ImageOrientationPatient"))
+    geo = [_geometry(t) for t in iops]
+    normals_of = np.array([g[1] if g[1] else (np.nan,) * 3 for g in geo],
+                          dtype=np.float64).reshape(-1, 3)
+    pos_n = np.einsum("ij,ij->i", _floats(col("ImagePositionPatient"), 3),
+                      normals_of[iop_codes])
     ps = _floats(col("PixelSpacing"), 2)
-    kernels: dict[str | None, str | None] = {}
-    frame_pos = []
-    for positions, g in zip(read.frame_positions, geo, strict=True):
-        fp = None
-        if positions and g[1]:
-            nx, ny, nz = g[1]
-            fp = [x * nx + y * ny + z * nz for x, y, z in positions]
-        frame_pos.append(fp)
+    ascii_paths = "".join(rels).isascii()
+    sop_class, media_class = col("SOPClassUID"), col("MediaStorageSOPClassUID")
+    if None in sop_class or "" in sop_class:
+        sop_class = [a or b for a, b in zip(sop_class, media_class, strict=True)]
+    buckets = _mapped(series_key, lambda k: int(k[:4], 16) if k else None)
     arrays = {
-        "relpath": [r if r.isascii() else display_path(r) for r, _, _ in items],
-        "relpath_bytes": [None if _utf8(r) else os.fsencode(r) for r, _, _ in items],
-        "path_hash": [path_hash(r) for r, _, _ in items],
-        "size": [s for _, s, _ in items],
-        "mtime_ns": [m for _, _, m in items],
+        "relpath": rels if ascii_paths else [display_path(r) for r in rels],
+        "relpath_bytes": pa.nulls(n, pa.binary()) if ascii_paths else
+        [None if _utf8(r) else os.fsencode(r) for r in rels],
+        "path_hash": arrow.numbers(_path_hashes(rels), pa.int64()),
+        "size": arrow.numbers(np.array(sizes, dtype=np.int64), pa.int64()),
+        "mtime_ns": arrow.numbers(np.array([m for _, _, m in items], dtype=np.int64),
+                                  pa.int64()),
         "reader": read.reader,
         "reason": read.reject,
         "detail": read.detail,
-        "sop_key": [hasher("sop", u) if u else None for u in sop],
+        "sop_key": hasher.column("sop", col("SOPInstanceUID"), distinct=True),
         "patient_key": patient_key,
-        "study_key": [hasher("study", u, memo=True) if u else None for u in study],
+        "study_key": hasher.column("study", study),
         "series_key": series_key,
-        "bucket": arrow.array([int(k[:4], 16) if k else None for k in series_key], pa.int32()),
+        "bucket": arrow.array(buckets, pa.int32()),
         "institution": col("InstitutionName"),
-        "sop_class": [a or b for a, b in zip(col("SOPClassUID"), col("MediaStorageSOPClassUID"),
-                                             strict=True)],
+        "sop_class": sop_class,
         "transfer_syntax": col("TransferSyntaxUID"),
         "modality": col("Modality"),
         "image_type": col("ImageType"),
         "manufacturer": col("Manufacturer"),
         "model": col("ManufacturerModelName"),
-        "kernel": [kernels[k] if k in kernels else
-                   kernels.setdefault(k, dicom.normalise_kernel(k) or None)
-                   for k in col("ConvolutionKernel")],
+        "kernel": _mapped(col("ConvolutionKernel"),
+                          lambda k: dicom.normalise_kernel(k) or None),
         "body_part": col("BodyPartExamined"),
-        "study_ym": [_study_ym(d) for d in col("StudyDate")],
+        "study_ym": _mapped(col("StudyDate"), _study_ym),
         "series_number": _ints(col("SeriesNumber")),
         "rows": _ints(col("Rows")),
         "cols": _ints(col("Columns")),
@@ -308,21 +272,25 @@ def parse_files(root: str, items: Sequence[tuple[str, int, int]], secret: bytes,
         "thickness": arrow.floats(_floats(col("SliceThickness"))),
         "kvp": arrow.floats(_floats(col("KVP"))),
         "exposure": arrow.floats(_floats(col("Exposure"))),
-        "iop_key": [g[2] for g in geo],
-        "orientation": [g[0] for g in geo],
+        "iop_key": _gather([g[2] for g in geo], iop_codes),
+        "orientation": _gather([g[0] for g in geo], iop_codes),
         "pos_n": arrow.floats(pos_n),
         "n_frames": _ints(col("NumberOfFrames"), default=1),
-        "frame_pos": arrow.array(frame_pos, pa.list_(pa.float64())),
+        "frame_pos": _frame_positions(read, _gather([g[1] for g in geo], iop_codes)),
         "frames_consistent": read.frames_consistent,
-        "path_has_patient_id": [holds_id(r, p, n, b) for (r, _, _), p, n, b in
-                                zip(items, pid, names, births, strict=True)],
+        "path_has_patient_id": paths_hold_ids(rels, pid, col("PatientName"),
+                                              col("PatientBirthDate")),
     }
-    ok = arrow.booleans([r is None for r in read.reject])
+    # Read only to check each file's own path, PatientName and PatientBirthDate are
+    # never stored (SCAN_TAGS).
+    ok = None if read.reject.count(None) == n else \
+        arrow.booleans([r is None for r in read.reject])
     columns = []
     for name, typ in zip(INDEX_SCHEMA.names, INDEX_SCHEMA.types, strict=True):
         arr = arrays[name]
         arr = arr if isinstance(arr, pa.Array) else arrow.array(arr, typ)
-        if name in ("n_frames", "frames_consistent"):  # defaults only mean something if ok
+        if ok is not None and name in ("n_frames", "frames_consistent"):
+            # defaults only mean something if ok
             arr = pc.if_else(ok, arr, pa.nulls(len(arr), typ))
         columns.append(arr.cast(typ) if arr.type != typ else arr)
     return pa.RecordBatch.from_arrays(columns, schema=INDEX_SCHEMA)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import itertools
 import logging
 import multiprocessing
 import os
@@ -27,8 +28,9 @@ from fedct.catalogue.rows import parse_files
 log = logging.getLogger(__name__)
 
 # Files per chunk: one task for a worker, one batch walk (fedct.dicom.batch), whose numpy
-# steps cost per chunk, not per file. 1024 files: 16 MiB of windows; a few ms of work.
-TASK_FILES = 1024
+# steps cost per chunk, not per file. 2048 files: 16 MiB of first reads (8 KiB each), tens
+# of ms of work; 2048 rather than 1024 took ~7% less CPU per file on the demo archive.
+TASK_FILES = 2048
 # Files per Dask task: a task costs the scheduler about a millisecond.
 DASK_TASK_FILES = 8 * TASK_FILES
 # What the workers import once, in the forkserver they fork from: the main module (else
@@ -199,13 +201,8 @@ class _Runner:
 
 
 def _batched(it: Iterable, n: int) -> Iterator[list]:
-    batch: list = []
-    for x in it:
-        batch.append(x)
-        if len(batch) >= n:
-            yield batch
-            batch = []
-    if batch:
+    it = iter(it)
+    while batch := list(itertools.islice(it, n)):
         yield batch
 
 

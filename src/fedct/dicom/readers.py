@@ -29,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from fedct.dicom.batch import read_batch
 from fedct.dicom.files import (
     exc_detail,
@@ -85,7 +87,7 @@ def read_columns(paths: Sequence[str], sizes: Sequence[int], engine: Engine = "a
     n = len(paths)
     if engine == "auto":
         batch = read_batch(paths, sizes)
-        values, rest = batch.values, [i for i in range(n) if not batch.ok[i]]
+        values, rest = batch.values, np.flatnonzero(~batch.ok).tolist()
     else:
         values, rest = {kw: [None] * n for kw in SCAN_TAGS}, list(range(n))
     out = Columns(values, ["walk"] * n, [None] * n, [""] * n, [None] * n, [True] * n)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 # Keyword -> tag of every value the catalogue reads. PatientID is read only so that the
 # caller can pseudonymise it; PatientName and PatientBirthDate only so that a file whose
-# archive path spells them out is counted (``catalogue.rows.path_holds_id``): neither is
+# archive path spells them out is counted (``catalogue.pathids.path_holds_id``): neither is
 # stored anywhere. AccessionNumber is never read at all.
 SCAN_TAGS: dict[str, tuple[int, int]] = {
     "MediaStorageSOPClassUID": (0x0002, 0x0002),
