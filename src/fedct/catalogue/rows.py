@@ -111,7 +111,8 @@ def _codes(values: Sequence[Any]) -> tuple[list[Any], np.ndarray]:
 def _gather(distinct: Sequence[Any], codes: np.ndarray) -> list[Any]:
     """``[distinct[c] for c in codes]`` in one numpy gather."""
     table = np.empty(len(distinct), dtype=object)
-    table[:] = distinct
+    for i, value in enumerate(distinct):  # one by one: a tuple stays one element
+        table[i] = value
     return table[codes].tolist()
 
 
