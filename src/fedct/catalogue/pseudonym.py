@@ -21,7 +21,6 @@ KEY_ENV = "FEDCT_PSEUDONYM_KEY"
 DEMO_KEY = b"fedct-public-demo-key: synthetic data only"
 DEMO_KEY_ID = "demo"
 MIN_KEY_BYTES = 16
-_BLOCK = 64  # SHA-256 block size: the HMAC key is padded (or hashed) to it
 
 
 class PseudonymKeyError(FedctError):
@@ -86,45 +85,26 @@ class Hasher:
     """HMAC-SHA256 pseudonyms, truncated to 128 bits (32 hex), one domain per kind.
 
     The domain prefix ("patient:", "study:", ...) keeps equal strings of different
-    kinds from sharing a pseudonym. HMAC as RFC 2104 defines it (``hmac.digest`` gives
-    the same, tests check), with the hash states of the padded key computed once: each
-    pseudonym then costs two SHA-256 updates, not a keyed HMAC set up anew.
+    kinds from sharing a pseudonym. The keyed HMAC state is set up once and copied for
+    each value (``hmac.HMAC.copy``), so a pseudonym costs two SHA-256 updates.
     """
 
     def __init__(self, secret: bytes) -> None:
-        key = hashlib.sha256(secret).digest() if len(secret) > _BLOCK else secret
-        key = key.ljust(_BLOCK, b"\0")
-        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
-        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+        self._keyed = hmac.new(secret, digestmod=hashlib.sha256)
 
     def __call__(self, kind: str, value: str) -> str:
-        h = self._inner.copy()
+        h = self._keyed.copy()
         h.update(f"{kind}:{value}".encode("utf-8", "surrogateescape"))
-        o = self._outer.copy()
-        o.update(h.digest())
-        return o.hexdigest()[:32]
+        return h.hexdigest()[:32]
 
     def column(self, kind: str, values: Sequence[str | None], distinct: bool = False
                ) -> list[str | None]:
         """The pseudonym of every value of a chunk (None for None or ""), each distinct
         value hashed once (the files of a series share its study and series UIDs).
         ``distinct``: the values nearly all differ (SOP instance UIDs): no lookup table."""
-        inner, outer = self._inner.copy, self._outer.copy
-        prefix = f"{kind}:"
-        table = dict.fromkeys(values) if not distinct else None
-        out = []
-        for value in values if table is None else table:
-            if value:
-                h = inner()
-                h.update((prefix + value).encode("utf-8", "surrogateescape"))
-                o = outer()
-                o.update(h.digest())
-                out.append(o.hexdigest()[:32])
-            else:
-                out.append(None)
-        if table is None:
-            return out
-        table = dict(zip(table, out, strict=True))
+        if distinct:
+            return [self(kind, v) if v else None for v in values]
+        table = {v: self(kind, v) if v else None for v in dict.fromkeys(values)}
         return list(map(table.__getitem__, values))
 
 
